@@ -1,0 +1,118 @@
+"""Every touch of transformers internals lives here, so an upgrade breaks one file.
+
+We run the model's own modules (projections, norms, RoPE, MLP) but own attention: a
+registered attention function hands each layer's post-RoPE q/k/v to that layer's
+`LayerCache`, which stores, evicts and attends by its policy stack. A registered mask
+function returns None (our caches build their own causal masks), and no transformers
+`Cache` object is passed at all: the model is called with explicit `position_ids`, and
+our `KVCache` rides along in the forward kwargs to the attention function.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from policies import Chunk, KVCache, ModelInfo
+
+ATTN_NAME = "vramchat"
+TESTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+
+
+def _vramchat_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """query [1, Hq, T, D], key/value [1, Hkv, T, D] (post-RoPE) -> ([1, T, Hq, D], None)."""
+    cache: KVCache | None = kwargs.get("vram_cache")
+    if cache is None:
+        raise RuntimeError("vramchat attention called without a cache (use Adapter.forward)")
+    chunk: Chunk = kwargs["vram_chunk"]
+    layer = cache.layers[module.layer_idx]
+    out = layer.forward(query[0], key[0], value[0], scaling, chunk)
+    return out.transpose(0, 1)[None], None
+
+
+def _no_mask(*args, **kwargs):
+    return None
+
+
+AttentionInterface.register(ATTN_NAME, _vramchat_attention)
+AttentionMaskInterface.register(ATTN_NAME, _no_mask)
+
+
+class Adapter:
+    """Wraps a loaded HF causal LM: model facts, forward with our cache, hooks."""
+
+    def __init__(self, model, tokenizer, model_id: str = ""):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        cfg = model.config
+        self.arch = getattr(cfg, "model_type", "?")
+        model.set_attn_implementation(ATTN_NAME)
+        self.decoder = model.model
+        self.layers = self.decoder.layers
+        self._hooks = []
+        self._capture: dict | None = None
+        for i, layer in enumerate(self.layers):
+            self._hooks.append(layer.self_attn.register_forward_pre_hook(self._make_capture(i), with_kwargs=True))
+        self.info = self._model_info()
+
+    def _make_capture(self, i):
+        def hook(module, args, kwargs):
+            if self._capture is not None:
+                hs = kwargs.get("hidden_states", args[0] if args else None)
+                self._capture[i] = hs[0]
+        return hook
+
+    def _model_info(self) -> ModelInfo:
+        cfg = self.model.config
+        n_q = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_q
+        rot = self.decoder.rotary_emb
+        inv_freq = getattr(rot, "original_inv_freq", None)
+        if inv_freq is None:
+            inv_freq = rot.inv_freq
+        p = next(self.model.parameters())
+        dtype = p.dtype if p.dtype.is_floating_point else torch.float16
+        if getattr(self.model, "hf_quantizer", None) is not None:
+            dtype = getattr(cfg, "dtype", None) or torch.bfloat16
+            if isinstance(dtype, str):
+                dtype = getattr(torch, dtype)
+        return ModelInfo(
+            n_layers=cfg.num_hidden_layers, n_q_heads=n_q, n_kv_heads=cfg.num_key_value_heads,
+            head_dim=head_dim, dtype=dtype, device=p.device, inv_freq=inv_freq.detach().float().clone(),
+            window=getattr(cfg, "max_position_embeddings", 0) or 0, model_id=self.model_id,
+            hidden_size=cfg.hidden_size, tokenizer=self.tokenizer)
+
+    def new_cache(self, spec: str) -> KVCache:
+        return KVCache(spec, self.info)
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, cache: KVCache, chunk: Chunk, all_logits: bool = False,
+                capture_hidden: bool | None = None) -> torch.Tensor:
+        """Run ids [T] through the model at positions cache.next_position.. ; returns
+        float32 logits [T, V] (all_logits) or [V] for the last token."""
+        n = ids.shape[-1]
+        pos = torch.arange(cache.next_position, cache.next_position + n, device=ids.device)
+        if capture_hidden is None:
+            capture_hidden = getattr(cache, "needs_hidden", False) or any(
+                getattr(l.selector, "needs_hidden", False) for l in cache.layers)
+        self._capture = chunk.hidden if capture_hidden else None
+        try:
+            out = self.model(
+                input_ids=ids[None], position_ids=pos[None], use_cache=False,
+                logits_to_keep=0 if all_logits else 1, vram_cache=cache, vram_chunk=chunk)
+        finally:
+            self._capture = None
+            chunk.hidden = {}
+        cache.next_position += n
+        logits = out.logits[0].float()
+        return logits if all_logits else logits[-1]
+
+    def weights_bytes(self) -> int:
+        seen, total = set(), 0
+        for t in list(self.model.parameters()) + list(self.model.buffers()):
+            if t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            total += t.nbytes
+        return total

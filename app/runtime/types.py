@@ -1,0 +1,94 @@
+"""Plain data the runtime hands to its callers (CLI, UI, bench). No torch here."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+# progress(done, total) for prefill / conversion; token(text_piece) while decoding.
+Progress = Callable[[int, int], None]
+OnToken = Callable[[str], None]
+
+
+class VramchatError(Exception):
+    """An error a person can act on: the message names the problem and what to do."""
+
+
+class Stopped(VramchatError):
+    """The user stopped the work (stop flag / Ctrl-C); what was done is kept."""
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: Optional[int] = None
+
+
+@dataclass
+class DocumentInfo:
+    name: str
+    path: str
+    chars: int
+    tokens: int
+    prefill_s: float = 0.0
+
+
+@dataclass
+class TurnResult:
+    question: str
+    answer: str
+    prompt_tokens: int
+    new_tokens: int
+    ttft_s: float
+    prefill_tok_s: float
+    decode_tok_s: float
+    policy: str
+    stopped: bool = False  # the user stopped it: the answer is partial
+    finish: str = "stop"  # "stop" (EOS / stop token), "length", "stopped"
+    ffn_skip_ratio: Optional[float] = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ConversionResult:
+    old_policy: str
+    new_policy: str
+    before_bytes: int
+    after_bytes: int
+    reprefilled: bool
+    lossy: bool
+    message: str
+
+
+@dataclass
+class ContextInfo:
+    read: int  # tokens the conversation has put through the model so far
+    retained: int  # tokens per KV head the cache holds now
+    window: int  # the model's native context window
+
+
+@dataclass
+class MemoryReport:
+    """One snapshot for the gauge. Bytes everywhere; None where not applicable."""
+
+    device: str  # "cuda:0 (NVIDIA ...)" or "cpu"
+    has_gpu: bool
+    kv: dict = field(default_factory=dict)  # {"gpu": {kind: bytes}, "host": {kind: bytes}}
+    kv_peak_bytes: int = 0
+    weights_bytes: int = 0
+    gpu_total: Optional[int] = None  # NVML, device-wide
+    gpu_used: Optional[int] = None  # NVML, device-wide, all processes
+    torch_allocated: Optional[int] = None
+    torch_reserved: Optional[int] = None
+    torch_peak: Optional[int] = None
+    rss: int = 0
+    rss_peak: int = 0
+    host_total: int = 0
+    host_available: int = 0
+
+    def kv_total(self, tier: str | None = None) -> int:
+        tiers = [tier] if tier else list(self.kv)
+        return sum(sum(self.kv.get(t, {}).values()) for t in tiers)

@@ -1,0 +1,52 @@
+"""Reference attention over a cache: dense, causal among the new tokens, GQA-aware.
+
+Every store that keeps full-precision tensors attends through `attend`; quantized or
+sparse stores bring their own kernels and test against this function.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_mask(n_new: int, n_keys: int, device) -> torch.Tensor | None:
+    """Bool mask [n_new, n_keys]: query i sees every cached key and new keys 0..i.
+
+    NOTE: the new tokens are the *last* n_new keys (bottom-right aligned causal mask).
+    """
+    if n_new == 1:
+        return None
+    past = n_keys - n_new
+    q = torch.arange(n_new, device=device)[:, None]
+    k = torch.arange(n_keys, device=device)[None, :]
+    return k <= q + past
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [Hq, Tq, D] attends k/v [Hkv, L, D] whose last Tq rows are its own tokens.
+
+    Returns [Hq, Tq, D] in q's dtype.
+    """
+    mask = causal_mask(q.shape[1], k.shape[1], q.device)
+    return F.scaled_dot_product_attention(
+        q[None], k[None], v[None], attn_mask=mask, scale=scale,
+        enable_gqa=q.shape[0] != k.shape[0])[0]
+
+
+def attend_with_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """Like `attend`, also returning the attention mass each key received.
+
+    mass [Hkv, L] float32: softmax probabilities summed over the queries and over the
+    query heads of each KV group (H2O's accumulated-attention statistic).
+    """
+    hq, tq, d = q.shape
+    hkv, n, _ = k.shape
+    g = hq // hkv
+    qg = q.reshape(hkv, g * tq, d)
+    logits = torch.matmul(qg.float(), k.float().transpose(1, 2)) * scale  # [Hkv, g*Tq, L]
+    mask = causal_mask(tq, n, q.device)
+    if mask is not None:
+        logits = logits.masked_fill(~mask.repeat(g, 1)[None], float("-inf"))
+    probs = logits.softmax(-1)
+    out = torch.matmul(probs.to(v.dtype), v).reshape(hq, tq, d)
+    return out, probs.sum(1)

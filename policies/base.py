@@ -1,0 +1,340 @@
+"""The cache every decoder layer owns, composed of policy slots.
+
+A layer's cache has up to five slots, filled from the spec (see `registry`):
+
+- **selector** decides which tokens stay (`full` keeps all; `locret`, `streaming`, ...
+  evict after each prefill chunk). It may score tokens as they arrive.
+- **store** decides how kept tokens are held (full precision here; `kivi` quantized).
+- **spill** receives evicted tokens (absent: they are dropped; `offload`: host + recall).
+- **reader** decides which stored tokens attention reads (`doublesparse`).
+- **ffn** acts on the model, not the cache (`ffnskip`); the runtime attaches it.
+
+Positions. NOTE (invariant relied on everywhere): for every layer,
+`base + store.length == KVCache.next_position`, and the stored token at index i sits
+at RoPE position `base + i`. Eviction keeps tokens in their original order and moves
+them to consecutive positions right-aligned to the frame; when every layer keeps the
+same count the frame itself resets to that count (compacted positions, as Locret and
+StreamingLLM do), so a model with an 8K window reads a 100K document in a 2K budget.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import rope
+from .attention import attend
+from .registry import Policy, REGISTRY, parse_spec
+
+KINDS = ("keys", "values", "codes", "scales", "zeros", "residual", "labels", "scores", "index")
+
+
+@dataclass
+class ModelInfo:
+    """What policies may know about the model; `resources` caches files shared by layers."""
+
+    n_layers: int
+    n_q_heads: int
+    n_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+    inv_freq: torch.Tensor  # [rot/2] float32, the model's (unscaled) RoPE frequencies
+    window: int  # native context length
+    model_id: str = ""
+    hidden_size: int = 0
+    tokenizer: Any = None
+    resources: dict = field(default_factory=dict)
+
+    @property
+    def group(self) -> int:
+        return self.n_q_heads // self.n_kv_heads
+
+    def kv_bytes_per_token(self) -> int:
+        """Full-precision K+V bytes per token per layer."""
+        return 2 * self.n_kv_heads * self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
+
+
+@dataclass
+class Chunk:
+    """One forward pass worth of new tokens, shared by all layers."""
+
+    input_ids: torch.Tensor  # [T]
+    start: int  # rope position of the first new token (== KVCache.next_position)
+    phase: str = "prefill"  # or "decode"
+    final: bool = True  # last chunk of this prefill: selectors do not evict after it
+    hidden: dict = field(default_factory=dict)  # layer -> normed layer input [T, hidden]
+
+    @property
+    def n(self) -> int:
+        return self.input_ids.shape[-1]
+
+
+class FullStore:
+    """Full-precision K/V in preallocated buffers that grow in blocks.
+
+    Bytes reported are the allocated buffer (what the device really holds), not the
+    used prefix: `nbytes` is exact, and capacity beyond length is at most one block.
+    """
+
+    tier = "gpu"
+    lossless = True
+    BLOCK = 256
+
+    def __init__(self, info: ModelInfo):
+        self.info = info
+        self.length = 0
+        self.k = torch.empty(info.n_kv_heads, 0, info.head_dim, dtype=info.dtype, device=info.device)
+        self.v = torch.empty_like(self.k)
+        self._staged = 0  # tokens attend() already wrote past `length`
+
+    def _reserve(self, n: int) -> None:
+        if n <= self.k.shape[1]:
+            return
+        cap = -(-max(n, self.k.shape[1] + self.k.shape[1] // 8) // self.BLOCK) * self.BLOCK
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_empty(old.shape[0], cap, old.shape[2])
+            new[:, : self.length] = old[:, : self.length]
+            setattr(self, name, new)
+
+    def attend(self, q, k, v, scale, extra=None):
+        """q [Hq, Tq, D] over stored tokens + `extra` (k, v) + new k/v [Hkv, Tq, D]."""
+        n = self.length + k.shape[1]
+        self._reserve(n)
+        # NOTE: writing the new tokens before attending is safe: append() commits them.
+        self.k[:, self.length:n] = k
+        self.v[:, self.length:n] = v
+        self._staged = k.shape[1]
+        keys, vals = self.k[:, :n], self.v[:, :n]
+        if extra is not None:
+            keys, vals = torch.cat((extra[0], keys), 1), torch.cat((extra[1], vals), 1)
+        return attend(q, keys, vals, scale)
+
+    def append(self, k, v) -> None:
+        n = self.length + k.shape[1]
+        if self._staged != k.shape[1]:
+            self._reserve(n)
+            self.k[:, self.length:n] = k
+            self.v[:, self.length:n] = v
+        self._staged = 0
+        self.length = n
+
+    def dense(self, idx: torch.Tensor | None = None):
+        """Full-precision (k, v) [Hkv, T, D]: all tokens, or per-head indices [Hkv, n]."""
+        k, v = self.k[:, : self.length], self.v[:, : self.length]
+        if idx is None:
+            return k, v
+        ix = idx[..., None].expand(-1, -1, k.shape[2])
+        return k.gather(1, ix), v.gather(1, ix)
+
+    def keep(self, idx: torch.Tensor, delta: torch.Tensor) -> None:
+        """Keep per-head token indices idx [Hkv, b], re-rotating keys by delta [Hkv, b]."""
+        k, v = self.dense(idx)
+        b = idx.shape[1]
+        self.k[:, :b] = rope.rotate(k, delta, self.info.inv_freq)
+        self.v[:, :b] = v
+        self.length = b
+
+    def load(self, k, v) -> None:
+        """Replace the contents with dense k/v (live conversion)."""
+        self.length = 0
+        self.append(k, v)
+
+    def truncate(self, n: int) -> None:
+        self.length = min(self.length, n)
+
+    def nbytes(self) -> dict[str, int]:
+        return {"keys": self.k.nbytes, "values": self.v.nbytes}
+
+
+class KeepAll:
+    """The `full` selector: never evicts."""
+
+    evicts = False
+
+    def __init__(self, info: ModelInfo):
+        pass
+
+    def score(self, cache: "LayerCache", chunk: Chunk, k, v):
+        return None
+
+    def keep(self, cache: "LayerCache", chunk: Chunk):
+        return None
+
+
+class LayerCache:
+    """One decoder layer's cache: the slots of the spec, plus token bookkeeping."""
+
+    def __init__(self, info: ModelInfo, layer: int, selector, store, spill=None, reader=None):
+        self.info, self.layer = info, layer
+        self.selector, self.store, self.spill, self.reader = selector, store, spill, reader
+        self.base = 0  # rope position of stored index 0
+        self.pos: torch.Tensor | None = None  # [Hkv, T] conversation index per token; None = base..
+        self.scores: torch.Tensor | None = None  # [Hkv, T] float32 selector scores, if any
+        self.seen = 0  # tokens ever appended (conversation index of the next token)
+
+    @property
+    def length(self) -> int:
+        return self.store.length
+
+    def positions(self) -> torch.Tensor:
+        """Conversation index of each stored token, [Hkv, T] int64."""
+        if self.pos is not None:
+            return self.pos
+        t = torch.arange(self.seen - self.length, self.seen, device=self.info.device)
+        return t.expand(self.info.n_kv_heads, -1)
+
+    def forward(self, q, k, v, scale, chunk: Chunk):
+        """q [Hq, T, D], k/v [Hkv, T, D] post-RoPE at chunk positions -> out [Hq, T, D]."""
+        s = self.selector.score(self, chunk, k, v)
+        extra = self.spill.recall(self, q) if self.spill is not None else None
+        if self.reader is not None:
+            out = self.reader.attend(self, q, k, v, scale, extra)
+        else:
+            out = self.store.attend(q, k, v, scale, extra)
+        self.store.append(k, v)
+        if self.pos is not None:
+            new = torch.arange(self.seen, self.seen + k.shape[1], device=self.pos.device)
+            self.pos = torch.cat((self.pos, new.expand(self.pos.shape[0], -1)), 1)
+        if s is not None:
+            self.scores = s if self.scores is None else torch.cat((self.scores, s), 1)
+        self.seen += k.shape[1]
+        return out
+
+    def select(self, chunk: Chunk) -> torch.Tensor | None:
+        """Indices [Hkv, b] (sorted per head) the selector keeps now, or None."""
+        return self.selector.keep(self, chunk)
+
+    def evict(self, idx: torch.Tensor, new_base: int) -> None:
+        """Keep idx [Hkv, b] (sorted per head) at positions new_base..new_base+b-1."""
+        b = idx.shape[1]
+        old_rope = self.base + idx
+        delta = torch.arange(new_base, new_base + b, device=idx.device)[None, :] - old_rope
+        if self.spill is not None:
+            self.spill.take(self, _complement(idx, self.length))
+        pos = self.positions().gather(1, idx)
+        self.store.keep(idx, delta)
+        self.pos = pos
+        if self.scores is not None:
+            self.scores = self.scores.gather(1, idx)
+        self.base = new_base
+
+    def rebase(self, new_base: int) -> None:
+        """Shift every stored token by (new_base - base) positions."""
+        if new_base == self.base or self.length == 0:
+            self.base = new_base
+            return
+        idx = torch.arange(self.length, device=self.info.device).expand(self.info.n_kv_heads, -1)
+        self.evict(idx, new_base)
+
+    def nbytes(self) -> Counter:
+        """Exact bytes by (tier, kind)."""
+        out = Counter()
+        for kind, n in self.store.nbytes().items():
+            out[(self.store.tier, kind)] += n
+        if self.pos is not None:
+            out[(self.store.tier, "index")] += self.pos.nbytes
+        if self.scores is not None:
+            out[(self.store.tier, "scores")] += self.scores.nbytes
+        for comp in (self.selector, self.spill, self.reader):
+            if comp is not None and hasattr(comp, "nbytes"):
+                for (tier, kind), n in comp.nbytes().items():
+                    out[(tier, kind)] += n
+        return out
+
+
+def _complement(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-head sorted indices in 0..n-1 not in idx [Hkv, b] -> [Hkv, n-b]."""
+    mask = torch.ones(idx.shape[0], n, dtype=torch.bool, device=idx.device)
+    mask.scatter_(1, idx, False)
+    return mask.nonzero()[:, 1].reshape(idx.shape[0], n - idx.shape[1])
+
+
+class KVCache:
+    """The whole model's cache: one LayerCache per decoder layer, built from a spec."""
+
+    def __init__(self, spec: str | dict, info: ModelInfo):
+        self.slots = parse_spec(spec) if isinstance(spec, str) else dict(spec)
+        self.info = info
+        if "selector" not in self.slots:
+            self.slots["selector"] = Policy("full", "selector", {})
+        self.layers = [self._build_layer(i) for i in range(info.n_layers)]
+        self.next_position = 0
+        self.peak_bytes = 0
+
+    @property
+    def spec(self) -> str:
+        order = ("selector", "store", "spill", "reader", "ffn")
+        parts = [self.slots[s].spec() for s in order if s in self.slots]
+        if parts[0] == "full" and len(parts) > 1:
+            parts = parts[1:]
+        return "+".join(parts)
+
+    def _build_layer(self, i: int) -> LayerCache:
+        made = {}
+        for slot in ("selector", "store", "spill", "reader"):
+            pol = self.slots.get(slot)
+            made[slot] = REGISTRY[pol.name].build(pol, self.info, i) if pol else None
+        if made["store"] is None:
+            made["store"] = FullStore(self.info)
+        return LayerCache(self.info, i, made["selector"], made["store"], made["spill"], made["reader"])
+
+    @property
+    def length(self) -> int:
+        """Tokens held per KV head (the largest over layers)."""
+        return max(l.length for l in self.layers)
+
+    @property
+    def seen(self) -> int:
+        return self.layers[0].seen
+
+    @property
+    def evicts(self) -> bool:
+        return self.layers[0].selector.evicts
+
+    def end_chunk(self, chunk: Chunk) -> None:
+        """After a prefill chunk: let every layer's selector evict, then fix the frame."""
+        picks = [l.select(chunk) for l in self.layers]
+        if any(p is not None for p in picks):
+            lens = [p.shape[1] if p is not None else l.length for p, l in zip(picks, self.layers)]
+            new_next = max(lens)
+            for layer, p, n in zip(self.layers, picks, lens):
+                if p is not None:
+                    layer.evict(p, new_next - n)
+                else:
+                    layer.rebase(new_next - n)
+            self.next_position = new_next
+        self.track_peak()
+
+    def track_peak(self) -> int:
+        total = sum(self.nbytes().values())
+        self.peak_bytes = max(self.peak_bytes, total)
+        return total
+
+    def nbytes(self) -> Counter:
+        out = Counter()
+        for l in self.layers:
+            out.update(l.nbytes())
+        return out
+
+    def bytes_by_tier(self) -> dict[str, int]:
+        out = {"gpu": 0, "host": 0}
+        for (tier, _), n in self.nbytes().items():
+            out[tier] += n
+        return out
+
+    def truncate(self, n_seen: int) -> bool:
+        """Forget the tokens appended after conversation index n_seen, where no layer has
+        evicted anything. Returns False where that is impossible (the caller re-prefills)."""
+        if any(l.pos is not None or l.base != 0 or l.spill is not None for l in self.layers):
+            return False
+        for l in self.layers:
+            l.store.truncate(n_seen)
+            if l.scores is not None:
+                l.scores = l.scores[:, :n_seen]
+            l.seen = min(l.seen, n_seen)
+        self.next_position = self.layers[0].seen
+        return True

@@ -1,0 +1,68 @@
+"""Tiny randomly initialised models built from a config, for fast tests."""
+from __future__ import annotations
+
+import functools
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def tiny_config(**over) -> LlamaConfig:
+    cfg = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+               rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
+               bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg.update(over)
+    return LlamaConfig(**cfg)
+
+
+@functools.lru_cache(maxsize=8)
+def _tiny(seed: int, key: tuple):
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_config(**dict(key))).eval()
+    # Larger-than-default weights so attention is peaked and errors show up.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "proj" in name:
+                p.mul_(3.0)
+    return model
+
+
+def tiny_llama(seed: int = 0, **over) -> LlamaForCausalLM:
+    """A fresh copy of a cached tiny Llama (fp32, CPU)."""
+    import copy
+    return copy.deepcopy(_tiny(seed, tuple(sorted(over.items()))))
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_tokenizer():
+    """Byte-level tokenizer (256 byte tokens + specials) with a ChatML chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    specials = ["<pad>", "<s>", "<|im_end|>", "<|im_start|>"]
+    vocab = {s: i for i, s in enumerate(specials)}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>",
+                                   pad_token="<pad>", additional_special_tokens=["<|im_start|>"])
+    fast.chat_template = CHATML
+    return fast
+
+
+TINY_VOCAB = 264  # >= len(tiny_tokenizer()); ids: pad 0, bos 1, eos 2
+
+
+def tiny_pair(seed: int = 0, **over):
+    """(model, tokenizer) for runtime tests; eos = <|im_end|> = 2."""
+    over.setdefault("vocab_size", TINY_VOCAB)
+    return tiny_llama(seed, **over), tiny_tokenizer()
