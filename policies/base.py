@@ -149,6 +149,9 @@ class FullStore:
     def nbytes(self) -> dict[str, int]:
         return {"keys": self.k.nbytes, "values": self.v.nbytes}
 
+    def token_bytes(self) -> float:
+        return self.info.kv_bytes_per_token()
+
 
 class KeepAll:
     """The `full` selector: never evicts."""
@@ -325,6 +328,18 @@ class KVCache:
         for (tier, _), n in self.nbytes().items():
             out[tier] += n
         return out
+
+    def projected_length(self, n_new: int, chunk: int) -> int:
+        """Largest retained length (tokens per KV head) while reading n_new more tokens."""
+        budget = getattr(self.layers[0].selector, "budget", None)
+        if budget is None:
+            return self.length + n_new
+        return min(self.length + n_new, budget + chunk + getattr(self.layers[0].selector, "local", 0))
+
+    def bytes_per_token(self) -> float:
+        """Cache bytes per retained token, all layers (a store may say; else full precision)."""
+        return sum(getattr(l.store, "token_bytes", lambda: self.info.kv_bytes_per_token())()
+                   for l in self.layers)
 
     def truncate(self, n_seen: int) -> bool:
         """Forget the tokens appended after conversation index n_seen, where no layer has

@@ -1,0 +1,216 @@
+"""Command-line front end: argument parsing and the headless commands.
+
+`main.py` calls `main(argv)`. The TUI lives in app.ui and is imported only by `chat`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+
+COMMANDS = ("chat", "ask")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="Hugging Face id, model folder or .gguf file "
+                   "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--policy", default=None, help="KV-cache policy spec, e.g. full, locret:budget=2048+kivi "
+                   "(default: full, or the config file's)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--weights", default="auto", choices=["auto", "bf16", "fp16", "fp32", "8bit", "4bit"],
+                   help="weight precision; 8bit/4bit use bitsandbytes and need CUDA")
+    p.add_argument("--chunk-size", type=int, default=None, help="prefill chunk in tokens "
+                   "(default 512 on CPU, 2048 on CUDA; a policy's own chunk= wins)")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a model's own Python code")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+
+
+def _sampling(p: argparse.ArgumentParser, temperature: float) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+
+
+def parser() -> argparse.ArgumentParser:
+    from policies import REGISTRY
+    import offload  # noqa: F401  (registers its policies)
+
+    pols = "\n".join(f"  {n:<14} {e.summary}" for n, e in sorted(REGISTRY.items()))
+    ap = argparse.ArgumentParser(
+        prog="main.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="vramchat: chat with a local LLM about very long documents.",
+        epilog=f"policies (combine with +, options with name:key=val,...):\n{pols}")
+    sub = ap.add_subparsers(dest="command")
+    chat = sub.add_parser("chat", help="the terminal app (default)")
+    _common(chat)
+    _sampling(chat, 0.7)
+    chat.add_argument("--doc", action="append", default=[], help="document to load at start (repeatable)")
+    ask = sub.add_parser("ask", help="answer questions about documents, headless")
+    _common(ask)
+    _sampling(ask, 0.0)
+    ask.add_argument("--doc", action="append", default=[], help="document to read first (repeatable)")
+    ask.add_argument("--json", action="store_true", help="print one JSON object")
+    ask.add_argument("questions", nargs="+", help="each question is its own turn, after the documents")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["chat", *argv]
+    args = parser().parse_args(argv)
+    from app.runtime.types import VramchatError
+    from policies import SpecError
+    try:
+        if args.command == "ask":
+            return cmd_ask(args)
+        return cmd_chat(args)
+    except (VramchatError, SpecError) as e:
+        print(f"vramchat: {e}", file=sys.stderr)
+        return 2
+
+
+def _load_runtime(args, status=None):
+    from app.runtime.engine import Runtime
+    rt = Runtime.load(args.model, policy=args.policy or "full", device=args.device, weights=args.weights,
+                      chunk_size=args.chunk_size, trust_remote_code=args.trust_remote_code, status=status)
+    if args.system:
+        rt.set_system(args.system)
+    return rt
+
+
+def _sampling_of(args):
+    from app.runtime.sampling import validate
+    from app.runtime.types import Sampling
+    return validate(Sampling(args.temperature, args.top_p, args.top_k, args.seed))
+
+
+class _StopOnCtrlC:
+    """First Ctrl-C sets the stop flag (the answer ends, the session stays); a second exits."""
+
+    def __init__(self):
+        self.event = threading.Event()
+
+    def __enter__(self):
+        def handler(sig, frame):
+            if self.event.is_set():
+                raise KeyboardInterrupt
+            self.event.set()
+        self._old = signal.signal(signal.SIGINT, handler)
+        return self.event
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._old)
+
+
+def _progress(label: str):
+    t0 = time.perf_counter()
+
+    def cb(done, total):
+        rate = done / max(time.perf_counter() - t0, 1e-9)
+        eta = (total - done) / rate if rate > 0 else 0
+        print(f"\r{label}: {done:,}/{total:,} tokens  {rate:,.0f} tok/s  ETA {eta:,.0f}s ",
+              end="" if done < total else "\n", file=sys.stderr, flush=True)
+    return cb
+
+
+def cmd_ask(args) -> int:
+    from app.runtime.types import Stopped
+    sampling = _sampling_of(args)
+    quiet = args.json
+    rt = _load_runtime(args, None if quiet else (lambda s: print(s, file=sys.stderr)))
+    docs = []
+    with _StopOnCtrlC() as stop:
+        for path in args.doc:
+            info = rt.load_document(path, None if quiet else _progress(f"reading {path}"), stop)
+            docs.append({"name": info.name, "tokens": info.tokens, "prefill_s": round(info.prefill_s, 3)})
+        answers = []
+        for q in args.questions:
+            if stop.is_set():
+                break
+            if not quiet:
+                print(f"\n> {q}", flush=True)
+            on_tok = None if quiet else (lambda s: print(s, end="", flush=True))
+            try:
+                res = rt.ask(q, max_new_tokens=args.max_new_tokens, sampling=sampling, on_token=on_tok, stop=stop)
+            except Stopped:
+                break
+            answers.append(res)
+            if not quiet:
+                mark = " [stopped]" if res.stopped else ""
+                print(f"{mark}\n  ({res.new_tokens} tokens, TTFT {res.ttft_s:.2f}s, "
+                      f"{res.decode_tok_s:.1f} tok/s, policy {res.policy})", flush=True)
+    if quiet:
+        mem = rt.memory()
+        out = {
+            "model": rt.model_id, "policy": rt.policy, "device": mem.device, "weights": rt.weights,
+            "documents": docs, "context_tokens": rt.context().read, "retained_tokens": rt.context().retained,
+            "answers": [{k: v for k, v in a.to_json().items()} for a in answers],
+            "memory": {"kv_bytes": {"gpu": mem.kv_total("gpu"), "host": mem.kv_total("host")},
+                       "kv_bytes_by_kind": mem.kv, "kv_peak_bytes": mem.kv_peak_bytes,
+                       "weights_bytes": mem.weights_bytes, "rss_peak_bytes": mem.rss_peak,
+                       "gpu_peak_bytes": mem.torch_peak},
+        }
+        print(json.dumps(out, indent=1))
+    return 130 if stop.is_set() else 0
+
+
+def cmd_chat(args) -> int:
+    try:
+        import app.ui as ui
+        run = getattr(ui, "run", None)
+    except ImportError:
+        run = None
+    if run is not None:
+        return ui_main(args, run) or 0
+    return repl(args)
+
+
+def ui_main(args, run) -> int:
+    from app import config as cfgmod
+    cfg = cfgmod.load()
+    if args.policy is None:
+        args.policy = cfg.policy if hasattr(cfg, "policy") else None
+    if args.model is None:
+        args.model = getattr(cfg, "model", None)
+
+    def make_runtime(status):
+        return _load_runtime(args, status)
+    run(make_runtime, config=cfg, doc_paths=tuple(args.doc))
+    return 0
+
+
+def repl(args) -> int:
+    """A plain streaming chat in the terminal (used where the TUI cannot run)."""
+    rt = _load_runtime(args, lambda s: print(s, file=sys.stderr))
+    sampling = _sampling_of(args)
+    for path in args.doc:
+        rt.load_document(path, _progress(f"reading {path}"))
+    print(f"vramchat REPL — {rt.model_id} on {rt.device}, policy {rt.policy}. /load PATH, /policy SPEC, Ctrl-D quits.")
+    from app.runtime.types import VramchatError
+    from policies import SpecError
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            return 0
+        if not line:
+            continue
+        try:
+            if line.startswith("/load "):
+                info = rt.load_document(line[6:].strip(), _progress("reading"))
+                print(f"read {info.name}: {info.tokens:,} tokens")
+            elif line.startswith("/policy "):
+                print(rt.set_policy(line[8:].strip(), _progress("re-reading")).message)
+            else:
+                with _StopOnCtrlC() as stop:
+                    res = rt.ask(line, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                 on_token=lambda s: print(s, end="", flush=True), stop=stop)
+                print(f"\n  ({res.new_tokens} tokens, {res.decode_tok_s:.1f} tok/s)")
+        except (VramchatError, SpecError) as e:
+            print(f"vramchat: {e}")

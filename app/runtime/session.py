@@ -1,0 +1,72 @@
+"""The conversation as the model's chat template renders it, incrementally.
+
+The cache holds the rendering of the conversation so far (`cached_text`). Each new
+message is rendered as part of the whole conversation and only the part past the
+longest common prefix is prefilled, so history is never re-read. Documents are user
+content: consecutive documents and the question after them merge into one user
+message (templates like Mistral's require user/assistant alternation). A document is
+prefilled *before* the question is known by rendering it with a sentinel where the
+rest of the user message will go and cutting there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SENTINEL = "\u2063VRAMCHAT-CONTINUES\u2063"
+
+
+def document_block(name: str, text: str) -> str:
+    return f"<document name=\"{name}\">\n{text.strip()}\n</document>"
+
+
+@dataclass
+class Conversation:
+    system: str | None = None
+    messages: list = field(default_factory=list)  # role: user | assistant | document
+
+    def template_messages(self, pending: list | None = None) -> list[dict]:
+        """Messages as the chat template sees them: system first, user runs merged."""
+        out = [{"role": "system", "content": self.system}] if self.system else []
+        for m in self.messages + (pending or []):
+            if m["role"] == "assistant":
+                out.append({"role": "assistant", "content": m["content"]})
+                continue
+            piece = document_block(m["name"], m["content"]) if m["role"] == "document" else m["content"]
+            if out and out[-1]["role"] == "user":
+                out[-1] = {"role": "user", "content": out[-1]["content"] + "\n\n" + piece}
+            else:
+                out.append({"role": "user", "content": piece})
+        return out
+
+    def render(self, tokenizer, pending: list | None = None, open_user: bool = False) -> str:
+        """Text of the conversation (+ pending). open_user: end inside the last user
+        message, ready for more content; else end with the assistant prompt."""
+        msgs = self.template_messages(pending)
+        if open_user:
+            if msgs and msgs[-1]["role"] == "user":
+                msgs[-1] = {"role": "user", "content": msgs[-1]["content"] + "\n\n" + SENTINEL}
+            else:
+                msgs.append({"role": "user", "content": SENTINEL})
+            text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
+            cut = text.find(SENTINEL)
+            if cut < 0:
+                raise RuntimeError("the chat template dropped the message content")
+            return text[:cut]
+        if not msgs:
+            return ""
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+    def to_json(self) -> dict:
+        return {"system": self.system, "messages": [dict(m) for m in self.messages]}
+
+
+def common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    lo, hi = 0, n
+    while lo < hi:  # binary search on prefix equality: O(n log n) compares of slices
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
