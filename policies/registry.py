@@ -117,14 +117,18 @@ def register(name: str, slot: str, options: dict[str, Opt], summary: str, check:
     return deco
 
 
+def _show(s: str) -> str:
+    return f"`{s}`" if s.isprintable() else repr(s)
+
+
 def parse_policy(text: str) -> Policy:
     name, _, rest = text.strip().partition(":")
     name = name.strip()
     if not name:
-        raise SpecError(f"empty policy name in {text!r}")
+        raise SpecError(f"empty policy name in {text!r} (a spec looks like locret:budget=2048+kivi)")
     entry = REGISTRY.get(name)
     if entry is None:
-        raise SpecError(f"unknown policy `{name}`; known: {', '.join(sorted(REGISTRY))}")
+        raise SpecError(f"unknown policy {_show(name)}; known: {', '.join(sorted(REGISTRY))}")
     opts = {k: o.default for k, o in entry.options.items()}
     if rest.strip():
         seen = set()
@@ -135,7 +139,7 @@ def parse_policy(text: str) -> Policy:
                 raise SpecError(f"policy `{name}`: option {item.strip()!r} must look like key=value")
             if key not in entry.options:
                 known = ", ".join(entry.options) or "none"
-                raise SpecError(f"policy `{name}` has no option `{key}` (its options: {known})")
+                raise SpecError(f"policy `{name}` has no option {_show(key)} (its options: {known})")
             if key in seen:
                 raise SpecError(f"policy `{name}`: option `{key}` given twice")
             seen.add(key)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 
-from .types import VramchatError
+from .types import VramchatError, fmt_bytes
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst", ".text", ".csv", ".json", ".log", ".py", ".tex", ".html", ".xml"}
 # Refuse files over this fraction of available host memory before reading them: the text,
@@ -38,7 +38,7 @@ def read_document(path: str | os.PathLike) -> str:
     limit = max_bytes()
     if st.st_size > limit:
         raise VramchatError(
-            f"{p} is {st.st_size / 2**20:,.1f} MiB; this machine can take at most {limit / 2**20:,.1f} MiB "
+            f"{p} is {fmt_bytes(st.st_size)}; this machine can take at most {fmt_bytes(limit)} "
             "(a quarter of the available memory). Split the document or free memory.")
     if p.suffix.lower() == ".pdf":
         text = _read_pdf(p, limit)
@@ -56,7 +56,7 @@ def _read_text(p: Path, size: int, limit: int) -> str:
     except OSError as e:
         raise VramchatError(f"{p}: cannot be read ({e.strerror or e})") from None
     if len(data) > limit:
-        raise VramchatError(f"{p} grew past {limit / 2**20:,.1f} MiB while being read; refused")
+        raise VramchatError(f"{p} grew past {fmt_bytes(limit)} while being read; refused")
     head = data[:8192]
     if b"\x00" in head or (head and sum(b < 9 or 13 < b < 32 for b in head) / len(head) > 0.1):
         raise VramchatError(f"{p} looks like a binary file, not text; load .txt, .md or .pdf files")
@@ -93,5 +93,5 @@ def _read_pdf(p: Path, limit: int) -> str:
         raise VramchatError(
             f"{p} has {len(pages)} page(s) but no text layer (a scanned PDF?); run OCR on it first")
     if len(text.encode()) > limit:
-        raise VramchatError(f"{p}: its text is larger than {limit / 2**20:,.1f} MiB; refused")
+        raise VramchatError(f"{p}: its text is larger than {fmt_bytes(limit)}; refused")
     return text

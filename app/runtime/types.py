@@ -92,3 +92,11 @@ class MemoryReport:
     def kv_total(self, tier: str | None = None) -> int:
         tiers = [tier] if tier else list(self.kv)
         return sum(sum(self.kv.get(t, {}).values()) for t in tiers)
+
+
+def fmt_bytes(n: float) -> str:
+    """4.2 GiB, 512.0 KiB, 17 B."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{int(n)} B"

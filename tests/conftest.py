@@ -1,0 +1,28 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """The embedded default model as a Runtime (loaded once per test session)."""
+    from app.runtime.engine import Runtime
+    return Runtime.load(None)
+
+
+@pytest.fixture
+def fresh_smol(smol):
+    smol.clear()
+    smol.set_system(None)
+    if smol.policy != "full":
+        smol.set_policy("full")
+    return smol
