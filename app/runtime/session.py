@@ -54,7 +54,8 @@ class Conversation:
             return text[:cut]
         if not msgs:
             return ""
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(msgs, tokenize=False,
+                                             add_generation_prompt=msgs[-1]["role"] == "user")
 
     def to_json(self) -> dict:
         return {"system": self.system, "messages": [dict(m) for m in self.messages]}
