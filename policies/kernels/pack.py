@@ -1,0 +1,81 @@
+"""KIVI quantizers: asymmetric min/max codes, bit-packed along channels, in plain torch.
+
+Keys are quantized per channel (a group is G consecutive *tokens* of one channel), values
+per token (a group is G consecutive *channels* of one token). Both pack their codes along
+the channel axis, 32/bits codes per int32 (channel c sits in word c // PK at bit
+(c % PK) * bits), so a flush or an eviction only ever appends or rewrites whole rows.
+
+Scales and zeros are stored in the cache dtype (fp16/bf16/fp32). Codes are computed
+against the *stored* (rounded) scale and zero, so dequantization reproduces exactly the
+grid the codes were chosen on, and re-quantizing a dequantized group gives it back.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def per_word(bits: int) -> int:
+    """Codes per int32 word (16 at 2 bits, 8 at 4 bits)."""
+    return 32 // bits
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes [..., D] ints in [0, 2^bits) -> int32 words [..., D / (32/bits)]."""
+    pk = per_word(bits)
+    c = codes.to(torch.int64).reshape(*codes.shape[:-1], codes.shape[-1] // pk, pk)
+    shifts = torch.arange(pk, device=codes.device, dtype=torch.int64) * bits
+    words = (c << shifts).sum(-1)  # < 2^32, exact in int64
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 words [..., W] -> codes [..., W * 32/bits] (int64)."""
+    pk = per_word(bits)
+    shifts = torch.arange(pk, device=words.device, dtype=torch.int64) * bits
+    c = (words.to(torch.int64)[..., None] >> shifts) & (2**bits - 1)
+    return c.reshape(*words.shape[:-1], words.shape[-1] * pk)
+
+
+def _grid(lo: torch.Tensor, hi: torch.Tensor, bits: int, dtype: torch.dtype):
+    """Stored (scale, zero) in `dtype` for groups with min lo and max hi."""
+    # NOTE: the epsilon keeps constant groups finite (KIVI's own code divides by zero).
+    scale = ((hi - lo) / (2**bits - 1)).clamp_min(torch.finfo(dtype).tiny).to(dtype)
+    return scale, lo.to(dtype)
+
+
+def _codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    q = torch.floor((x - zero.float()) / scale.float() + 0.5)
+    return q.clamp_(0, 2**bits - 1)
+
+
+def quantize_keys(x: torch.Tensor, bits: int, group: int, dtype: torch.dtype):
+    """Per-channel keys x [H, N, D] (N a multiple of group) -> (codes [H, N, D/PK] int32,
+    scale [H, N/G, D], zero [H, N/G, D]) with scale/zero in `dtype`."""
+    h, n, d = x.shape
+    xg = x.float().reshape(h, n // group, group, d)
+    scale, zero = _grid(xg.amin(2), xg.amax(2), bits, dtype)  # [H, N/G, D]
+    codes = _codes(xg, scale[:, :, None], zero[:, :, None], bits).reshape(h, n, d)
+    return pack(codes, bits), scale, zero
+
+
+def dequantize_keys(codes, scale, zero, bits: int, group: int) -> torch.Tensor:
+    """(codes [H, N, D/PK], scale/zero [H, N/G, D]) -> float32 [H, N, D]."""
+    c = unpack(codes, bits).float()
+    s = scale.float().repeat_interleave(group, 1)
+    z = zero.float().repeat_interleave(group, 1)
+    return c * s + z
+
+
+def quantize_values(x: torch.Tensor, bits: int, group: int, dtype: torch.dtype):
+    """Per-token values x [H, N, D] -> (codes [H, N, D/PK] int32, scale/zero [H, N, D/G])."""
+    h, n, d = x.shape
+    xg = x.float().reshape(h, n, d // group, group)
+    scale, zero = _grid(xg.amin(3), xg.amax(3), bits, dtype)  # [H, N, D/G]
+    codes = _codes(xg, scale[..., None], zero[..., None], bits).reshape(h, n, d)
+    return pack(codes, bits), scale, zero
+
+
+def dequantize_values(codes, scale, zero, bits: int, group: int) -> torch.Tensor:
+    """(codes [H, N, D/PK], scale/zero [H, N, D/G]) -> float32 [H, N, D]."""
+    c = unpack(codes, bits).float()
+    return c * scale.float().repeat_interleave(group, 2) + zero.float().repeat_interleave(group, 2)
