@@ -7,3 +7,4 @@ from .registry import REGISTRY, Opt, Policy, SpecError, parse_spec, register  # 
 from .base import Chunk, KVCache, LayerCache, ModelInfo  # noqa: F401
 from . import full  # noqa: F401  (registers `full`)
 from . import kivi  # noqa: F401  (registers `kivi`)
+from . import locret  # noqa: F401  (registers `locret`)

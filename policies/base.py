@@ -298,6 +298,7 @@ class KVCache:
     def evicts(self) -> bool:
         return self.layers[0].selector.evicts
 
+    @torch.inference_mode()  # NOTE: stores are inference tensors (filled in forward); evict in place
     def end_chunk(self, chunk: Chunk) -> None:
         """After a prefill chunk: let every layer's selector evict, then fix the frame."""
         picks = [l.select(chunk) for l in self.layers]

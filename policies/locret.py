@@ -1,0 +1,289 @@
+"""`locret`: retaining heads score every token as it enters the cache; after each prefill
+chunk every layer keeps, per KV head, the `budget` best-scored tokens (arXiv 2410.01805).
+
+Retaining heads. One small MLP per decoder layer, `score = fc2(act(fc1(x)))`, no biases
+(except a folded q/k/v bias, below), on the layer's post-input_layernorm hidden state
+x [T, hidden] (the adapter captures it into `chunk.hidden[layer]`), one unnormalised
+score per KV head. The paper feeds concat[Q, K, V] (pre-RoPE) instead; Q, K, V are
+linear in x, so an official head folds exactly into ours:
+`fc1_hidden = fc1_qkv · [Wq; Wk; Wv]`, plus `fc1_qkv · [bq; bk; bv]` as an fc1 bias
+for models whose projections have biases (Qwen2). `fold_qkv` does that once, at import.
+
+Eviction (Algorithm 1). `plan` holds the last `local` tokens back as the final chunk.
+After a non-final chunk the newest `stabilizers` tokens are never evicted (they count
+inside the budget); after the final chunk its own tokens are never evicted. Indices are
+re-sorted so kept tokens stay in order; `LayerCache.evict` compacts positions.
+
+Many turns. Question and answer tokens get scores like any other (decode scores them
+too) and only the final chunk of the prefill that added them is protected, so the next
+prefill evicts them like document tokens: after every prefill a layer holds at most
+`budget + final chunk` tokens, plus the answer it then decodes. 100 turns stay bounded.
+
+Heads come from `heads=PATH`, else the shipped file in `policies/heads/` whose model key
+and name match this model, else a `SpecError` saying how to train them. Random heads are
+never used. Loaded heads are cached in `ModelInfo.resources` (one load for all layers).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .base import ModelInfo
+from .registry import Opt, SpecError, register
+
+HEADS_DIR = Path(__file__).parent / "heads"
+TRAIN_HINT = "train them with `python main.py train-heads --model M --out DIR` and pass `locret:heads=DIR`"
+_ACTS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu,
+         "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+         "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def model_key(info: ModelInfo) -> str:
+    """Identity of a model's shapes: heads trained for one fit only models with this key."""
+    vocab = len(info.tokenizer) if info.tokenizer is not None else 0
+    return (f"h{info.hidden_size}-L{info.n_layers}-q{info.n_q_heads}-kv{info.n_kv_heads}"
+            f"-d{info.head_dim}-v{vocab}")
+
+
+def _norm_name(name: str) -> str:
+    base = Path(name.rstrip("/")).name.lower()
+    return base[:-5] if base.endswith(".gguf") else base
+
+
+class RetainingHeads(torch.nn.Module):
+    """Per-layer MLPs hidden [T, d_in] -> scores [T, n_kv]; `layers.{i}.fc1/fc2` weights."""
+
+    def __init__(self, n_layers: int, d_in: int, d_r: int, n_kv: int, act: str = "silu",
+                 fc1_bias: bool = False):
+        super().__init__()
+        if act not in _ACTS:
+            raise SpecError(f"retaining heads: activation {act!r} is not one of {', '.join(_ACTS)}")
+        self.act_name, self.d_r = act, d_r
+        self.layers = torch.nn.ModuleList(
+            torch.nn.ModuleDict({"fc1": torch.nn.Linear(d_in, d_r, bias=fc1_bias),
+                                 "fc2": torch.nn.Linear(d_r, n_kv, bias=False)})
+            for _ in range(n_layers))
+
+    def layer(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """x [T, d_in] (any float dtype) -> [T, n_kv] float32."""
+        h = self.layers[i]
+        return h["fc2"](_ACTS[self.act_name](h["fc1"](x.float())))
+
+    def score(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """The selector's view: x [T, d_in] -> [n_kv, T] float32."""
+        return self.layer(i, x).t().contiguous()
+
+    def meta(self) -> dict:
+        l0 = self.layers[0]
+        return {"n_layers": len(self.layers), "d_in": l0["fc1"].in_features, "d_r": self.d_r,
+                "n_kv": l0["fc2"].out_features, "act": self.act_name,
+                "fc1_bias": l0["fc1"].bias is not None}
+
+
+def save_heads(heads: RetainingHeads, path: str | Path, key: str, names: list[str], extra: dict | None = None):
+    """Write heads as safetensors; metadata carries the shapes, the model key and names."""
+    from safetensors.torch import save_file
+    meta = {"format": "vramchat-locret-1", "model_key": key, "names": json.dumps(names),
+            **{k: json.dumps(v) for k, v in heads.meta().items()}}
+    meta.update({k: str(v) for k, v in (extra or {}).items()})
+    state = {k: v.detach().float().contiguous().cpu() for k, v in heads.state_dict().items()}
+    save_file(state, str(path), metadata=meta)
+
+
+def read_meta(path: str | Path) -> dict:
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_heads(path: str | Path, info: ModelInfo | None = None) -> RetainingHeads:
+    """Load a heads file, refusing one made for another model or a partial one."""
+    from safetensors.torch import load_file
+    path = Path(path)
+    meta = read_meta(path)
+    if meta.get("format") != "vramchat-locret-1":
+        raise SpecError(f"locret heads {path}: not a vramchat retaining-heads file "
+                        f"(format {meta.get('format')!r}); {TRAIN_HINT}")
+    shape = {k: json.loads(meta[k]) for k in ("n_layers", "d_in", "d_r", "n_kv", "act", "fc1_bias")}
+    if info is not None:
+        want = model_key(info)
+        if meta.get("model_key") != want:
+            raise SpecError(f"locret heads {path} were trained for a model with key {meta.get('model_key')} "
+                            f"but this model has key {want} (hidden-layers-heads-kv-head_dim-vocab); {TRAIN_HINT}")
+    heads = RetainingHeads(shape["n_layers"], shape["d_in"], shape["d_r"], shape["n_kv"], shape["act"],
+                           shape["fc1_bias"])
+    state = load_file(str(path))
+    expect = set(heads.state_dict())
+    if set(state) != expect:
+        missing, extra = sorted(expect - set(state)), sorted(set(state) - expect)
+        raise SpecError(f"locret heads {path}: {len(state)} tensors, expected {len(expect)} "
+                        f"(missing {missing[:3]}, unexpected {extra[:3]})")
+    heads.load_state_dict(state, strict=True)
+    return heads.eval().requires_grad_(False)
+
+
+def find_heads(info: ModelInfo, path: str = "") -> tuple[RetainingHeads, str]:
+    """-> (heads on info.device, where they came from). Cached in info.resources."""
+    key = ("locret-heads", path or "shipped")
+    if key in info.resources:
+        return info.resources[key]
+    if path:
+        p = Path(path).expanduser()
+        if p.is_dir():
+            p = p / "heads.safetensors"
+        if not p.is_file():
+            raise SpecError(f"option `heads` of policy `locret`: {p} does not exist; {TRAIN_HINT}")
+        if p.suffix in (".bin", ".pt", ".pth", ".pkl"):
+            raise SpecError(f"option `heads` of policy `locret`: {p} looks like an official Locret checkpoint "
+                            "(heads over [Q,K,V]); fold it into this model's heads once with `python main.py "
+                            f"train-heads --model M --out DIR --import {p}` and pass `heads=DIR`")
+        src = p
+    else:
+        src = _shipped(info)
+    heads = load_heads(src, info).to(info.device)
+    if heads.meta()["n_layers"] != info.n_layers or heads.meta()["d_in"] != info.hidden_size \
+            or heads.meta()["n_kv"] != info.n_kv_heads:
+        raise SpecError(f"locret heads {src}: shapes {heads.meta()} do not fit this model "
+                        f"({info.n_layers} layers, hidden {info.hidden_size}, {info.n_kv_heads} KV heads)")
+    info.resources[key] = (heads, str(src))
+    return heads, str(src)
+
+
+def _shipped(info: ModelInfo) -> Path:
+    want, name = model_key(info), _norm_name(info.model_id or "")
+    for f in sorted(HEADS_DIR.glob("*.safetensors")):
+        meta = read_meta(f)
+        names = [_norm_name(n) for n in json.loads(meta.get("names", "[]"))]
+        if meta.get("model_key") == want and any(name.startswith(n) for n in names if n):
+            return f
+    raise SpecError(f"policy `locret` has no retaining heads for model {info.model_id or '?'} (key {want}): "
+                    f"none ship in {HEADS_DIR}; {TRAIN_HINT}")
+
+
+# ---- official checkpoints (hyx21/Locret-*) ---------------------------------------------
+
+_OFFICIAL = re.compile(r"^(?:model\.)?layers\.(\d+)\.self_attn\.(fc[12])\.(weight|bias)$")
+
+
+def read_official(path: str | Path, n_layers: int) -> dict[int, dict[str, torch.Tensor]]:
+    """An official pickled state dict -> {layer: {"fc1": [d_r, in], "fc2": [n_kv, d_r]}} float32.
+
+    NOTE: their loader uses strict=False and silently loads nothing on a name mismatch;
+    here the count of head tensors must be exactly 2 per layer or this raises.
+    """
+    sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise SpecError(f"{path}: not a state dict (a {type(sd).__name__})")
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    n = 0
+    for name, t in sd.items():
+        m = _OFFICIAL.match(name)
+        if m is None:
+            continue
+        if m.group(3) == "bias":
+            raise SpecError(f"{path}: {name}: retaining heads have no biases; this is not a Locret checkpoint")
+        out.setdefault(int(m.group(1)), {})[m.group(2)] = t.float()
+        n += 1
+    expect = 2 * n_layers
+    complete = sorted(out) == list(range(n_layers)) and all(len(v) == 2 for v in out.values())
+    if n != expect or not complete:
+        raise SpecError(f"{path}: found {n} retaining-head tensors (layers.N.self_attn.fc1/fc2.weight), "
+                        f"expected {expect} for a {n_layers}-layer model; refusing a partial load")
+    return out
+
+
+def fold_qkv(fc1: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor | None = None):
+    """fc1 [d_r, Dqkv] over concat[Q,K,V] -> (w [d_r, hidden], b [d_r] or None) over x, with
+    w_qkv [Dqkv, hidden] = cat(Wq, Wk, Wv) and b_qkv [Dqkv] their biases. Exact: linear."""
+    if fc1.shape[1] != w_qkv.shape[0]:
+        raise SpecError(f"official head fc1 takes {fc1.shape[1]} inputs but this model's [Q,K,V] "
+                        f"is {w_qkv.shape[0]} wide: the checkpoint is for another model")
+    fc1 = fc1.double()
+    w = (fc1 @ w_qkv.double()).float()
+    b = None if b_qkv is None else (fc1 @ b_qkv.double()).float()
+    return w, b
+
+
+def heads_from_official(ckpt: dict, w_qkv: list, b_qkv: list, n_kv: int, act: str = "silu") -> RetainingHeads:
+    """Build hidden-input heads from `read_official` output and per-layer [Dqkv, hidden] weights."""
+    n_layers = len(ckpt)
+    d_r, hidden = ckpt[0]["fc1"].shape[0], w_qkv[0].shape[1]
+    if ckpt[0]["fc2"].shape != (n_kv, d_r):
+        raise SpecError(f"official head fc2 is {tuple(ckpt[0]['fc2'].shape)}, expected ({n_kv}, {d_r}): "
+                        "the checkpoint is for another model")
+    has_bias = any(b is not None for b in b_qkv)
+    heads = RetainingHeads(n_layers, hidden, d_r, n_kv, act, fc1_bias=has_bias)
+    with torch.no_grad():
+        for i in range(n_layers):
+            w, b = fold_qkv(ckpt[i]["fc1"], w_qkv[i], b_qkv[i])
+            heads.layers[i]["fc1"].weight.copy_(w)
+            if has_bias:
+                heads.layers[i]["fc1"].bias.copy_(b if b is not None else torch.zeros(d_r))
+            heads.layers[i]["fc2"].weight.copy_(ckpt[i]["fc2"])
+    return heads.eval().requires_grad_(False)
+
+
+# ---- the selector ------------------------------------------------------------------------
+
+class LocretSelector:
+    """Keeps the top-`budget` tokens per KV head by retaining-head score."""
+
+    evicts = True
+    needs_hidden = True
+    needs_scores = True
+
+    def __init__(self, opts: dict, info: ModelInfo, layer: int):
+        self.budget, self.stabilizers, self.local = opts["budget"], opts["stabilizers"], opts["local"]
+        self.chunk = opts["chunk"] or None  # None: the runtime's --chunk-size
+        self.layer = layer
+        self.heads, self.source = find_heads(info, opts["heads"])
+
+    def plan(self, n: int, size: int) -> list[int]:
+        """Chunk lengths for n new tokens: chunks of `size`, the last `local` held back."""
+        body = n - self.local
+        if body <= 0:
+            return [n]
+        return [min(size, body - s) for s in range(0, body, size)] + ([self.local] if self.local else [])
+
+    def score(self, cache, chunk, k, v) -> torch.Tensor:
+        """-> [Hkv, T] float32 scores of the chunk's tokens, from the captured hidden state."""
+        x = chunk.hidden.get(self.layer)
+        if x is None:
+            raise RuntimeError(f"locret: layer {self.layer} got no hidden state (the adapter must "
+                               "capture it for selectors with needs_hidden)")
+        return self.heads.score(self.layer, x)
+
+    def keep(self, cache, chunk) -> torch.Tensor | None:
+        """-> sorted indices [Hkv, b] to keep, or None when nothing needs evicting."""
+        n = cache.length
+        fixed = chunk.n if chunk.final else 0  # the held-back local tokens are never evicted
+        cap = self.budget + fixed
+        if n <= cap:
+            return None
+        protect = min(n, self.stabilizers + fixed)
+        s = cache.scores.clone()  # [Hkv, n]
+        s[:, n - protect:] = float("inf")  # NOTE: protect <= cap, so topk takes them all
+        return s.topk(cap, dim=1).indices.sort(dim=1).values
+
+
+def _check(opts: dict) -> None:
+    if opts["stabilizers"] >= opts["budget"]:
+        raise SpecError(f"policy `locret`: option `stabilizers` ({opts['stabilizers']}) must be below "
+                        f"option `budget` ({opts['budget']}): stabilizers count inside the budget")
+
+
+@register("locret", "selector", {
+    "budget": Opt(int, 1024, "tokens kept per KV head after each chunk", min=16),
+    "chunk": Opt(int, 0, "prefill chunk length (0: the runtime's --chunk-size)", min=0),
+    "stabilizers": Opt(int, 256, "newest tokens of a chunk never evicted (inside the budget)", min=0),
+    "local": Opt(int, 100, "last tokens of a prefill read without eviction", min=0),
+    "heads": Opt("path", "", "retaining heads file or folder (default: shipped heads for this model)"),
+}, "retaining heads keep the best `budget` tokens per head; memory fixed by budget + chunk", _check)
+def build(policy, info, layer):
+    return LocretSelector(policy.opts, info, layer)

@@ -1,0 +1,265 @@
+"""Locret: retaining-head selector, eviction, compacted positions, heads files, training."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from app.runtime.engine import Runtime
+from policies import Chunk, KVCache, SpecError, parse_spec
+from policies.locret import RetainingHeads, fold_qkv, load_heads, model_key, save_heads
+from tiny import tiny_pair
+
+
+def _runtime(spec="full", seed=0, **over):
+    m, t = tiny_pair(seed, **over)
+    return Runtime.from_model(m, t, policy=spec, model_id="tiny", chunk_size=16)
+
+
+def _heads_file(rt, path, seed=1, d_r=16):
+    info = rt.adapter.info
+    torch.manual_seed(seed)
+    heads = RetainingHeads(info.n_layers, info.hidden_size, d_r, info.n_kv_heads)
+    f = path / "heads.safetensors"
+    save_heads(heads, f, model_key(info), ["tiny"])
+    return f
+
+
+def _ids(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, 260, (n,), generator=g).tolist()
+
+
+def test_budget_covering_context_equals_full(tmp_path):
+    ref = _runtime("full")
+    f = _heads_file(ref, tmp_path)
+    rt = _runtime(f"locret:budget=4096,stabilizers=8,local=10,heads={f}")
+    ids = _ids(300)
+    a, b = ref._prefill(ids), rt._prefill(ids)
+    assert rt.cache.length == 300 and rt.cache.seen == 300
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    ra = ref.ask("what is it?", max_new_tokens=12)
+    rb = rt.ask("what is it?", max_new_tokens=12)
+    assert ra.answer == rb.answer
+
+
+def test_plan_holds_back_local():
+    rt = _runtime("full")
+    from policies.locret import LocretSelector
+    sel = LocretSelector.__new__(LocretSelector)
+    sel.local = 10
+    assert sel.plan(105, 32) == [32, 32, 31, 10]
+    assert sel.plan(7, 32) == [7]
+    sel.local = 0
+    assert sel.plan(70, 32) == [32, 32, 6]
+    assert rt is not None
+
+
+def test_eviction_keeps_budget_top_scores_and_stabilizers(tmp_path):
+    rt = _runtime("full")
+    f = _heads_file(rt, tmp_path)
+    rt = _runtime(f"locret:budget=32,stabilizers=8,local=10,chunk=16,heads={f}")
+    cache = rt.cache
+    x = torch.tensor(_ids(150))
+    plan = rt._chunks(150)
+    assert plan[-1] == 10 and sum(plan) == 150
+    done = 0
+    for i, n in enumerate(plan):
+        chunk = Chunk(x[done:done + n], cache.next_position, final=i == len(plan) - 1)
+        rt.adapter.forward(chunk.input_ids, cache, chunk)
+        before = [(l.positions().clone(), l.scores.clone()) for l in cache.layers]
+        cache.end_chunk(chunk)
+        done += n
+        for l, (pos0, sc0) in zip(cache.layers, before):
+            kept = l.positions()
+            if chunk.final:
+                assert l.length == min(done, 32 + 10)
+                assert all(set(range(done - 10, done)) <= set(row.tolist()) for row in kept)
+                continue
+            assert l.length == min(done, 32), "every head keeps exactly `budget`"
+            assert kept.shape == (cache.info.n_kv_heads, l.length)
+            for h in range(kept.shape[0]):
+                row = set(kept[h].tolist())
+                assert set(range(max(0, done - 8), done)) <= row, "a stabilizer was evicted"
+                # the others are the best-scored among the non-stabilizers
+                cand = {p: s for s, p in zip(sc0[h].tolist(), pos0[h].tolist()) if p < done - 8}
+                kept_s = [cand[p] for p in row if p in cand]
+                lost_s = [s for p, s in cand.items() if p not in row]
+                assert len(kept_s) == l.length - min(8, done)
+                assert not lost_s or min(kept_s) >= max(lost_s)
+            assert torch.equal(kept, kept.sort(1).values), "kept tokens stay in order"
+        assert cache.next_position == cache.length
+
+
+def test_compacted_keys_are_rope_at_new_slots(tmp_path):
+    """Layer 0's keys depend only on the token: after eviction, stored key j must be the
+    token's pre-RoPE key rotated (by the model's own rotary) to position base + j."""
+    rt = _runtime("full")
+    f = _heads_file(rt, tmp_path)
+    rt = _runtime(f"locret:budget=24,stabilizers=4,local=0,chunk=16,heads={f}")
+    ids = _ids(100, seed=3)
+    rt._prefill(ids)
+    model = rt.adapter.model
+    layer, info = rt.cache.layers[0], rt.adapter.info
+    with torch.no_grad():
+        h = model.model.layers[0].input_layernorm(model.model.embed_tokens(torch.tensor(ids)))
+        k_pre = model.model.layers[0].self_attn.k_proj(h).view(len(ids), info.n_kv_heads, -1).transpose(0, 1)
+        slots = torch.arange(layer.base, layer.base + layer.length)
+        cos, sin = model.model.rotary_emb(h[None], slots[None])
+        from transformers.models.llama.modeling_llama import rotate_half
+        pos = layer.positions()
+        for hd in range(info.n_kv_heads):
+            k = k_pre[hd, pos[hd]]  # [b, D] the kept tokens' pre-RoPE keys
+            want = k * cos[0] + rotate_half(k) * sin[0]
+            torch.testing.assert_close(layer.store.k[hd, : layer.length], want, rtol=1e-4, atol=1e-4)
+    assert layer.length < 100 and rt.cache.next_position == layer.base + layer.length
+
+
+def test_logits_equal_reference_over_kept_tokens_at_compacted_positions(tmp_path):
+    """One layer, one KV head: the kept set is one list of tokens, and a fresh full cache
+    reading only those tokens at positions 0..n-1 must give the same next logits."""
+    over = dict(num_hidden_layers=1, num_key_value_heads=1)
+    base = _runtime("full", **over)
+    f = _heads_file(base, tmp_path)
+    rt = _runtime(f"locret:budget=20,stabilizers=4,local=0,chunk=16,heads={f}", **over)
+    ids = _ids(90, seed=5)
+    rt._prefill(ids)
+    kept = rt.cache.layers[0].positions()[0].tolist()
+    assert len(kept) < 90
+    ref = KVCache("full", base.adapter.info)
+    base.adapter.forward(torch.tensor([ids[i] for i in kept]), ref, Chunk(torch.tensor([0]), 0))
+    new = torch.tensor(_ids(5, seed=6))
+    a = base.adapter.forward(new, ref, Chunk(new, ref.next_position), all_logits=True)
+    b = rt.adapter.forward(new, rt.cache, Chunk(new, rt.cache.next_position), all_logits=True)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_many_turns_stay_bounded(tmp_path):
+    rt = _runtime("full")
+    f = _heads_file(rt, tmp_path)
+    rt = _runtime(f"locret:budget=48,stabilizers=8,local=16,chunk=32,heads={f}")
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    rt.load_document(str(doc))
+    lengths = []
+    for t in range(40):
+        rt.ask(f"question number {t}, what happened?", max_new_tokens=6)
+        lengths.append(rt.cache.length)
+    assert rt.cache.seen > 5 * max(lengths)
+    assert max(lengths) <= 48 + 16 + 6
+    assert max(lengths[-10:]) <= max(lengths[:10]) + 6
+
+
+def test_convert_from_full_reprefills_and_locret_shrinks_in_place(tmp_path):
+    rt = _runtime("full")
+    f = _heads_file(rt, tmp_path)
+    doc = tmp_path / "doc.txt"
+    doc.write_text("Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 6)
+    rt.load_document(str(doc))
+    res = rt.set_policy(f"locret:budget=128,stabilizers=8,local=10,heads={f}")
+    assert res.reprefilled  # full recorded no scores
+    res = rt.set_policy(f"locret:budget=64,stabilizers=8,local=10,heads={f}")
+    assert not res.reprefilled and rt.cache.length == 64
+    assert rt.ask("and?", max_new_tokens=3).new_tokens >= 1
+
+
+def test_refusals(tmp_path):
+    with pytest.raises(SpecError, match="train-heads"):
+        _runtime("locret:budget=64,stabilizers=8")  # no heads ship for the tiny model: never random heads
+    other = _runtime("full", num_key_value_heads=4)
+    f = _heads_file(other, tmp_path)
+    with pytest.raises(SpecError, match="key"):
+        _runtime(f"locret:budget=64,stabilizers=8,heads={f}")
+    with pytest.raises(SpecError, match="does not exist"):
+        _runtime(f"locret:budget=64,stabilizers=8,heads={tmp_path / 'nope'}")
+    with pytest.raises(SpecError, match="stabilizers"):
+        parse_spec("locret:budget=64,stabilizers=64")
+    pkl = tmp_path / "official.bin"
+    torch.save({}, pkl)
+    with pytest.raises(SpecError, match="--import"):
+        _runtime(f"locret:budget=64,stabilizers=8,heads={pkl}")
+
+
+def _official(rt, path, d_r=8, drop=None, wrong=False):
+    info = rt.adapter.info
+    dq = (info.n_q_heads + 2 * info.n_kv_heads) * info.head_dim + (1 if wrong else 0)
+    sd = {"model.embed_tokens.weight": torch.randn(3, 3)}  # other tensors are ignored
+    for i in range(info.n_layers):
+        sd[f"model.layers.{i}.self_attn.fc1.weight"] = torch.randn(d_r, dq).bfloat16()
+        sd[f"model.layers.{i}.self_attn.fc2.weight"] = torch.randn(info.n_kv_heads, d_r).bfloat16()
+    if drop:
+        del sd[drop]
+    torch.save(sd, path)
+    return sd
+
+
+def test_official_checkpoint_folds_exactly(tmp_path):
+    from app.train_heads import import_official
+    rt = _runtime("full")
+    sd = _official(rt, tmp_path / "locret.bin")
+    card = import_official(tmp_path / "locret.bin", rt, tmp_path / "out")
+    assert card["tensors_loaded"] == 2 * rt.adapter.info.n_layers
+    heads = load_heads(tmp_path / "out" / "heads.safetensors", rt.adapter.info)
+    x = torch.randn(7, rt.adapter.info.hidden_size)
+    for i, layer in enumerate(rt.adapter.layers):
+        a = layer.self_attn
+        with torch.no_grad():
+            qkv = torch.cat((a.q_proj(x), a.k_proj(x), a.v_proj(x)), -1)
+            want = F.silu(qkv @ sd[f"model.layers.{i}.self_attn.fc1.weight"].float().t()) \
+                @ sd[f"model.layers.{i}.self_attn.fc2.weight"].float().t()
+            torch.testing.assert_close(heads.layer(i, x), want, rtol=1e-3, atol=1e-3)
+    rt2 = _runtime(f"locret:budget=64,stabilizers=8,heads={tmp_path / 'out'}")
+    assert rt2.cache.layers[0].selector.heads is rt2.cache.layers[-1].selector.heads  # loaded once
+
+
+def test_official_checkpoint_refuses_partial_or_foreign(tmp_path):
+    from app.train_heads import import_official
+    rt = _runtime("full")
+    _official(rt, tmp_path / "part.bin", drop="model.layers.1.self_attn.fc2.weight")
+    with pytest.raises(SpecError, match="found 5 .* expected 6"):
+        import_official(tmp_path / "part.bin", rt, tmp_path / "o1")
+    _official(rt, tmp_path / "wide.bin", wrong=True)
+    with pytest.raises(SpecError, match="another model"):
+        import_official(tmp_path / "wide.bin", rt, tmp_path / "o2")
+
+
+def test_fold_with_qkv_bias_is_exact():
+    torch.manual_seed(0)
+    fc1, w, b, x = torch.randn(5, 12), torch.randn(12, 8), torch.randn(12), torch.randn(3, 8)
+    w1, b1 = fold_qkv(fc1, w, b)
+    torch.testing.assert_close(x @ w1.t() + b1, (x @ w.t() + b) @ fc1.t(), rtol=1e-4, atol=1e-4)
+
+
+def test_training_lowers_held_out_loss_and_resumes(tmp_path):
+    from app.train_heads import train_heads
+    rt = _runtime("full")
+    calls = []
+    card = train_heads(rt, tmp_path, steps=40, docs=4, val_docs=2, doc_tokens=200, d_r=16, lr=3e-3,
+                       warmup=4, progress=lambda *a: calls.append(a))
+    v = card["validation"]
+    assert v["after"]["loss"] < 0.6 * v["before"]["loss"]
+    assert len(v["after"]["top10_overlap_per_layer"]) == rt.adapter.info.n_layers
+    assert ("train", 40, 40) in calls and ("collect", 6, 6) in calls
+    heads = load_heads(tmp_path / "heads.safetensors", rt.adapter.info)
+    assert heads.meta()["d_r"] == 16
+    # a second run with the same folder resumes from the checkpoint: no steps left to train
+    calls.clear()
+    train_heads(rt, tmp_path, steps=40, docs=4, val_docs=2, doc_tokens=200, d_r=16, progress=lambda *a: calls.append(a))
+    assert not [c for c in calls if c[0] == "train"]
+
+
+@pytest.mark.real_model
+def test_shipped_heads_answer_passkey_at_3k(smol):
+    from app.bench_locret import passkey_prompt
+    rt = Runtime(smol.adapter.model, smol.tok, policy="locret:budget=512", model_id=smol.model_id)
+    assert "policies/heads" in rt.cache.layers[0].selector.source
+    ids, key = passkey_prompt(rt, 3200, depth=0.4, seed=1)
+    logits = rt._prefill(ids)
+    out = []
+    for _ in range(8):
+        tok = int(logits.argmax())
+        out.append(tok)
+        chunk = Chunk(torch.tensor([tok]), rt.cache.next_position, "decode")
+        logits = rt.adapter.forward(chunk.input_ids, rt.cache, chunk)
+    assert rt.cache.length <= 512 + 100 + 8
+    assert key in rt.tok.decode(out)
