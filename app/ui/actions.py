@@ -1,0 +1,286 @@
+"""What each command does: a job for the model thread plus what the screen shows when it ends.
+
+A mixin of `VramchatApp` (kept apart so the layout file stays short). Runtime methods are only
+ever called inside a job's function, i.e. on the model thread; `memory()` is the exception
+(cheap and thread-safe by contract, polled by the gauge).
+"""
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+from app.runtime.types import Sampling, VramchatError
+from app.ui import commands, store
+from app.ui.chat_input import ChatInput
+from app.ui.panels import fmt_bytes
+from app.ui.screens import ConversationPicker, FilePicker, PolicyPicker
+from app.ui.transcript import Answer, DocumentCard, Note, UserTurn, document_detail, last_code_block
+from app.ui.worker import Job
+from policies.registry import SpecError, parse_spec
+
+
+class Actions:
+    # ---- model ----------------------------------------------------------------------------
+    def start_model(self) -> None:
+        def fn(ctx):
+            self.runtime = self.make_runtime(ctx.status)
+            return self.runtime
+        self.submit(Job("loading model", fn, done=self._model_ready, failed=self._model_failed))
+
+    def _loading_note(self, text: str, kind: str) -> None:
+        for note in self.main_screen.query(".note.loading"):
+            note.update(text)
+            note.set_classes(f"note {kind}")
+
+    def _model_ready(self, rt) -> None:
+        self._loading_note(
+            f"Loaded {rt.model_id} on {rt.device} ({rt.weights}, window {rt.window:,} tokens), "
+            f"policy {rt.policy}. Ask a question, /load a document (Ctrl+O), F1 for help.", "info")
+
+    def _model_failed(self, error) -> None:
+        self._loading_note(f"The model did not load: {error}\nUse /model ID_OR_PATH to load one.", "error")
+
+    def switch_model(self, model_id: str) -> None:
+        if self.make_runtime_for is None:
+            self.show_error("Cannot switch model", "This session was started without a model loader "
+                            "(make_runtime_for); restart with `main.py chat --model ID`.")
+            return
+        if not self.needs_model():
+            return
+
+        def fn(ctx):
+            old = self.runtime
+            data, old_id = old.to_json(), old.model_id
+            self.autosave(data)
+            self.runtime = None
+            del old
+            gc.collect()  # free the old weights and cache before loading the new model
+            try:
+                rt = self.make_runtime_for(model_id, ctx.status)
+            except BaseException as e:
+                self.runtime = self.make_runtime_for(old_id, ctx.status)
+                self.runtime.restore(data, progress=ctx.progress("restoring conversation"), stop=ctx.stop)
+                raise VramchatError(f"could not load `{model_id}`: {e}\n\nBack on {old_id}; "
+                                    "the conversation is kept.") from e
+            self.runtime = rt
+            if data.get("messages") or data.get("system"):
+                rt.restore(data, progress=ctx.progress("re-reading conversation"), stop=ctx.stop)
+            return rt.system, list(rt.messages)
+        self.submit(Job("switching model", fn, done=self._model_switched, failed=self._after_restore_failed))
+
+    async def _model_switched(self, result) -> None:
+        await self.transcript.rebuild(*result)
+        rt = self.runtime
+        await self.transcript.add(Note(f"Switched to {rt.model_id} on {rt.device} ({rt.weights}); "
+                                       "the conversation was re-read."))
+
+    async def _after_restore_failed(self, error) -> None:
+        if self.runtime is not None:
+            await self.transcript.add(Note(f"Conversation autosaved as {self.conv_name}; /open it to retry.",
+                                           "error"))
+
+    # ---- chat -----------------------------------------------------------------------------
+    async def handle_input(self, text: str) -> None:
+        parsed = commands.parse(text)
+        if parsed is None:
+            await self.ask(text[1:] if text.startswith("//") else text)
+            return
+        name, arg = parsed
+        if name == "load":
+            self.load_document(arg) if arg else self.action_load()
+        elif name == "policy":
+            self.switch_policy(arg) if arg else self.action_policy()
+        elif name == "system":
+            self.set_system(arg or None)
+        elif name == "clear":
+            self.action_clear()
+        elif name == "save":
+            self.save(arg)
+        elif name == "open":
+            self.open(arg) if arg else self.action_open()
+        elif name == "model":
+            self.switch_model(arg) if arg else self.show_error("Usage", "/model ID_OR_PATH")
+        elif name == "copy":
+            self.copy_last(code=arg == "code")
+        elif name == "help":
+            self.action_help()
+        else:
+            self.show_error("Unknown command", f"/{name} is not a command; /help lists them.")
+
+    async def ask(self, question: str) -> None:
+        if not self.needs_model():
+            return
+        await self.transcript.add(UserTurn(question))
+        self.answer = Answer()
+        await self.transcript.add(self.answer)
+        cfg = self.config
+        sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p)
+
+        def fn(ctx):
+            result = self.runtime.ask(question, max_new_tokens=cfg.max_new_tokens, sampling=sampling,
+                                      on_token=ctx.on_token, progress=ctx.progress("reading the question"),
+                                      stop=ctx.stop)
+            self.autosave()
+            return result
+        self.submit(Job("generating", fn, done=self._answered, failed=self._answer_failed))
+
+    async def _answered(self, result) -> None:
+        answer, self.answer = self.answer, None
+        rest = self.worker.take_tokens()
+        if answer is not None:
+            await answer.write(rest)
+            await answer.finish(result.answer, result.to_json())
+            self.transcript.follow()
+
+    async def _answer_failed(self, error) -> None:
+        answer, self.answer = self.answer, None
+        self.worker.take_tokens()
+        if answer is not None:
+            await answer.finish(None, None, note=f"failed: {error}")
+
+    def load_document(self, path: str) -> None:
+        if not self.needs_model():
+            return
+        p = Path(path).expanduser()
+
+        def fn(ctx):
+            rt = self.runtime
+            info = rt.load_document(str(p), progress=ctx.progress(f"reading {p.name}"), stop=ctx.stop)
+            docs = [m for m in rt.messages if m.get("role") == "document"]
+            content = str(docs[-1].get("content", ""))[:4000] if docs else ""
+            self.autosave()
+            return info, content
+        self.submit(Job("reading document", fn, done=self._document_loaded))
+
+    async def _document_loaded(self, result) -> None:
+        info, content = result
+        await self.transcript.add(DocumentCard(info.name, info.tokens,
+                                               document_detail(info.path, content, info.chars, info.prefill_s)))
+
+    def switch_policy(self, spec: str) -> None:
+        try:
+            parse_spec(spec)
+        except SpecError as e:
+            self.show_error("Bad policy spec", str(e))
+            return
+        if not self.needs_model():
+            return
+
+        def fn(ctx):
+            result = self.runtime.set_policy(spec, progress=ctx.progress("converting the cache"), stop=ctx.stop)
+            self.autosave()
+            return result
+        self.submit(Job("switching policy", fn, done=self._policy_switched))
+
+    async def _policy_switched(self, r) -> None:
+        how = "re-read the conversation" if r.reprefilled else "converted in place"
+        lossy = ", lossy" if r.lossy else ""
+        await self.transcript.add(Note(f"Policy {r.old_policy} → {r.new_policy}: KV {fmt_bytes(r.before_bytes)} → "
+                                       f"{fmt_bytes(r.after_bytes)} ({r.message or how}{lossy})", "policy"))
+
+    def set_system(self, text: str | None) -> None:
+        if not self.needs_model():
+            return
+
+        def fn(ctx):
+            self.runtime.set_system(text)
+            self.autosave()
+        note = f"System prompt: {text}" if text else "System prompt removed."
+        self.submit(Job("setting the system prompt", fn,
+                        done=lambda _: self.transcript.add(Note(note, "system"))))
+
+    def action_clear(self) -> None:
+        if not self.needs_model():
+            return
+
+        def fn(ctx):
+            self.runtime.clear()
+        self.submit(Job("clearing", fn, done=self._cleared))
+
+    async def _cleared(self, _) -> None:
+        self.conv_name = store.new_name()
+        await self.transcript.remove_children()
+        await self.transcript.add(Note("New conversation; the cache is empty."))
+
+    # ---- saving ---------------------------------------------------------------------------
+    def autosave(self, data: dict | None = None) -> None:
+        """Runs on the model thread after every turn; an error is reported, never raised."""
+        rt = self.runtime
+        try:
+            store.save(self.conv_dir, self.conv_name, data if data is not None else rt.to_json())
+        except (OSError, TypeError, ValueError) as e:
+            self.autosave_error = str(e)
+
+    def save(self, name: str = "") -> None:
+        if not self.needs_model():
+            return
+        if name:
+            self.conv_name = store.safe_name(name)
+        conv_name = self.conv_name
+
+        def fn(ctx):
+            return store.save(self.conv_dir, conv_name, self.runtime.to_json())
+
+        def done(path):
+            self.main_screen.query_one(ChatInput).saved_names = [p.stem for p in store.list_saved(self.conv_dir)]
+            self.notify(f"Saved {path} and {path.with_suffix('.md').name}", title="Saved")
+        self.submit(Job("saving", fn, done=done))
+
+    def action_save(self) -> None:
+        self.save()
+
+    def action_open(self) -> None:
+        def chosen(path: str | None) -> None:
+            if path:
+                self.open(path)
+        self.push_screen(ConversationPicker(store.list_saved(self.conv_dir)), chosen)
+
+    def open(self, name_or_path: str) -> None:
+        try:
+            path = store.resolve(self.conv_dir, name_or_path)
+            data = store.load(path)
+        except VramchatError as e:
+            self.show_error("Cannot open", str(e))
+            return
+        if not self.needs_model():
+            return
+
+        def fn(ctx):
+            self.autosave()  # the conversation being replaced stays on disk
+            self.runtime.restore(data, progress=ctx.progress(f"re-reading {path.stem}"), stop=ctx.stop)
+            return self.runtime.system, list(self.runtime.messages)
+
+        async def done(result) -> None:
+            self.conv_name = path.stem
+            await self.transcript.rebuild(*result)
+            await self.transcript.add(Note(f"Opened {path.stem} ({len(result[1])} messages)."))
+        self.submit(Job("opening conversation", fn, done=done, failed=self._after_restore_failed))
+
+    # ---- pickers and clipboard ------------------------------------------------------------
+    def action_load(self) -> None:
+        def chosen(path: str | None) -> None:
+            if path:
+                self.load_document(path)
+        self.push_screen(FilePicker(Path.cwd()), chosen)
+
+    def action_policy(self) -> None:
+        current = self.runtime.policy if self.runtime is not None else self.config.policy
+
+        def chosen(spec: str | None) -> None:
+            if spec:
+                self.switch_policy(spec)
+        self.push_screen(PolicyPicker(current), chosen)
+
+    def copy_last(self, code: bool) -> None:
+        answers = [a for a in self.transcript.answers() if a.text]
+        if not answers:
+            self.notify("No answer to copy yet.", severity="warning")
+            return
+        text = answers[-1].text
+        if code:
+            text = last_code_block(text)
+            if text is None:
+                self.notify("The last answer has no code block.", severity="warning")
+                return
+        self.copy_to_clipboard(text)
+        self.notify(f"Copied {'code block' if code else 'answer'} ({len(text):,} characters).")

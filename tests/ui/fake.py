@@ -1,0 +1,156 @@
+"""A fast, deterministic stand-in for `app.runtime.engine.Runtime` (the same contract).
+
+It streams word-sized tokens, reports prefill progress in chunks, honours the stop event, and
+reports fixed memory numbers so snapshots are stable. `hold_after` pauses an answer after that
+many tokens until `release` is set (for the mid-stream snapshot and the stop test).
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from app.runtime.types import (ContextInfo, ConversionResult, DocumentInfo, MemoryReport, Sampling,
+                               Stopped, TurnResult, VramchatError)
+from policies.registry import parse_spec
+
+GiB, MiB = 1 << 30, 1 << 20
+
+
+def answer_for(question: str) -> str:
+    return (f"You asked: **{question}**.\n\nThe document says the cache can be *compressed*.\n\n"
+            "```python\nprint('kv')\n```\n\nThat is all.")
+
+
+class FakeRuntime:
+    def __init__(self, model_id: str = "tiny-fake", has_gpu: bool = True, policy: str = "full"):
+        self.model_id, self.device, self.weights, self.window = model_id, "cuda:0 (Fake GPU)", "bf16", 8192
+        self.has_gpu = has_gpu
+        if not has_gpu:
+            self.device = "cpu"
+        self.policy = policy
+        self.system: str | None = None
+        self.messages: list[dict] = []
+        self.read = 0
+        self.hold_after: int | None = None
+        self.held = threading.Event()  # set when an answer reached hold_after
+        self.release = threading.Event()
+        self.calls: list[str] = []
+        self.chunk = 16
+        self.hold_prefill = False  # pause prefill half-way until `release` (or stop) is set
+
+    # -- helpers --
+    def _kv_bytes(self) -> int:
+        per_token = 64 * 1024
+        if "kivi" in self.policy:
+            per_token //= 8
+        return self._retained() * per_token
+
+    def _retained(self) -> int:
+        slots = parse_spec(self.policy)
+        budget = slots["selector"].opts.get("budget") if "selector" in slots else None
+        return min(self.read, budget) if budget else self.read
+
+    def _prefill(self, n: int, progress, stop) -> None:
+        for done in range(0, n, self.chunk):
+            if stop is not None and stop.is_set():
+                raise Stopped("stopped while reading")
+            if progress:
+                progress(done, n)
+            if self.hold_prefill and done >= n // 2:
+                self._hold(stop)
+        if progress:
+            progress(n, n)
+        self.read += n
+
+    def _hold(self, stop) -> None:
+        self.held.set()
+        while not self.release.wait(0.01):
+            if stop is not None and stop.is_set():
+                break
+
+    # -- contract --
+    def load_document(self, path: str, progress=None, stop=None) -> DocumentInfo:
+        self.calls.append(f"load_document {path}")
+        p = Path(path)
+        if p.suffix.lower() not in (".txt", ".md", ".pdf"):
+            raise VramchatError(f"{p.name}: unsupported file type `{p.suffix}`; use .txt, .md or .pdf")
+        if not p.is_file():
+            raise VramchatError(f"no such file: {path}")
+        text = p.read_text(encoding="utf-8")
+        tokens = max(1, len(text) // 4)
+        self._prefill(tokens, progress, stop)
+        self.messages.append({"role": "document", "name": p.name, "path": str(p), "content": text,
+                              "tokens": tokens})
+        return DocumentInfo(p.name, str(p), len(text), tokens, prefill_s=0.5)
+
+    def ask(self, question: str, *, max_new_tokens: int = 1024, sampling: Sampling = Sampling(),
+            on_token=None, progress=None, stop=None) -> TurnResult:
+        self.calls.append(f"ask {question}")
+        self._prefill(len(question) // 4 + 1, progress, stop)
+        pieces = [w + " " for w in answer_for(question).split(" ")][:max_new_tokens]
+        out, stopped = [], False
+        for i, piece in enumerate(pieces):
+            if self.hold_after is not None and i == self.hold_after:
+                self._hold(stop)
+            if stop is not None and stop.is_set():
+                stopped = True
+                break
+            out.append(piece)
+            if on_token:
+                on_token(piece)
+        answer = "".join(out).rstrip()
+        self.read += len(out)
+        result = TurnResult(question, answer, prompt_tokens=self.read, new_tokens=len(out), ttft_s=0.12,
+                            prefill_tok_s=1000.0, decode_tok_s=42.0, policy=self.policy, stopped=stopped,
+                            finish="stopped" if stopped else "stop")
+        self.messages.append({"role": "user", "content": question})
+        self.messages.append({"role": "assistant", "content": answer, "stats": result.to_json(),
+                              "partial": stopped})
+        return result
+
+    def set_policy(self, spec: str, progress=None, stop=None) -> ConversionResult:
+        self.calls.append(f"set_policy {spec}")
+        parse_spec(spec)  # raises SpecError
+        before, old = self._kv_bytes(), self.policy
+        reprefill = "streaming" in spec
+        if reprefill:
+            read, self.read = self.read, 0
+            self._prefill(read, progress, stop)
+        self.policy = spec
+        return ConversionResult(old, spec, before, self._kv_bytes(), reprefill, lossy=spec != "full",
+                                message="")
+
+    def set_system(self, text: str | None) -> None:
+        self.calls.append(f"set_system {text}")
+        self.system = text
+
+    def clear(self) -> None:
+        self.calls.append("clear")
+        self.messages, self.read = [], 0
+
+    def memory(self) -> MemoryReport:
+        kv = self._kv_bytes()
+        common = dict(kv={"gpu" if self.has_gpu else "host": {"keys": kv // 2, "values": kv // 2}},
+                      kv_peak_bytes=kv, weights_bytes=3 * GiB, rss=(2 * GiB if self.has_gpu else 4 * GiB) + kv,
+                      rss_peak=5 * GiB, host_total=32 * GiB, host_available=20 * GiB)
+        if not self.has_gpu:
+            return MemoryReport(device="cpu", has_gpu=False, **common)
+        return MemoryReport(device=self.device, has_gpu=True, gpu_total=24 * GiB, gpu_used=6 * GiB + kv,
+                            torch_allocated=3 * GiB + kv + 200 * MiB, torch_reserved=3 * GiB + kv + 512 * MiB,
+                            torch_peak=4 * GiB, **common)
+
+    def context(self) -> ContextInfo:
+        return ContextInfo(read=self.read, retained=self._retained(), window=self.window)
+
+    def to_json(self) -> dict:
+        return {"model": self.model_id, "policy": self.policy, "system": self.system,
+                "messages": [dict(m) for m in self.messages]}
+
+    def restore(self, data: dict, progress=None, stop=None) -> None:
+        self.calls.append("restore")
+        self.messages, self.read = [], 0
+        self.system = data.get("system")
+        self.policy = data.get("policy", self.policy)
+        total = sum(int(m.get("tokens", len(str(m.get("content", ""))) // 4 + 1)) for m in data["messages"])
+        self._prefill(total, progress, stop)
+        self.messages = [dict(m) for m in data["messages"]]
