@@ -134,3 +134,6 @@ def load_config(path: Path | None = None) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e}); fix it or delete it to get the defaults") from None
     return parse_config(data, str(path))
+
+
+load = load_config  # `app.config.load()`: the name the CLI uses
