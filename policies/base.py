@@ -6,7 +6,10 @@ A layer's cache has up to five slots, filled from the spec (see `registry`):
   evict after each prefill chunk). It may score tokens as they arrive.
 - **store** decides how kept tokens are held (full precision here; `kivi` quantized).
 - **spill** receives evicted tokens (absent: they are dropped; `offload`: host + recall).
-- **reader** decides which stored tokens attention reads (`doublesparse`).
+  `take(layer, idx)` runs before the store drops idx; `recall(layer, q, chunk)` returns
+  extra (k, v) [Hkv, m, D] attention also reads (already rotated into the frame), or None.
+- **reader** decides which stored tokens attention reads (`doublesparse`):
+  `attend(layer, q, k, v, scale, extra)`, and `keep(layer, idx)` after every eviction.
 - **ffn** acts on the model, not the cache (`ffnskip`); the runtime attaches it.
 
 Positions. NOTE (invariant relied on everywhere): for every layer,
@@ -193,7 +196,7 @@ class LayerCache:
     def forward(self, q, k, v, scale, chunk: Chunk):
         """q [Hq, T, D], k/v [Hkv, T, D] post-RoPE at chunk positions -> out [Hq, T, D]."""
         s = self.selector.score(self, chunk, k, v)
-        extra = self.spill.recall(self, q) if self.spill is not None else None
+        extra = self.spill.recall(self, q, chunk) if self.spill is not None else None
         if self.reader is not None:
             out = self.reader.attend(self, q, k, v, scale, extra)
         else:
@@ -220,6 +223,8 @@ class LayerCache:
             self.spill.take(self, _complement(idx, self.length))
         pos = self.positions().gather(1, idx)
         self.store.keep(idx, delta)
+        if self.reader is not None:
+            self.reader.keep(self, idx)
         self.pos = pos
         if self.scores is not None:
             self.scores = self.scores.gather(1, idx)
@@ -236,8 +241,8 @@ class LayerCache:
     def nbytes(self) -> Counter:
         """Exact bytes by (tier, kind)."""
         out = Counter()
-        for kind, n in self.store.nbytes().items():
-            out[(self.store.tier, kind)] += n
+        for kind, n in self.store.nbytes().items():  # a kind, or (tier, kind) for a two-tier store
+            out[kind if isinstance(kind, tuple) else (self.store.tier, kind)] += n
         if self.pos is not None:
             out[(self.store.tier, "index")] += self.pos.nbytes
         if self.scores is not None:

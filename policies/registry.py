@@ -100,18 +100,23 @@ class Entry:
     build: Callable  # (policy: Policy, info: LayerInfo) -> component for the slot
     summary: str
     check: Callable | None = None  # (opts) -> None, raises SpecError for cross-option rules
+    place: Callable | None = None  # (slots) -> slot, for a policy whose slot depends on the others
 
 
 REGISTRY: dict[str, Entry] = {}
 
 
-def register(name: str, slot: str, options: dict[str, Opt], summary: str, check: Callable | None = None):
-    """Decorator for a builder `(policy, info) -> component`; registers policy `name`."""
+def register(name: str, slot: str, options: dict[str, Opt], summary: str, check: Callable | None = None,
+             place: Callable | None = None):
+    """Decorator for a builder `(policy, info) -> component`; registers policy `name`.
+
+    `place(slots) -> slot`, if given, picks the slot once the whole spec is parsed (`offload`
+    is the spill behind an evicting selector, the store otherwise); `slot` is its default."""
     if slot not in SLOTS:
         raise ValueError(f"unknown slot {slot!r}")
 
     def deco(build):
-        REGISTRY[name] = Entry(name, slot, options, build, summary, check)
+        REGISTRY[name] = Entry(name, slot, options, build, summary, check, place)
         return build
 
     return deco
@@ -161,4 +166,14 @@ def parse_spec(spec: str) -> dict[str, Policy]:
                 f"`{pol.name}` and `{slots[pol.slot].name}` both decide the cache's {pol.slot}; "
                 "keep one of them")
         slots[pol.slot] = pol
+    for pol in list(slots.values()):
+        place = REGISTRY[pol.name].place
+        slot = place(slots) if place is not None else pol.slot
+        if slot != pol.slot:
+            if slot in slots:
+                raise SpecError(f"`{pol.name}` and `{slots[slot].name}` both decide the cache's {slot} here; "
+                                "keep one of them")
+            del slots[pol.slot]
+            pol.slot = slot
+            slots[slot] = pol
     return slots

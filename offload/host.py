@@ -1,0 +1,141 @@
+"""`offload` alone: the whole cache lives in host memory; each layer's K/V is streamed to
+the device just before that layer attends.
+
+On CUDA the host buffers are pinned and one `Streamer` per model owns a copy stream and
+two device buffers: when layer i asks for its K/V, the copy of layer i+1's is issued on
+the copy stream, so it overlaps layer i's compute (double buffering: layer i+1 lands in
+the buffer layer i-1 used; the copy stream first waits for the compute stream, so that
+buffer is free and the host rows the previous step wrote have landed). New tokens go back
+to the host with non_blocking copies. On CPU the store is `FullStore` on host tensors:
+the same interface and arithmetic, which is what CI tests; overlap is moot there.
+"""
+from __future__ import annotations
+
+import torch
+
+from policies.attention import attend
+from policies.base import FullStore
+
+
+class Streamer:
+    """Double-buffered host->device copies of every HostStore of one model (CUDA only)."""
+
+    def __init__(self, info):
+        self.info = info
+        self.stores: dict[int, "HostStore"] = {}
+        self.stream = torch.cuda.Stream(info.device)
+        self.bufs = [None, None]  # (k, v) [Hkv, cap, D] device
+        self.ready: dict[int, tuple] = {}  # layer -> (event, slot, n)
+
+    def _issue(self, layer: int) -> None:
+        st = self.stores[layer]
+        n, slot = st.length, layer % 2
+        buf = self.bufs[slot]
+        if buf is None or buf[0].shape[1] < n:
+            cap = -(-max(n, 1) // FullStore.BLOCK) * FullStore.BLOCK
+            shape = (st.k.shape[0], cap, st.k.shape[2])
+            buf = tuple(torch.empty(shape, dtype=st.k.dtype, device=self.info.device) for _ in range(2))
+            self.bufs[slot] = buf
+        self.stream.wait_stream(torch.cuda.current_stream(self.info.device))
+        with torch.cuda.stream(self.stream):
+            buf[0][:, :n].copy_(st.k[:, :n], non_blocking=True)
+            buf[1][:, :n].copy_(st.v[:, :n], non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(self.stream)
+        self.ready[layer] = (ev, slot, n)
+
+    def fetch(self, layer: int):
+        """-> (k, v) [Hkv, n, D] on the device for `layer`; prefetches layer + 1."""
+        if layer not in self.ready or self.ready[layer][2] != self.stores[layer].length:
+            self._issue(layer)
+        ev, slot, n = self.ready.pop(layer)
+        if layer + 1 in self.stores:
+            self._issue(layer + 1)
+        torch.cuda.current_stream(self.info.device).wait_event(ev)
+        k, v = self.bufs[slot]
+        return k[:, :n], v[:, :n]
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for b in self.bufs if b is not None for t in b)
+
+
+class HostStore(FullStore):
+    """Full-precision K/V [Hkv, cap, D] in host memory (pinned on CUDA), streamed per layer."""
+
+    tier = "host"
+    lossless = True
+
+    def __init__(self, info, layer: int):
+        super().__init__(info)
+        self.layer = layer
+        self.cuda = info.device.type == "cuda"
+        self.k = torch.empty(info.n_kv_heads, 0, info.head_dim, dtype=info.dtype, device="cpu",
+                             pin_memory=self.cuda)
+        self.v = torch.empty(self.k.shape, dtype=info.dtype, device="cpu", pin_memory=self.cuda)
+        self.streamer = None
+        if self.cuda:
+            self.streamer = info.resources.get("offload-streamer") or Streamer(info)
+            info.resources["offload-streamer"] = self.streamer
+            self.streamer.stores[layer] = self
+
+    def _reserve(self, n: int) -> None:
+        if n <= self.k.shape[1]:
+            return
+        if self.cuda:
+            torch.cuda.current_stream(self.info.device).synchronize()  # host rows still in flight
+        cap = -(-max(n, self.k.shape[1] + self.k.shape[1] // 8) // self.BLOCK) * self.BLOCK
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = torch.empty(old.shape[0], cap, old.shape[2], dtype=old.dtype, device="cpu",
+                              pin_memory=self.cuda)
+            new[:, : self.length] = old[:, : self.length]
+            setattr(self, name, new)
+
+    def attend(self, q, k, v, scale, extra=None):
+        """q [Hq, Tq, D] over stored + `extra` + new k/v [Hkv, Tq, D] (k/v on the device)."""
+        if not self.cuda:
+            return super().attend(q, k, v, scale, extra)
+        sk, sv = self.streamer.fetch(self.layer)
+        keys, vals = torch.cat((sk, k), 1), torch.cat((sv, v), 1)
+        if extra is not None:
+            keys, vals = torch.cat((extra[0], keys), 1), torch.cat((extra[1], vals), 1)
+        return attend(q, keys, vals, scale)
+
+    def append(self, k, v) -> None:
+        if not self.cuda:
+            return super().append(k, v)
+        n = self.length + k.shape[1]
+        self._reserve(n)
+        self.k[:, self.length:n].copy_(k, non_blocking=True)
+        self.v[:, self.length:n].copy_(v, non_blocking=True)
+        self._staged = 0
+        self.length = n
+
+    def dense(self, idx: torch.Tensor | None = None):
+        """(k, v) [Hkv, T, D] on the compute device: all tokens, or per-head idx [Hkv, n]."""
+        if self.cuda:
+            torch.cuda.current_stream(self.info.device).synchronize()
+        k, v = super().dense(None if idx is None else idx.cpu())
+        return k.to(self.info.device), v.to(self.info.device)
+
+    def keep(self, idx: torch.Tensor, delta: torch.Tensor) -> None:
+        if self.cuda:
+            torch.cuda.current_stream(self.info.device).synchronize()
+        super().keep(idx.cpu(), delta.cpu())
+
+    def load(self, k, v) -> None:
+        self.length = 0
+        n = k.shape[1]
+        self._reserve(n)
+        self.k[:, :n] = k.to("cpu")
+        self.v[:, :n] = v.to("cpu")
+        self.length = n
+
+    def nbytes(self) -> dict:
+        """Host rows by kind; layer 0 also reports the streamer's two device buffers."""
+        out = {("host", "keys"): self.k.nbytes, ("host", "values"): self.v.nbytes}
+        if self.streamer is not None and self.layer == 0:
+            half = self.streamer.nbytes() // 2
+            out[("gpu", "keys")] = half
+            out[("gpu", "values")] = half
+        return out

@@ -1,0 +1,189 @@
+"""`offload` behind an evicting selector: evicted tokens go to host memory, and the tokens a
+question needs come back into a small recall buffer that attention also reads.
+
+Per layer (batch 1):
+- host: keys de-rotated to position 0 `hk` [Hkv, N, D], values `hv` [Hkv, N, D] and the
+  conversation index of each token `hpos` [Hkv, N] (pinned, filled by non_blocking copies
+  on CUDA; plain tensors on CPU — the same code);
+- GPU: labels [Hkv, N, r], each evicted key's r calibrated channels, post-RoPE at the
+  position it held when it was evicted (the frame it was last attended in, at distances
+  like the ones a recalled token gets), and the recall buffer [Hkv, k, D] x 2.
+
+When recall runs. The final chunk of every prefill (the question, or a document's tail)
+scores the host tokens with its own queries (each token's best score over those queries)
+and fills the buffer; decode reads that buffer without any host scan, and re-recalls with
+the current query every `every` decode steps if asked (0: never). Non-final prefill
+chunks (reading a document) read no buffer, as the selector alone would.
+
+Positions. Recalled tokens sit *right before the kept tokens*, in their original order:
+at recall, the m recalled tokens get RoPE positions base-m .. base-1 (negative under
+compacted positions: RoPE only sees distances). Kept tokens never move, so the store's
+positions invariant (policies/base.py) holds untouched, and a recalled passage keeps its
+internal order and spacing as long as it was evicted whole. When every evicted token
+precedes every kept one (the case of a selector keeping the newest tokens) and the buffer
+holds them all, each key sits at exactly its distance under `full`: recall with k >= host
+tokens equals no eviction (tests/test_offload.py checks the logits). The buffer is
+re-rotated (uniformly, exactly) if the frame moves under it (an eviction after the final
+chunk).
+"""
+from __future__ import annotations
+
+import torch
+
+from policies import rope
+
+from . import labels
+from .calibrate import find_channels
+
+
+def _host_empty(shape, dtype, pin: bool) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=pin)
+
+
+class OffloadSpill:
+    """Host tier of one layer: take() evicted tokens, recall() the best k for a query."""
+
+    BLOCK = 256
+
+    def __init__(self, info, layer: int, recall: int, channels: int, every: int, channels_file: str = ""):
+        self.info, self.layer, self.k, self.every = info, layer, recall, every
+        self.ch = find_channels(info, channels, channels_file, "offload")[layer]  # [Hkv, r]
+        self.cuda = info.device.type == "cuda"
+        h, d, dt = info.n_kv_heads, info.head_dim, info.dtype
+        self.n = 0  # host tokens per KV head
+        self.hk = _host_empty((h, 0, d), dt, self.cuda)  # [Hkv, cap, D] keys at position 0
+        self.hv = _host_empty((h, 0, d), dt, self.cuda)  # [Hkv, cap, D]
+        self.hpos = torch.empty(h, 0, dtype=torch.long)  # [Hkv, cap] conversation index
+        self.labels = torch.empty(h, 0, self.ch.shape[1], dtype=dt, device=info.device)  # [Hkv, cap, r]
+        self.buf_k = torch.empty(h, 0, d, dtype=dt, device=info.device)  # [Hkv, <=k, D]
+        self.buf_v = torch.empty_like(self.buf_k)
+        self.stage = None  # pinned (k, v) [Hkv, <=k, D] where host rows are gathered (CUDA)
+        self.m = 0  # tokens in the buffer
+        self.buf_base = 0  # layer.base the buffer was rotated for
+        self.recalled = torch.empty(h, 0, dtype=torch.long)  # [Hkv, m] conversation indices
+        self.steps = 0  # decode steps since the last prefill
+        self.recalls = 0  # host scans so far (tests and benchmarks read it)
+        self._copied = None  # CUDA event after the last device->host copy
+
+    # ---- host tier ----------------------------------------------------------------------
+    def _reserve(self, n: int) -> None:
+        if n <= self.hk.shape[1]:
+            return
+        cap = -(-max(n, self.hk.shape[1] + self.hk.shape[1] // 8) // self.BLOCK) * self.BLOCK
+        for name in ("hk", "hv"):
+            old = getattr(self, name)
+            new = _host_empty((old.shape[0], cap, old.shape[2]), old.dtype, self.cuda)
+            new[:, : self.n] = old[:, : self.n]
+            setattr(self, name, new)
+        pos = torch.empty(self.hpos.shape[0], cap, dtype=torch.long)
+        pos[:, : self.n] = self.hpos[:, : self.n]
+        self.hpos = pos
+        lab = self.labels.new_empty(self.labels.shape[0], cap, self.labels.shape[2])
+        lab[:, : self.n] = self.labels[:, : self.n]
+        self.labels = lab
+
+    def _put(self, k0, v, lab, conv) -> None:
+        """Append de-rotated keys k0 / values v [Hkv, e, D], labels [Hkv, e, r], conv [Hkv, e]."""
+        e = k0.shape[1]
+        if self._copied is not None:
+            self._copied.synchronize()  # NOTE: _reserve may copy host rows still in flight
+        self._reserve(self.n + e)
+        end = self.n + e
+        self.hk[:, self.n:end].copy_(k0, non_blocking=self.cuda)
+        self.hv[:, self.n:end].copy_(v, non_blocking=self.cuda)
+        self.hpos[:, self.n:end] = conv.cpu()
+        self.labels[:, self.n:end] = lab
+        self.n = end
+        if self.cuda:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    def take(self, layer, idx: torch.Tensor) -> None:
+        """Receive the tokens at store indices idx [Hkv, e] before the store drops them."""
+        if idx.shape[1] == 0:
+            return
+        k, v = layer.store.dense(idx)  # post-RoPE at positions base + idx
+        pos = layer.base + idx
+        k0 = rope.rotate(k, -pos, self.info.inv_freq)
+        self._put(k0, v, labels.take(k, self.ch), layer.positions().gather(1, idx))
+
+    def adopt(self, other: "OffloadSpill") -> None:
+        """Take over another spill's host tokens (live conversion between stacks)."""
+        n = other.n
+        if other._copied is not None:
+            other._copied.synchronize()
+        k0 = other.hk[:, :n]
+        if torch.equal(other.ch.cpu(), self.ch.cpu()):
+            lab = other.labels[:, :n]
+        else:  # other channels: labels from the position-0 keys (the eviction frame is gone)
+            lab = labels.take(k0.to(self.info.device), self.ch)
+        self._put(k0, other.hv[:, :n], lab, other.hpos[:, :n])
+
+    # ---- recall -------------------------------------------------------------------------
+    def recall(self, layer, q: torch.Tensor, chunk):
+        """q [Hq, T, D] of this chunk -> (k, v) [Hkv, m, D] in the frame, or None."""
+        if chunk.phase != "decode":
+            self.m = 0
+            if not chunk.final:
+                return None
+            self.steps = 0
+            self._recall(layer, q)
+        else:
+            self.steps += 1
+            if self.every and self.steps % self.every == 0:
+                self._recall(layer, q)
+        if self.m == 0:
+            return None
+        if layer.base != self.buf_base:  # the frame moved: every buffered key moves alike
+            delta = torch.full((self.m,), layer.base - self.buf_base, device=self.buf_k.device)
+            self.buf_k[:, : self.m] = rope.rotate(self.buf_k[:, : self.m], delta, self.info.inv_freq)
+            self.buf_base = layer.base
+        return self.buf_k[:, : self.m], self.buf_v[:, : self.m]
+
+    def _recall(self, layer, q: torch.Tensor) -> None:
+        """Score every host token, copy the top k into the buffer, rotate them into place."""
+        n = self.n
+        if n == 0 or self.k == 0:
+            self.m = 0
+            return
+        self.recalls += 1
+        if self._copied is not None:
+            self._copied.synchronize()
+        s = labels.scores(q, self.labels[:, :n], self.ch)  # [Hkv, n]
+        idx = labels.top(s, self.k).cpu()  # [Hkv, m] host rows
+        conv = self.hpos[:, :n].gather(1, idx)
+        order = conv.argsort(1)  # NOTE: host rows are in eviction order, not conversation order
+        idx, conv = idx.gather(1, order), conv.gather(1, order)
+        m = idx.shape[1]
+        h, d = self.hk.shape[0], self.hk.shape[2]
+        if self.buf_k.shape[1] < m:
+            self.buf_k = self.buf_k.new_empty(h, m, d)
+            self.buf_v = self.buf_v.new_empty(h, m, d)
+        ix = idx[..., None].expand(-1, -1, d)
+        if self.cuda:  # gather on the host into pinned staging, then one async copy each
+            if self.stage is None or self.stage[0].shape[1] < m:
+                self.stage = tuple(_host_empty((h, m, d), self.hk.dtype, True) for _ in range(2))
+            sk, sv = self.stage[0][:, :m], self.stage[1][:, :m]
+            torch.gather(self.hk[:, :n], 1, ix, out=sk)
+            torch.gather(self.hv[:, :n], 1, ix, out=sv)
+        else:
+            sk, sv = self.hk[:, :n].gather(1, ix), self.hv[:, :n].gather(1, ix)
+        self.buf_k[:, :m].copy_(sk, non_blocking=self.cuda)
+        self.buf_v[:, :m].copy_(sv, non_blocking=self.cuda)
+        pos = torch.arange(layer.base - m, layer.base, device=self.buf_k.device)
+        self.buf_k[:, :m] = rope.rotate(self.buf_k[:, :m], pos, self.info.inv_freq)
+        self.m, self.buf_base, self.recalled = m, layer.base, conv
+
+    # ---- accounting ---------------------------------------------------------------------
+    def nbytes(self) -> dict:
+        """Exact bytes by (tier, kind): host rows and staging; labels and the buffer in tier "gpu"
+        (the compute device: on CPU it is host memory too, but it is what the budget bounds)."""
+        host = {"keys": self.hk.nbytes, "values": self.hv.nbytes, "index": self.hpos.nbytes}
+        if self.stage is not None:
+            host["keys"] += self.stage[0].nbytes
+            host["values"] += self.stage[1].nbytes
+        out = {("host", k): v for k, v in host.items()}
+        out[("gpu", "labels")] = self.labels.nbytes
+        out[("gpu", "keys")] = self.buf_k.nbytes
+        out[("gpu", "values")] = self.buf_v.nbytes
+        return out

@@ -1,0 +1,258 @@
+"""`offload`: spill with recall behind an evicting selector, and the host store alone.
+
+Also holds the helpers test_doublesparse.py imports: a tiny model calibrated on random
+tokens, and test-only evicting selectors swapped into a built cache (never registered).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import offload  # noqa: F401  (registers offload, doublesparse)
+from app.calibrate import collect
+from app.runtime.adapter import Adapter
+from offload import labels
+from offload.calibrate import model_key, save
+from offload.spill import OffloadSpill
+from policies import Chunk, KVCache, ModelInfo, Policy, REGISTRY, SpecError, parse_spec, rope
+from policies.base import FullStore, KeepAll, LayerCache
+from tiny import tiny_llama
+
+
+# ---- helpers (also used by test_doublesparse.py) -------------------------------------------
+
+class KeepNewest:
+    """Evicts all but the newest `budget` tokens after each non-final chunk."""
+
+    evicts = True
+
+    def __init__(self, budget: int):
+        self.budget = budget
+
+    def score(self, cache, chunk, k, v):
+        return None
+
+    def keep(self, cache, chunk):
+        n = cache.length
+        if chunk.final or n <= self.budget:
+            return None
+        return torch.arange(n - self.budget, n).expand(cache.info.n_kv_heads, -1)
+
+
+class KeepRandom(KeepNewest):
+    """Keeps a random sorted `budget` tokens per head (evicted tokens interleave kept ones)."""
+
+    def __init__(self, budget: int, seed: int = 0):
+        super().__init__(budget)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def keep(self, cache, chunk):
+        n = cache.length
+        if chunk.final or n <= self.budget:
+            return None
+        return torch.stack([torch.randperm(n, generator=self.gen)[: self.budget].sort().values
+                            for _ in range(cache.info.n_kv_heads)])
+
+
+def calibrate_tiny(path, seed: int = 0) -> str:
+    """Calibrate tiny_llama(seed) on random tokens into `path`; -> str(path)."""
+    ad = Adapter(tiny_llama(seed), None)
+    gen = torch.Generator().manual_seed(seed)
+    stats = collect(ad, [torch.randint(3, 256, (64,), generator=gen) for _ in range(4)])
+    save(path, stats.mean(), 4, model_key(ad.info), ["tiny"], 256, "random tokens (test)")
+    return str(path)
+
+
+def cache_with(ad, selector=None, spill=None, reader=None) -> KVCache:
+    """A KVCache with offload as spill (opts) and/or doublesparse as reader (opts), and a
+    test selector swapped into every layer."""
+    slots = {"selector": Policy("full", "selector", {})}
+    for name, slot, given in (("offload", "spill", spill), ("doublesparse", "reader", reader)):
+        if given is not None:
+            slots[slot] = Policy(name, slot, {k: o.default for k, o in REGISTRY[name].options.items()} | given)
+    cache = KVCache(slots, ad.info)
+    if selector is not None:
+        for layer in cache.layers:
+            layer.selector = selector
+    return cache
+
+
+def run_chunks(ad, cache, ids, cuts, decode=()):
+    """Prefill ids in chunks ending at `cuts` (the last final), then feed `decode` ids one
+    at a time. -> logits [prefill T + len(decode), V]."""
+    out, s = [], 0
+    for i, e in enumerate(cuts):
+        c = Chunk(ids[s:e], cache.next_position, final=i == len(cuts) - 1)
+        out.append(ad.forward(c.input_ids, cache, c, all_logits=True))
+        cache.end_chunk(c)
+        s = e
+    for t in decode:
+        c = Chunk(torch.tensor([int(t)]), cache.next_position, "decode")
+        out.append(ad.forward(c.input_ids, cache, c, all_logits=True))
+    return torch.cat(out)
+
+
+@pytest.fixture(scope="module")
+def chfile(tmp_path_factory):
+    return calibrate_tiny(tmp_path_factory.mktemp("ch") / "tiny.safetensors")
+
+
+def _ids(n=90, seed=0):
+    return torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+# ---- spill: conformance, positions, recall quality ----------------------------------------
+
+@pytest.mark.parametrize("every", [0, 2])
+def test_recall_of_every_host_token_equals_no_eviction(chfile, every):
+    ids, dec = _ids(), _ids(6, 1)
+    ad = Adapter(tiny_llama(0), None)
+    want = run_chunks(ad, ad.new_cache("full"), ids, [60, 90], dec)
+    cache = cache_with(ad, KeepNewest(30), {"recall": 64, "every": every, "channels_file": chfile})
+    got = run_chunks(ad, cache, ids, [60, 90], dec)
+    assert cache.layers[0].spill.n == 30 and cache.length == 30 + 30 + 6
+    assert cache.layers[0].spill.m == 30
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    # and the check can fail: without the spill the same eviction changes the logits
+    bare = run_chunks(ad, cache_with(ad, KeepNewest(30)), ids, [60, 90], dec)
+    assert (bare[60:] - want[60:]).abs().max() > 1e-2
+
+
+def test_recall_runs_only_before_answering_unless_asked(chfile):
+    ids, dec = _ids(), _ids(7, 2)
+    ad = Adapter(tiny_llama(0), None)
+    for every, scans in ((0, 1), (3, 1 + 2)):
+        cache = cache_with(ad, KeepNewest(30), {"recall": 8, "every": every, "channels_file": chfile})
+        run_chunks(ad, cache, ids, [30, 60, 90], dec)
+        assert all(l.spill.recalls == scans for l in cache.layers)  # none at the non-final chunks
+
+
+def test_recalled_tokens_sit_right_before_the_kept_ones_in_original_order(chfile):
+    ids = _ids(100, 3)
+    ad = Adapter(tiny_llama(0), None)
+    full = ad.new_cache("full")
+    run_chunks(ad, full, ids, [100])
+    cache = cache_with(ad, KeepRandom(40), {"recall": 12, "channels_file": chfile})
+    run_chunks(ad, cache, ids, [70, 100])
+    lay = cache.layers[0]  # layer 0's keys depend only on token and position: comparable
+    sp = lay.spill
+    assert sp.m == 12
+    conv = sp.recalled  # [Hkv, 12] conversation indices
+    assert (conv[:, 1:] > conv[:, :-1]).all()
+    kept = set(lay.positions()[0].tolist())
+    assert not kept & set(conv[0].tolist())  # recalled tokens are evicted ones only
+    orig = full.layers[0].store.k[:, :100]  # post-RoPE at their true positions
+    want = orig.gather(1, conv[..., None].expand(-1, -1, orig.shape[2]))
+    slots = torch.arange(lay.base - 12, lay.base)  # right before the kept tokens
+    want = rope.rotate(want, slots[None] - conv, ad.info.inv_freq)
+    torch.testing.assert_close(sp.buf_k[:, :12], want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sp.buf_v[:, :12], full.layers[0].store.v.gather(
+        1, conv[..., None].expand(-1, -1, orig.shape[2])), atol=0, rtol=0)
+
+
+def _unit_layer(path, recall=4):
+    """One LayerCache on a ModelInfo like tiny_llama's, with the offload spill."""
+    ad = Adapter(tiny_llama(0), None)
+    info = ad.info
+    sp = OffloadSpill(info, 1, recall, 4, 0, path)
+    return info, LayerCache(info, 1, KeepNewest(8), FullStore(info), sp)
+
+
+def test_recall_brings_back_the_planted_token(chfile):
+    info, layer = _unit_layer(chfile)
+    g = torch.Generator().manual_seed(5)
+    h, d = info.n_kv_heads, info.head_dim
+    q = torch.randn(info.n_q_heads, 1, d, generator=g)
+    k, v = torch.randn(h, 120, d, generator=g), torch.randn(h, 120, d, generator=g)
+    qs = q.reshape(h, -1, d).sum(1)  # the group's summed query [Hkv, D]
+    k[:, 37] = 4 * qs / qs.norm(dim=-1, keepdim=True) * k[:, :1].norm(dim=-1)  # aligned, same norm
+    layer.forward(q.expand(-1, 120, -1), k, v, d ** -0.5, Chunk(torch.zeros(120), 0, final=False))
+    layer.evict(KeepNewest(8).keep(layer, Chunk(torch.zeros(1), 0, final=False)), 0)
+    assert layer.spill.n == 112
+    out = layer.spill.recall(layer, q, Chunk(torch.zeros(1), 8, final=True))
+    assert out is not None and out[0].shape == (h, 4, d)
+    assert (layer.spill.recalled == 37).any(1).all(), layer.spill.recalled
+    s = labels.scores(q, layer.spill.labels[:, :112], layer.spill.ch)
+    assert (s.argmax(1) == 37).all()
+
+
+def test_spill_bytes_are_exact_by_tier_and_kind(chfile):
+    ad = Adapter(tiny_llama(0), None)
+    info = ad.info
+    cache = cache_with(ad, KeepNewest(30), {"recall": 20, "channels_file": chfile})
+    run_chunks(ad, cache, _ids(), [60, 90])
+    by = cache.nbytes()
+    L, h, d, r = info.n_layers, info.n_kv_heads, info.head_dim, 16  # r: the default channels
+    host_cap, store_cap = 256, 256
+    assert by[("host", "keys")] == by[("host", "values")] == L * h * host_cap * d * 4
+    assert by[("host", "index")] == L * h * host_cap * 8
+    assert by[("gpu", "labels")] == L * h * host_cap * r * 4
+    assert by[("gpu", "keys")] == by[("gpu", "values")] == L * h * (store_cap + 20) * d * 4
+    assert by[("gpu", "index")] == L * h * 60 * 8  # conversation index of the 60 stored tokens
+    assert set(by) == {("host", "keys"), ("host", "values"), ("host", "index"), ("gpu", "labels"),
+                       ("gpu", "keys"), ("gpu", "values"), ("gpu", "index")}
+
+
+# ---- offload alone: the host store ---------------------------------------------------------
+
+def test_offload_alone_is_a_host_store_equal_to_full():
+    ids, dec = _ids(80, 4), _ids(5, 5)
+    ad = Adapter(tiny_llama(0), None)
+    want = run_chunks(ad, ad.new_cache("full"), ids, [33, 80], dec)
+    cache = ad.new_cache("offload")
+    assert cache.slots["store"].name == "offload" and cache.spec == "offload"
+    got = run_chunks(ad, cache, ids, [33, 80], dec)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    by = cache.nbytes()
+    cap = cache.layers[0].store.k.shape[1]
+    assert by[("host", "keys")] == by[("host", "values")] == ad.info.n_layers * 2 * cap * 16 * 4
+    assert cache.bytes_by_tier()["gpu"] == 0
+    assert cache.truncate(80)  # nothing evicted: turns can be undone
+
+
+def test_live_conversion_to_offload_keeps_decoding_the_same():
+    from app.runtime.convert import convert
+    ids, dec = _ids(70, 6), _ids(4, 7)
+    ad = Adapter(tiny_llama(0), None)
+    want = run_chunks(ad, ad.new_cache("full"), ids, [70], dec)
+    old = ad.new_cache("full")
+    run_chunks(ad, old, ids, [70])
+    new, lossy, _ = convert(old, ad.info, "offload")
+    assert not lossy and new.bytes_by_tier()["host"] > 0
+    got = run_chunks(ad, new, ids[:0], [], dec)
+    torch.testing.assert_close(got, want[70:], atol=2e-5, rtol=1e-5)
+
+
+# ---- the slot rule and refusals ------------------------------------------------------------
+
+@pytest.mark.parametrize("spec,slots", [
+    ("offload", {"store": "offload"}),
+    ("full+offload", {"selector": "full", "store": "offload"}),
+    ("offload+doublesparse", {"store": "offload", "reader": "doublesparse"}),
+])
+def test_offload_slot_depends_on_the_selector(spec, slots):
+    assert {k: v.name for k, v in parse_spec(spec).items()} == slots
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("offload+kivi", "`offload` and `kivi` both decide the cache's store"),
+    ("offload:recall=64", "option `recall` of policy `offload` applies only behind an evicting selector"),
+    ("offload:every=4", "option `every`"),
+    ("offload+offload", "both decide"),
+    ("offload:recall=0", "below the minimum 1"),
+])
+def test_refusals(spec, needle):
+    with pytest.raises(SpecError, match=needle.replace("(", r"\(").replace("+", r"\+")):
+        parse_spec(spec)
+
+
+def test_no_channels_for_the_model_is_a_clear_error(tmp_path):
+    ad = Adapter(tiny_llama(0), None)
+    with pytest.raises(SpecError, match="needs calibrated outlier channels.*python main.py calibrate"):
+        OffloadSpill(ad.info, 0, 8, 4, 0)
+    other = calibrate_tiny(tmp_path / "other.safetensors", seed=1)
+    wide = Adapter(tiny_llama(0, num_hidden_layers=4), None)
+    with pytest.raises(SpecError, match="was calibrated for model key"):
+        OffloadSpill(wide.info, 0, 8, 4, 0, other)
+    with pytest.raises(SpecError, match="does not exist"):
+        OffloadSpill(ad.info, 0, 8, 4, 0, str(tmp_path / "missing.safetensors"))
