@@ -29,7 +29,7 @@ import torch
 
 from . import rope
 from .attention import attend
-from .registry import Policy, REGISTRY, parse_spec
+from .registry import Policy, REGISTRY, SpecError, parse_spec
 
 KINDS = ("keys", "values", "codes", "scales", "zeros", "residual", "labels", "scores", "index")
 
@@ -197,7 +197,12 @@ class LayerCache:
         """q [Hq, T, D], k/v [Hkv, T, D] post-RoPE at chunk positions -> out [Hq, T, D]."""
         s = self.selector.score(self, chunk, k, v)
         extra = self.spill.recall(self, q, chunk) if self.spill is not None else None
-        if self.reader is not None:
+        if hasattr(self.selector, "attend"):
+            # NOTE: selectors that read attention probabilities (h2o, snapkv, lighttransfer)
+            # attend over the store's dense K/V; they return the new tokens' scores [Hkv, T]
+            # (or None) and may update self.scores of the stored ones in place.
+            out, s = self.selector.attend(self, chunk, q, k, v, scale, extra)
+        elif self.reader is not None:
             out = self.reader.attend(self, q, k, v, scale, extra)
         else:
             out = self.store.attend(q, k, v, scale, extra)
@@ -270,6 +275,8 @@ class KVCache:
         if "selector" not in self.slots:
             self.slots["selector"] = Policy("full", "selector", {})
         self.layers = [self._build_layer(i) for i in range(info.n_layers)]
+        ffn = self.slots.get("ffn")  # model-level: one component, the adapter attaches it
+        self.ffn = REGISTRY[ffn.name].build(ffn, info, None) if ffn else None
         self.next_position = 0
         self.peak_bytes = 0
 
@@ -286,6 +293,9 @@ class KVCache:
         for slot in ("selector", "store", "spill", "reader"):
             pol = self.slots.get(slot)
             made[slot] = REGISTRY[pol.name].build(pol, self.info, i) if pol else None
+        if made["reader"] is not None and hasattr(made["selector"], "attend"):
+            raise SpecError(f"`{self.slots['selector'].name}` reads the attention of every stored token; "
+                            f"it cannot be combined with `{self.slots['reader'].name}`, which reads a subset")
         if made["store"] is None:
             made["store"] = FullStore(self.info)
         return LayerCache(self.info, i, made["selector"], made["store"], made["spill"], made["reader"])

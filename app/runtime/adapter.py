@@ -13,7 +13,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from policies import Chunk, KVCache, ModelInfo
+from policies import Chunk, KVCache, ModelInfo, SpecError
 
 ATTN_NAME = "vramchat"
 TESTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3")
@@ -54,7 +54,31 @@ class Adapter:
         self._capture: dict | None = None
         for i, layer in enumerate(self.layers):
             self._hooks.append(layer.self_attn.register_forward_pre_hook(self._make_capture(i), with_kwargs=True))
+        self._ffn = None  # the active cache's `ffn` component (ffnskip), during a forward
+        self._ffn_in: dict = {}
+        self._ffn_ok = all(self._wrap_mlp(i, layer) for i, layer in enumerate(self.layers))
         self.info = self._model_info()
+
+    def _wrap_mlp(self, i, layer) -> bool:
+        """Route layer i's MLP through the ffn component while one is active. The hidden
+        state entering the FFN block is the post-attention norm's input."""
+        mlp, norm = getattr(layer, "mlp", None), getattr(layer, "post_attention_layernorm", None)
+        if mlp is None or norm is None:
+            return False
+        run, norm_run = mlp.forward, norm.forward
+
+        def norm_forward(h):
+            if self._ffn is not None:
+                self._ffn_in[i] = h
+            return norm_run(h)
+
+        def mlp_forward(x):
+            if self._ffn is None:
+                return run(x)
+            return self._ffn.mlp(i, self._ffn_in.pop(i), x, run)
+
+        norm.forward, mlp.forward = norm_forward, mlp_forward
+        return True
 
     def _make_capture(self, i):
         def hook(module, args, kwargs):
@@ -97,12 +121,19 @@ class Adapter:
             capture_hidden = getattr(cache, "needs_hidden", False) or any(
                 getattr(l.selector, "needs_hidden", False) for l in cache.layers)
         self._capture = chunk.hidden if capture_hidden else None
+        self._ffn = getattr(cache, "ffn", None)
+        if self._ffn is not None:
+            if not self._ffn_ok:
+                raise SpecError(f"`{cache.slots['ffn'].name}` needs decoder layers with `mlp` and "
+                                f"`post_attention_layernorm`; {self.arch} layers do not have both")
+            self._ffn.begin(chunk)
         try:
             out = self.model(
                 input_ids=ids[None], position_ids=pos[None], use_cache=False,
                 logits_to_keep=0 if all_logits else 1, vram_cache=cache, vram_chunk=chunk)
         finally:
-            self._capture = None
+            self._capture = self._ffn = None
+            self._ffn_in.clear()
             chunk.hidden = {}
         cache.next_position += n
         logits = out.logits[0].float()

@@ -254,7 +254,8 @@ class Runtime:
                 question=question, answer=text, prompt_tokens=n_prompt, new_tokens=n,
                 ttft_s=(t_first or t_end) - t0, prefill_tok_s=n_prompt / t_prefill if t_prefill > 0 else 0.0,
                 decode_tok_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0, policy=self.policy,
-                stopped=finish in ("stopped", "oom"), finish=finish)
+                stopped=finish in ("stopped", "oom"), finish=finish,
+                ffn_skip_ratio=self.cache.ffn.ratio() if self.cache.ffn is not None else None)
             self.conv.messages.append({"role": "assistant", "content": text, "partial": res.stopped,
                                        "stats": res.to_json()})
             if finish == "oom":

@@ -1,0 +1,164 @@
+"""Issue 5 measurements: every KV policy at matched KV bytes on the default model (CPU).
+
+Rows from `run(...)`:
+- kind "passkey": a pass key hidden in prose at depth 0.1..0.9 of an n-token chat prompt
+  (inside the 8K window and beyond it), greedy answer contains the key?
+- kind "kl": prefill `kl_tokens` of real prose, then teacher-force the next `kl_next`
+  tokens one by one; mean next-token KL(full || policy) in nats, peak KV bytes, prefill and
+  decode tok/s (the `full` row of the same run is the reference).
+- kind "ffnskip": short factual questions the model answers correctly under `full`; answers
+  under `ffnskip` still correct?, skip ratio, decode tok/s of both.
+- kind "lazy": lighttransfer's lazy layers and per-layer bytes vs `full` at `kl_tokens`.
+
+Prose: `data/train/python_topics.txt` (PSF-licensed CPython docs) for KL; the pass-key
+haystack is `app.bench_locret`'s (data/haystack/licenses.txt). Matched bytes: every
+evicting policy keeps `budget` tokens per KV head (lighttransfer cannot be matched: its
+non-lazy layers keep everything; its row says what it holds).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from policies import Chunk
+
+from .bench_locret import passkey_prompt
+
+PROSE = Path(__file__).resolve().parents[1] / "data" / "train" / "python_topics.txt"
+QUESTIONS = [  # (question, substring a correct answer contains)
+    ("What is the capital of France?", "Paris"), ("What is the capital of Japan?", "Tokyo"),
+    ("What is the capital of Italy?", "Rome"), ("What is the capital of Germany?", "Berlin"),
+    ("What is the largest planet in our solar system?", "Jupiter"),
+    ("What is the chemical symbol for gold?", "Au"), ("How many days are in a week?", "seven"),
+    ("What color is the sky on a clear day?", "blue"), ("Who wrote Romeo and Juliet?", "Shakespeare"),
+    ("What is the freezing point of water in degrees Celsius?", "0"),
+    ("What is the capital of Spain?", "Madrid"), ("What planet is known as the Red Planet?", "Mars"),
+]
+
+
+def policies_at(budget: int, chunk: int) -> dict[str, str]:
+    """name -> spec, every evicting one holding `budget` tokens per KV head."""
+    return {
+        "full": "full",
+        "streaming": f"streaming:sinks=4,window={budget - 4},chunk={chunk}",
+        "h2o": f"h2o:budget={budget},recent={budget // 4},chunk={chunk}",
+        "snapkv": f"snapkv:budget={budget},chunk={chunk}",
+        "anchor": f"anchor:budget={budget},chunk={chunk}",
+        "locret": f"locret:budget={budget},chunk={chunk}",
+        "lighttransfer": f"lighttransfer:window={budget - 4},chunk={chunk}",
+    }
+
+
+def _decode(rt, tok: int) -> torch.Tensor:
+    ch = Chunk(torch.tensor([tok], device=rt.device), rt.cache.next_position, "decode")
+    return rt.adapter.forward(ch.input_ids, rt.cache, ch)
+
+
+def passkey(rt, spec: str, n: int, depth: float, seed: int, max_new: int = 10) -> bool:
+    rt._reset_cache(spec)
+    ids, key = passkey_prompt(rt, n, depth, seed)
+    logits, out = rt._prefill(ids), []
+    for _ in range(max_new):
+        tok = int(logits.argmax())
+        if tok in rt.stop_ids:
+            break
+        out.append(tok)
+        logits = _decode(rt, tok)
+    return key in rt.tok.decode(out, skip_special_tokens=True)
+
+
+def teacher_forced(rt, spec: str, ids: list[int], n_prefill: int, n_next: int):
+    """-> (log-probs [n_next, V] of tokens n_prefill.., prefill s, decode s, peak bytes)."""
+    rt._reset_cache(spec)
+    t0 = time.perf_counter()
+    logits = rt._prefill(ids[:n_prefill])
+    t1 = time.perf_counter()
+    rows = [logits.log_softmax(-1)]
+    for tok in ids[n_prefill:n_prefill + n_next - 1]:
+        rows.append(_decode(rt, tok).log_softmax(-1))
+    t2 = time.perf_counter()
+    return torch.stack(rows), t1 - t0, t2 - t1, rt.cache.peak_bytes
+
+
+def answer(rt, spec: str, q: str, max_new: int):
+    rt._reset_cache(spec)
+    rt.conv.messages.clear()
+    rt.cached_text, rt._answer_start = "", None
+    return rt.ask(q, max_new_tokens=max_new)
+
+
+def _usable(rt, spec: str, rows: list, progress) -> bool:
+    """False (and a row saying why) for a policy this model cannot run, e.g. no locret heads."""
+    from policies import SpecError
+    try:
+        rt.adapter.new_cache(spec)
+        return True
+    except SpecError as e:
+        rows.append({"kind": "skipped", "policy": spec, "why": str(e)})
+        if progress:
+            progress(rows[-1])
+        return False
+
+
+def run(rt=None, names=None, budget: int = 1024, chunk: int = 512, lengths=(4096, 12288), trials: int = 2,
+        kl_tokens: int = 2048, kl_next: int = 32, questions: int = 10, ffn_spec: str = "ffnskip",
+        threads: int = 2, parts=("kl", "lazy", "passkey", "ffnskip"), progress=print) -> list[dict]:
+    """Rows of measurements (see the module docstring); `progress(row)` as each one lands."""
+    torch.set_num_threads(threads)
+    if rt is None:
+        from .runtime.engine import Runtime
+        rt = Runtime.load(None, device="cpu")
+    specs = policies_at(budget, chunk)
+    names = [n for n in (names or list(specs)) if _usable(rt, specs[n], rows, progress)]
+    rows: list[dict] = []
+
+    def emit(row):
+        rows.append(row)
+        if progress:
+            progress(row)
+
+    prose = rt.tokens(PROSE.read_text()[:40 * kl_tokens])
+    if "kl" in parts:
+        ref = None
+        for name in ["full"] + [n for n in names if n != "full"]:
+            lp, tp, td, peak = teacher_forced(rt, specs[name], prose, kl_tokens, kl_next)
+            ref = lp if ref is None else ref
+            kl = float((ref.exp() * (ref - lp)).sum(-1).mean())
+            emit({"kind": "kl", "policy": specs[name], "tokens": kl_tokens, "next": kl_next, "kl_nats": round(kl, 5),
+                  "kv_peak_bytes": peak, "prefill_tok_s": round(kl_tokens / tp, 1),
+                  "decode_tok_s": round((kl_next - 1) / td, 2), "threads": threads})
+    if "lazy" in parts and "lighttransfer" in names:
+        rt._reset_cache(specs["lighttransfer"])
+        rt._prefill(prose[:kl_tokens])
+        plan = rt.cache.layers[0].selector.shared
+        per = [sum(l.nbytes().values()) for l in rt.cache.layers]
+        full_per = kl_tokens * rt.adapter.info.kv_bytes_per_token()
+        emit({"kind": "lazy", "policy": specs["lighttransfer"], "tokens": kl_tokens,
+              "lazy_layers": sorted(plan.lazy), "ratios": {i: round(r, 3) for i, r in sorted(plan.ratios.items())},
+              "layer_bytes": per, "kv_bytes": sum(per), "full_kv_bytes_used": full_per * len(per),
+              "saved": round(1 - sum(per) / (full_per * len(per)), 3)})
+    if "passkey" in parts:
+        for name in names:
+            for n in lengths:
+                depths = [0.1 + 0.8 * i / max(1, trials - 1) for i in range(trials)] if trials > 1 else [0.5]
+                ok = [passkey(rt, specs[name], n, d, seed=100 * i + n) for i, d in enumerate(depths)]
+                emit({"kind": "passkey", "policy": specs[name], "tokens": n, "trials": trials,
+                      "correct": sum(ok), "accuracy": sum(ok) / trials})
+    if "ffnskip" in parts:
+        base = [(q, a, answer(rt, "full", q, 24)) for q, a in QUESTIONS]
+        good = [(q, a, r) for q, a, r in base if a.lower() in r.answer.lower()][:questions]
+        kept, ratios, dense_s, skip_s = 0, [], [], []
+        for q, a, r in good:
+            s = answer(rt, ffn_spec, q, 24)
+            kept += a.lower() in s.answer.lower()
+            ratios.append(s.ffn_skip_ratio or 0.0)
+            dense_s.append(r.decode_tok_s)
+            skip_s.append(s.decode_tok_s)
+        n = max(1, len(good))
+        emit({"kind": "ffnskip", "policy": ffn_spec, "questions": len(good), "correct_full": len(good),
+              "correct_ffnskip": kept, "skip_ratio": round(sum(ratios) / n, 3),
+              "decode_tok_s_full": round(sum(dense_s) / n, 2), "decode_tok_s_ffnskip": round(sum(skip_s) / n, 2),
+              "speedup": round(sum(skip_s) / max(sum(dense_s), 1e-9), 3)})
+    return rows

@@ -1,0 +1,74 @@
+"""Shared pieces of the evicting selectors (`streaming`, `h2o`, `snapkv`, `anchor`,
+`lighttransfer`), so each policy file holds only what is new about it.
+
+Budget semantics, the same as `locret` (so comparisons are fair): `plan` holds the last
+`local` tokens of a prefill back as its final chunk; after a non-final chunk a layer keeps
+`budget` tokens per KV head; after the final chunk it keeps `budget` plus that chunk's
+tokens, which are never evicted (the question, when the prompt ends with one).
+"""
+from __future__ import annotations
+
+import torch
+
+from .attention import attend, causal_mask
+
+
+def plan(n: int, size: int, local: int) -> list[int]:
+    """Chunk lengths for n new tokens: chunks of `size`, the last `local` held back."""
+    body = n - local
+    if body <= 0:
+        return [n]
+    return [min(size, body - s) for s in range(0, body, size)] + ([local] if local else [])
+
+
+def cap_and_fixed(budget: int, chunk) -> tuple[int, int]:
+    """-> (tokens to keep, newest tokens that must stay) after `chunk`."""
+    fixed = chunk.n if chunk.final else 0
+    return budget + fixed, fixed
+
+
+def top(scores: torch.Tensor, cap: int, protect: int) -> torch.Tensor:
+    """scores [Hkv, n] -> sorted indices [Hkv, cap] of the best, the newest `protect` always in."""
+    s = scores.clone()
+    n = s.shape[1]
+    if protect:
+        s[:, n - min(n, protect):] = float("inf")  # NOTE: protect <= cap, so topk takes them all
+    return s.topk(cap, dim=1).indices.sort(dim=1).values
+
+
+def sinks_recent(n: int, sinks: int, cap: int, heads: int, device) -> torch.Tensor:
+    """Indices [heads, cap] of the first `sinks` and the newest `cap - sinks` of n tokens."""
+    idx = torch.cat((torch.arange(sinks, device=device), torch.arange(n - (cap - sinks), n, device=device)))
+    return idx.expand(heads, -1)
+
+
+def dense_keys(cache, k, v, extra):
+    """Every key/value attention reads, new tokens last: (keys, values) [Hkv, L, D], and the
+    number of recalled `extra` tokens in front (their scores are not ours to keep)."""
+    ks, vs = cache.store.dense()
+    parts_k, parts_v, n_extra = [ks, k], [vs, v], 0
+    if extra is not None:
+        parts_k.insert(0, extra[0])
+        parts_v.insert(0, extra[1])
+        n_extra = extra[0].shape[1]
+    return torch.cat(parts_k, 1), torch.cat(parts_v, 1), n_extra
+
+
+def window_probs(q, keys, scale: float, w: int) -> torch.Tensor:
+    """Softmax of the last w queries of q [Hq, T, D] over keys [Hkv, L, D] (the last T of
+    which are q's own tokens, causal) -> [Hkv, group * w, L] float32."""
+    hq, t, d = q.shape
+    hkv, n = keys.shape[0], keys.shape[1]
+    w = min(w, t)
+    g = hq // hkv
+    qw = q[:, t - w:].reshape(hkv, g * w, d)
+    logits = torch.matmul(qw.float(), keys.float().transpose(1, 2)) * scale  # [Hkv, g*w, L]
+    mask = causal_mask(t, n, q.device)
+    if mask is not None:
+        logits = logits.masked_fill(~mask[t - w:].repeat(g, 1)[None], float("-inf"))
+    return logits.softmax(-1)
+
+
+def attend_plain(q, keys, vals, scale):
+    """Attention of q [Hq, T, D] over keys/vals [Hkv, L, D] -> [Hq, T, D]."""
+    return attend(q, keys, vals, scale)

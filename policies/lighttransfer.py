@@ -1,0 +1,120 @@
+"""`lighttransfer`: the laziest layers become streaming layers (LightTransfer, arXiv 2410.13846).
+
+Lazy ratio of a layer: the attention mass that the last `queries` queries of a prefill
+chunk put on the first `sinks` tokens plus the newest `window` keys, averaged over those
+queries and every query head. A layer with a high ratio barely reads the middle.
+
+When. A streaming layer keeps sinks + window, so laziness only matters once a layer holds
+more than that: the decision is taken once per conversation, in the first prefill chunk
+that starts with more than `sinks + window` tokens cached (or a final chunk that ends past
+it), and stands for the rest of the conversation (the evicted middle cannot come back).
+Until then every layer keeps everything, which also makes a window >= the context exactly
+`full`.
+
+Bounded priority queue. During that chunk's forward the layers' ratios arrive in layer
+order. A heap holds the `n - round(lazy * n)` least lazy layers seen so far; a layer that
+does not get in, or is pushed out, is known to be lazy at once and is truncated to
+sinks + window at the end of the chunk (the earliest point the positions invariant allows
+an eviction). So at most half the layers (lazy=0.5) ever grow with the context.
+
+Positions: a lazy layer's kept tokens are right-aligned to the frame by `KVCache.end_chunk`
+(the window keeps its true positions, the sinks sit just before it); full layers keep theirs.
+Any store composes (e.g. `lighttransfer+kivi` quantizes every layer); the per-layer bytes
+are `KVCache.layers[i].nbytes()`.
+"""
+from __future__ import annotations
+
+import heapq
+
+import torch
+
+from . import evict
+from .registry import Opt, register
+
+
+class LazyPlan:
+    """Shared by one cache's layers: ratios, the bounded heap of full layers, the verdict."""
+
+    def __init__(self, n_layers: int, lazy: float):
+        self.n_layers = n_layers
+        self.n_full = n_layers - round(lazy * n_layers)
+        self.heap: list[tuple[float, int]] = []  # (-ratio, layer): top = laziest full layer
+        self.ratios: dict[int, float] = {}
+        self.lazy: set[int] = set()
+        self.decided = False
+
+    def offer(self, layer: int, ratio: float) -> None:
+        """Layer `layer` measured `ratio`; marks whoever is now known to be lazy."""
+        if layer == 0:  # a new pass (a stopped forward leaves a partial one behind)
+            self.heap, self.ratios, self.lazy = [], {}, set()
+        self.ratios[layer] = ratio
+        if len(self.heap) < self.n_full:
+            heapq.heappush(self.heap, (-ratio, layer))
+        elif self.heap and ratio < -self.heap[0][0]:
+            self.lazy.add(heapq.heapreplace(self.heap, (-ratio, layer))[1])
+        else:
+            self.lazy.add(layer)
+        if layer == self.n_layers - 1:
+            self.decided = True
+
+
+class LightTransferSelector:
+    evicts = True
+
+    def __init__(self, opts: dict, info, layer: int, plan: LazyPlan):
+        self.sinks, self.window, self.queries = opts["sinks"], opts["window"], opts["queries"]
+        self.chunk = opts["chunk"] or None
+        self.layer, self.shared = layer, plan
+        self.local = 0
+        self.heads = info.n_kv_heads
+
+    @property
+    def lazy(self) -> bool:
+        return self.layer in self.shared.lazy
+
+    def score(self, cache, chunk, k, v):
+        return None
+
+    def _measuring(self, cache, chunk) -> bool:
+        if self.shared.decided or chunk.phase == "decode":
+            return False
+        span = self.sinks + self.window
+        return cache.length > span or (chunk.final and cache.length + chunk.n > span)
+
+    def attend(self, cache, chunk, q, k, v, scale, extra):
+        """q [Hq, T, D], k/v [Hkv, T, D] -> (out [Hq, T, D], None); measures the lazy ratio."""
+        if not self._measuring(cache, chunk):
+            return cache.store.attend(q, k, v, scale, extra), None
+        keys, vals, _ = evict.dense_keys(cache, k, v, extra)
+        out = evict.attend_plain(q, keys, vals, scale)
+        probs = evict.window_probs(q, keys, scale, self.queries)  # [Hkv, g*w, L]
+        n = keys.shape[1]
+        near = torch.zeros(n, dtype=probs.dtype, device=probs.device)
+        near[: self.sinks] = 1  # NOTE: recalled (offloaded) keys sit in front; they count as sinks' neighbours
+        near[max(0, n - self.window):] = 1
+        self.shared.offer(self.layer, float((probs @ near).mean()))
+        return out, None
+
+    def keep(self, cache, chunk):
+        """Lazy layer: indices [Hkv, sinks + window (+ final chunk)]; full layer: None."""
+        if not self.lazy:
+            return None
+        cap, _ = evict.cap_and_fixed(self.sinks + self.window, chunk)
+        n = cache.length
+        if n <= cap:
+            return None
+        return evict.sinks_recent(n, self.sinks, cap, self.heads, cache.info.device)
+
+
+@register("lighttransfer", "selector", {
+    "lazy": Opt(float, 0.5, "fraction of layers that become streaming layers", min=0.0, max=1.0),
+    "sinks": Opt(int, 4, "first tokens a lazy layer keeps", min=0),
+    "window": Opt(int, 1024, "newest tokens a lazy layer keeps", min=1),
+    "queries": Opt(int, 32, "last queries of a prefill chunk that measure laziness", min=1),
+    "chunk": Opt(int, 0, "prefill chunk length (0: the runtime's --chunk-size)", min=0),
+}, "the laziest layers keep sinks + window only (LightTransfer); about half the layers' memory")
+def build(policy, info, layer):
+    # NOTE: KVCache builds layers 0..n-1 in order: layer 0 starts this cache's shared plan.
+    if layer == 0 or "lighttransfer-plan" not in info.resources:
+        info.resources["lighttransfer-plan"] = LazyPlan(info.n_layers, policy.opts["lazy"])
+    return LightTransferSelector(policy.opts, info, layer, info.resources["lighttransfer-plan"])
