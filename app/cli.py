@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 
-COMMANDS = ("chat", "ask")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -56,6 +55,8 @@ def parser() -> argparse.ArgumentParser:
     ask.add_argument("--doc", action="append", default=[], help="document to read first (repeatable)")
     ask.add_argument("--json", action="store_true", help="print one JSON object")
     ask.add_argument("questions", nargs="+", help="each question is its own turn, after the documents")
+    from app import bench
+    bench.add_parser(sub)
     return ap
 
 
@@ -69,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "ask":
             return cmd_ask(args)
+        if args.command == "bench":
+            from app import bench
+            return bench.run(args)
         return cmd_chat(args)
     except (VramchatError, SpecError) as e:
         print(f"vramchat: {e}", file=sys.stderr)

@@ -1,0 +1,70 @@
+"""`main.py bench SUITE`: one benchmark suite for memory, speed and quality.
+
+Every suite prints a Markdown table (progress on stderr), writes `SUITE.json` with the
+machine and commit, and PNG plots, under `--out` (default bench-out/).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+SUITES = ("memory", "speed", "quality", "gpu128k")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks: memory, speed, quality, gpu128k",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, description=__doc__)
+    p.add_argument("suite", choices=SUITES)
+    p.add_argument("--model", default=None, help="model for memory/speed/quality (default: the embedded one)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--weights", default="auto", choices=["auto", "bf16", "fp16", "fp32", "8bit", "4bit"])
+    p.add_argument("--policies", default=None, help="space-separated specs, e.g. \"full kivi locret:budget=1024\"")
+    p.add_argument("--lengths", default=None, help="context lengths, comma-separated (e.g. 1024,4096)")
+    p.add_argument("--chunk", type=int, default=512, help="prefill chunk")
+    p.add_argument("--decode", type=int, default=None, help="decoded tokens per measurement")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--out", default="bench-out", help="folder for JSON and PNG output")
+    p.add_argument("--no-baselines", action="store_true", help="speed: skip transformers generate baselines")
+    p.add_argument("--trials", type=int, default=None, help="quality: trials per cell")
+    g = p.add_argument_group("gpu128k")
+    g.add_argument("--shape", default="llama3-8b", choices=["llama3-8b", "tiny"])
+    g.add_argument("--context", type=int, default=131072)
+    g.add_argument("--cap-gib", type=float, default=24.0, help="cap the card to this many GiB")
+    g.add_argument("--allow-cpu", action="store_true", help="run gpu128k on the CPU (smoke test, tiny shape)")
+
+
+def _list(text, cast=str, sep=None):
+    return tuple(cast(x) for x in text.replace(sep or " ", " ").split()) if text else None
+
+
+def run(args) -> int:
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    pols = _list(args.policies)
+    lengths = _list(args.lengths, int, ",")
+    t0 = time.perf_counter()
+    if args.suite == "gpu128k":
+        from . import gpu128k
+        weights = "4bit" if args.weights == "4bit" else "bf16"
+        gpu128k.run(shape=args.shape, context=args.context, decode=args.decode or 128, cap_gib=args.cap_gib,
+                    weights=weights, policies=pols or gpu128k.POLICIES, allow_cpu=args.allow_cpu, out_dir=out)
+    else:
+        from app.runtime.engine import Runtime
+        rt = Runtime.load(args.model, device=args.device, weights=args.weights)
+        kw = {k: v for k, v in (("policies", pols), ("lengths", lengths)) if v}
+        if args.suite == "memory":
+            from . import memory
+            memory.run(rt, chunk=args.chunk, decode=args.decode or 16, out_dir=out, **kw)
+        elif args.suite == "speed":
+            from . import speed
+            speed.run(rt, chunk=args.chunk, decode=args.decode or 16, baselines=() if args.no_baselines else speed.BASELINES,
+                      out_dir=out, **kw)
+        else:
+            from . import quality
+            quality.run(rt, out_dir=out, trials=args.trials, **kw)
+    print(f"\n{args.suite}: {time.perf_counter() - t0:,.0f} s on {torch.get_num_threads()} threads; "
+          f"JSON and plots in {out}/")
+    return 0

@@ -1,0 +1,127 @@
+"""Shared pieces of the benchmark suites: models, timing, progress, output files."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from app.runtime.adapter import Adapter
+from policies import Chunk, KVCache
+
+
+def machine() -> dict:
+    """What ran the benchmark, for the JSON and BENCHMARKS.md."""
+    out = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+           "threads": torch.get_num_threads(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+           "torch": torch.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        out["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                       text=True, cwd=Path(__file__).parents[2], timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        out["commit"] = "?"
+    return out
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+class Bar:
+    """A one-line progress bar on stderr (the table goes to stdout)."""
+
+    def __init__(self, total: int, label: str):
+        self.total, self.label, self.done, self.t0 = total, label, 0, time.perf_counter()
+
+    def step(self, what: str = "") -> None:
+        self.done += 1
+        width = 24
+        fill = int(width * self.done / max(self.total, 1))
+        el = time.perf_counter() - self.t0
+        eta = el / self.done * (self.total - self.done)
+        print(f"\r{self.label} [{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} "
+              f"{el:,.0f}s ETA {eta:,.0f}s {what[:40]:<40}", end="\n" if self.done >= self.total else "",
+              file=sys.stderr, flush=True)
+
+
+def prefill_ids(ad: Adapter, cache: KVCache, ids: torch.Tensor, chunk: int, decode_first: bool = True):
+    """Chunked prefill of ids [T] through `cache` (selector plan honoured). -> last logits."""
+    sel = cache.layers[0].selector
+    size = getattr(sel, "chunk", None) or chunk
+    n = ids.shape[0]
+    plan = sel.plan(n, size) if hasattr(sel, "plan") else [min(size, n - s) for s in range(0, n, size)]
+    done, logits = 0, None
+    for i, m in enumerate(plan):
+        c = Chunk(ids[done:done + m], cache.next_position, "prefill", final=i == len(plan) - 1)
+        logits = ad.forward(c.input_ids, cache, c)
+        cache.end_chunk(c)
+        done += m
+    return logits
+
+
+def decode_steps(ad: Adapter, cache: KVCache, logits: torch.Tensor, n: int) -> None:
+    """n greedy decode steps (the content does not matter for speed or memory)."""
+    for _ in range(n):
+        tok = logits.argmax().view(1)
+        c = Chunk(tok, cache.next_position, "decode")
+        logits = ad.forward(tok, cache, c)
+        cache.track_peak()
+
+
+def random_ids(n: int, vocab: int, seed: int = 0, device="cpu") -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, max(101, vocab - 100), (n,), generator=g).to(device)
+
+
+def write_json(out_dir: Path, suite: str, rows: list[dict], extra: dict | None = None) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{suite}.json"
+    path.write_text(json.dumps({"suite": suite, "machine": machine(), **(extra or {}), "rows": rows}, indent=1))
+    return path
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    """A plain Markdown table (paste-able into BENCHMARKS.md)."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:,.3g}" if abs(v) < 100 else f"{v:,.0f}"
+        return "" if v is None else str(v)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot(path: Path, rows: list[dict], x: str, y: str, series: str, title: str, logy: bool = False) -> Path | None:
+    """A PNG line plot of y against x, one line per value of `series`."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[bench]'): no plot written", file=sys.stderr)
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for name in dict.fromkeys(r[series] for r in rows):
+        pts = sorted((r[x], r[y]) for r in rows if r[series] == name and r.get(y) is not None)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=name)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(title)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

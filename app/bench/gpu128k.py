@@ -1,0 +1,164 @@
+"""`bench gpu128k`: an 8B Llama-3.1-shaped model with random weights, the card capped to
+24 GiB (or 12), a 131,072-token prompt then 128 decoded tokens, per policy: peak VRAM,
+prefill tok/s, decode tok/s, and decode against the bandwidth floor.
+
+Random weights are fine for memory and speed (neither depends on the values); the
+retaining heads are random too, and the output says so. `--shape tiny` runs the same
+code on a small model (that is how CI exercises it on a CPU).
+"""
+from __future__ import annotations
+
+import gc
+import tempfile
+import time
+
+import torch
+
+from policies import KVCache
+
+from .common import Bar, decode_steps, prefill_ids, random_ids, sync, table, write_json
+
+POLICIES = ("full", "locret:budget=16384,chunk=2048", "locret:budget=16384,chunk=2048+kivi",
+            "locret:budget=16384,chunk=2048+kivi+offload", "offload")
+SHAPES = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
+                      max_position_embeddings=131072,
+                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1024, max_position_embeddings=4096),
+}
+
+
+def build_model(shape: str, device: torch.device, weights: str):
+    """Random-weight LlamaForCausalLM of the given shape, built in place on `device`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(**SHAPES[shape], tie_word_embeddings=False, rms_norm_eps=1e-5)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta" if weights == "4bit" else device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    if weights == "4bit":
+        model = _to_4bit(model, device, dtype)
+    else:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.02)
+    return model.eval()
+
+
+def _to_4bit(model, device, dtype):
+    """Materialize a meta-device model on `device`, one decoder layer at a time, with every
+    decoder Linear replaced by a bitsandbytes NF4 Linear of random weights (the bf16 model
+    never exists whole). NOTE: written for CUDA; not yet run on a GPU (see BENCHMARKS.md)."""
+    import bitsandbytes as bnb
+    for layer in model.model.layers:
+        layer.to_empty(device=device)
+        for parent in (layer.self_attn, layer.mlp):
+            for name, mod in list(parent.named_children()):
+                if isinstance(mod, torch.nn.Linear):
+                    w = torch.randn(mod.out_features, mod.in_features, dtype=dtype) * 0.02
+                    q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=False, compute_dtype=dtype,
+                                          quant_type="nf4")
+                    q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4").to(device)
+                    setattr(parent, name, q)
+        with torch.no_grad():
+            layer.input_layernorm.weight.fill_(1.0)
+            layer.post_attention_layernorm.weight.fill_(1.0)
+    for mod in (model.model.embed_tokens, model.model.norm, model.lm_head):
+        mod.to_empty(device=device)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(0, 0.02)
+        model.lm_head.weight.normal_(0, 0.02)
+        model.model.norm.weight.fill_(1.0)
+    model.model.rotary_emb = type(model.model.rotary_emb)(model.config, device=device)
+    return model
+
+
+def bandwidth(device: torch.device) -> float:
+    """Measured device memory bandwidth, bytes/s (a large copy: read + write)."""
+    n = 256 * 2**20 if device.type == "cuda" else 64 * 2**20
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        b.copy_(a)
+    sync(device)
+    return 2 * n * 10 / (time.perf_counter() - t0)
+
+
+def random_heads_dir(info) -> str:
+    """Random retaining heads in the heads file format (for memory/speed only)."""
+    from policies.locret import RetainingHeads, model_key, save_heads
+    d = tempfile.mkdtemp(prefix="vramchat-random-heads-")
+    heads = RetainingHeads(info.n_layers, info.hidden_size, 256 if info.hidden_size < 1024 else 1024,
+                           info.n_kv_heads)
+    save_heads(heads, f"{d}/heads.safetensors", model_key(info), [info.model_id], {"random": True})
+    return d
+
+
+def run(shape="llama3-8b", context=131072, decode=128, cap_gib=24.0, weights="bf16", policies=POLICIES,
+        allow_cpu=False, out_dir=None):
+    from app.runtime.adapter import Adapter
+    if not torch.cuda.is_available() and not allow_cpu:
+        raise SystemExit("bench gpu128k needs a CUDA GPU (none is visible); nothing was measured")
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total), 0)
+    model = build_model(shape, device, weights)
+    ad = Adapter(model, None, f"random {shape} ({weights})")
+    heads = random_heads_dir(ad.info) if any("locret" in p for p in policies) else None
+    bw = bandwidth(device)
+    wbytes = ad.weights_bytes()
+    print(f"model: {ad.model_id}, weights {wbytes / 2**30:.2f} GiB, cap {cap_gib} GiB, "
+          f"bandwidth {bw / 1e9:.0f} GB/s; retaining heads are RANDOM (memory and speed only)")
+    rows = []
+    bar = Bar(len(policies), "bench gpu128k")
+    ids = random_ids(context, ad.model.config.vocab_size, 0, device)
+    for spec in policies:
+        real = spec.replace("locret:", f"locret:heads={heads},") if heads else spec
+        row = {"policy": spec, "context": context, "weights": weights, "cap_gib": cap_gib}
+        cache = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            cache = KVCache(real, ad.info)
+            sync(device)
+            t0 = time.perf_counter()
+            logits = prefill_ids(ad, cache, ids, 2048)
+            sync(device)
+            t1 = time.perf_counter()
+            decode_steps(ad, cache, logits, decode)
+            sync(device)
+            t2 = time.perf_counter()
+            tiers = cache.bytes_by_tier()
+            floor = (wbytes + tiers["gpu"]) / bw
+            row.update(prefill_tok_s=context / (t1 - t0), decode_tok_s=decode / (t2 - t1),
+                       kv_gpu_gib=tiers["gpu"] / 2**30, kv_host_gib=tiers["host"] / 2**30,
+                       floor_tok_s=1 / floor, of_floor=(decode / (t2 - t1)) * floor)
+        except torch.OutOfMemoryError as e:
+            row["error"] = f"out of memory (clean): {str(e).splitlines()[0][:100]}"
+        finally:
+            cache = None
+            gc.collect()
+        if device.type == "cuda":
+            row["peak_vram_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        rows.append(row)
+        bar.step(spec)
+    cols = ["policy", "weights", "cap_gib", "peak_vram_gib", "kv_gpu_gib", "kv_host_gib", "prefill_tok_s",
+            "decode_tok_s", "floor_tok_s", "of_floor", "error"]
+    print(table(rows, [c for c in cols if any(c in r for r in rows)]))
+    if out_dir is not None:
+        write_json(out_dir, f"gpu128k-{weights}-{int(cap_gib)}g", rows,
+                   {"shape": shape, "bandwidth_Bps": bw, "weights_bytes": wbytes, "random_heads": True})
+    return rows
