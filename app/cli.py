@@ -28,10 +28,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
 
 
-def _sampling(p: argparse.ArgumentParser, temperature: float) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=512)
+def _sampling(p: argparse.ArgumentParser, temperature: float | None) -> None:
+    """`ask` has fixed defaults (greedy); `chat` leaves them None so the config file decides."""
+    chat = temperature is None
+    p.add_argument("--max-new-tokens", type=int, default=None if chat else 512)
     p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=None if chat else 1.0)
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
 
 
@@ -47,7 +49,7 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command")
     chat = sub.add_parser("chat", help="the terminal app (default)")
     _common(chat)
-    _sampling(chat, 0.7)
+    _sampling(chat, None)
     chat.add_argument("--doc", action="append", default=[], help="document to load at start (repeatable)")
     ask = sub.add_parser("ask", help="answer questions about documents, headless")
     _common(ask)
@@ -165,56 +167,34 @@ def cmd_ask(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    try:
-        import app.ui as ui
-        run = getattr(ui, "run", None)
-    except ImportError:
-        run = None
-    if run is not None:
-        return ui_main(args, run) or 0
-    return repl(args)
+    from app.ui import run
+    return ui_main(args, run)
 
 
 def ui_main(args, run) -> int:
+    """The Textual app: the config file gives defaults; command-line options win."""
     from app import config as cfgmod
-    cfg = cfgmod.load()
-    if args.policy is None:
-        args.policy = cfg.policy if hasattr(cfg, "policy") else None
-    if args.model is None:
-        args.model = getattr(cfg, "model", None)
+    try:
+        cfg = cfgmod.load_config()
+    except cfgmod.ConfigError as e:
+        print(f"vramchat: {e}", file=sys.stderr)
+        return 2
+    for key in ("model", "policy", "max_new_tokens", "temperature", "top_p"):
+        value = getattr(args, key)
+        if value is not None:
+            setattr(cfg, key, value)
+    args.model = cfg.model or None
+    args.policy = cfg.policy or "full"
+    from policies import parse_spec
+    parse_spec(args.policy)  # a bad spec from the config or the command line fails here, clearly
 
     def make_runtime(status):
         return _load_runtime(args, status)
-    run(make_runtime, config=cfg, doc_paths=tuple(args.doc))
+
+    def make_runtime_for(model_id, status):
+        import copy
+        other = copy.copy(args)
+        other.model = model_id
+        return _load_runtime(other, status)
+    run(make_runtime, config=cfg, doc_paths=tuple(args.doc), make_runtime_for=make_runtime_for)
     return 0
-
-
-def repl(args) -> int:
-    """A plain streaming chat in the terminal (used where the TUI cannot run)."""
-    rt = _load_runtime(args, lambda s: print(s, file=sys.stderr))
-    sampling = _sampling_of(args)
-    for path in args.doc:
-        rt.load_document(path, _progress(f"reading {path}"))
-    print(f"vramchat REPL — {rt.model_id} on {rt.device}, policy {rt.policy}. /load PATH, /policy SPEC, Ctrl-D quits.")
-    from app.runtime.types import VramchatError
-    from policies import SpecError
-    while True:
-        try:
-            line = input("> ").strip()
-        except EOFError:
-            return 0
-        if not line:
-            continue
-        try:
-            if line.startswith("/load "):
-                info = rt.load_document(line[6:].strip(), _progress("reading"))
-                print(f"read {info.name}: {info.tokens:,} tokens")
-            elif line.startswith("/policy "):
-                print(rt.set_policy(line[8:].strip(), _progress("re-reading")).message)
-            else:
-                with _StopOnCtrlC() as stop:
-                    res = rt.ask(line, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                                 on_token=lambda s: print(s, end="", flush=True), stop=stop)
-                print(f"\n  ({res.new_tokens} tokens, {res.decode_tok_s:.1f} tok/s)")
-        except (VramchatError, SpecError) as e:
-            print(f"vramchat: {e}")
