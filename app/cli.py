@@ -57,8 +57,10 @@ def parser() -> argparse.ArgumentParser:
     ask.add_argument("--doc", action="append", default=[], help="document to read first (repeatable)")
     ask.add_argument("--json", action="store_true", help="print one JSON object")
     ask.add_argument("questions", nargs="+", help="each question is its own turn, after the documents")
-    from app import bench
+    from app import bench, calibrate, train_heads
     bench.add_parser(sub)
+    train_heads.add_parser(sub)
+    calibrate.add_parser(sub)
     return ap
 
 
@@ -75,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from app import bench
             return bench.run(args)
+        if args.command == "train-heads":
+            from app import train_heads
+            return train_heads.run(args)
+        if args.command == "calibrate":
+            from app import calibrate
+            return calibrate.run(args)
         return cmd_chat(args)
     except (VramchatError, SpecError) as e:
         print(f"vramchat: {e}", file=sys.stderr)
