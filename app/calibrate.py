@@ -63,14 +63,14 @@ def collect(adapter, blocks, progress=None) -> QKStats:
     return stats
 
 
-def calibrate(adapter, text: str, blocks: int = 64, block: int = 512):
+def calibrate(adapter, text: str, blocks: int = 64, block: int = 512, progress=None):
     """-> (QKStats, tokens used): up to `blocks` consecutive blocks of `block` tokens of text."""
     ids = adapter.tokenizer(text, add_special_tokens=False)["input_ids"]
     n = min(blocks, len(ids) // block)
     if n < 1:
         raise ValueError(f"calibration text has {len(ids)} tokens, fewer than one block of {block}")
     chunks = [torch.tensor(ids[i * block:(i + 1) * block]) for i in range(n)]
-    return collect(adapter, chunks), n * block
+    return collect(adapter, chunks, progress), n * block
 
 
 def add_parser(sub):
@@ -94,7 +94,8 @@ def run(args) -> int:
     files = args.data or default_data()
     text, prov = read_text(files)
     t0 = time.time()
-    stats, n_tok = calibrate(rt.adapter, text, args.blocks, args.block)
+    stats, n_tok = calibrate(rt.adapter, text, args.blocks, args.block,
+                             lambda d, n: print(f"\rblock {d}/{n}", end="\n" if d == n else "", file=sys.stderr))
     names = [rt.model_id]
     command = "python main.py calibrate " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["calibrate"] else sys.argv[1:])
     path = save(args.out, stats.mean(), args.channels, model_key(rt.adapter.info), names, n_tok,
