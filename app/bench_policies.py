@@ -111,8 +111,8 @@ def run(rt=None, names=None, budget: int = 1024, chunk: int = 512, lengths=(4096
         from .runtime.engine import Runtime
         rt = Runtime.load(None, device="cpu")
     specs = policies_at(budget, chunk)
-    names = [n for n in (names or list(specs)) if _usable(rt, specs[n], rows, progress)]
     rows: list[dict] = []
+    names = [n for n in (names or list(specs)) if _usable(rt, specs[n], rows, progress)]
 
     def emit(row):
         rows.append(row)
