@@ -64,8 +64,8 @@ def _random_heads(info, folder):
 
 def trial(rt, spec: str, n_tokens: int, depth: float, seed: int, scorer: str = "heads", max_new: int = 10):
     """One pass-key trial on a fresh cache -> dict(correct, answer, prefill_tok_s, kv_peak_bytes)."""
-    from app.runtime.engine import Runtime
-    r = Runtime(rt.adapter.model, rt.tok, policy=spec, model_id=rt.model_id, chunk_size=rt.chunk_size)
+    r = rt
+    r._reset_cache(spec)  # a fresh cache on the same model (no second adapter and hooks)
     if scorer == "streaming":
         for layer in r.cache.layers:
             _streaming(layer.selector)
@@ -87,7 +87,8 @@ def trial(rt, spec: str, n_tokens: int, depth: float, seed: int, scorer: str = "
 
 
 def run(rt=None, lengths=(16384,), trials: int = 10, budget: int = 1024, scorers=("heads", "streaming", "random"),
-        baseline_trials: int | None = None, threads: int = 2, chunk: int = 512, progress=None) -> list[dict]:
+        baseline_trials: int | None = None, threads: int = 2, chunk: int = 512, seed: int = 0,
+        progress=None) -> list[dict]:
     """Rows, one per (scorer, length): accuracy over depths 0.1..0.9, prefill tok/s, KV peak."""
     torch.set_num_threads(threads)
     if rt is None:
@@ -97,18 +98,18 @@ def run(rt=None, lengths=(16384,), trials: int = 10, budget: int = 1024, scorers
     with tempfile.TemporaryDirectory() as tmp:
         for scorer in scorers:
             spec = f"locret:budget={budget},chunk={chunk}"
-            if scorer == "random":
+            if scorer != "heads":  # streaming replaces the scorer: any heads file will do
                 spec += f",heads={_random_heads(rt.adapter.info, tmp)}"
             n_trials = trials if scorer == "heads" or baseline_trials is None else baseline_trials
             for n in lengths:
                 depths = [0.1 + 0.8 * i / max(1, n_trials - 1) for i in range(n_trials)]
-                res = [trial(rt, spec, n, d, seed=1000 * i + n, scorer=scorer) for i, d in enumerate(depths)]
+                res = [trial(rt, spec, n, d, seed=1000 * i + n + seed, scorer=scorer) for i, d in enumerate(depths)]
                 row = {"scorer": scorer, "policy": spec, "length": n, "trials": n_trials,
                        "correct": sum(r["correct"] for r in res),
                        "accuracy": sum(r["correct"] for r in res) / n_trials,
                        "prefill_tok_s": round(sum(r["prefill_tok_s"] for r in res) / n_trials, 1),
                        "kv_peak_bytes": max(r["kv_peak_bytes"] for r in res), "threads": threads,
-                       "answers": [r["answer"] for r in res]}
+                       "seed": seed, "answers": [r["answer"] for r in res]}
                 rows.append(row)
                 if progress:
                     progress(row)

@@ -11,7 +11,8 @@ for models whose projections have biases (Qwen2). `fold_qkv` does that once, at 
 
 Eviction (Algorithm 1). `plan` holds the last `local` tokens back as the final chunk.
 After a non-final chunk the newest `stabilizers` tokens are never evicted (they count
-inside the budget); after the final chunk its own tokens are never evicted. Indices are
+inside the budget), nor the conversation's first `SINKS` tokens; after the final chunk its
+own tokens are never evicted. Indices are
 re-sorted so kept tokens stay in order; `LayerCache.evict` compacts positions.
 
 Many turns. Question and answer tokens get scores like any other (decode scores them
@@ -36,6 +37,10 @@ from .base import ModelInfo
 from .registry import Opt, SpecError, register
 
 HEADS_DIR = Path(__file__).parent / "heads"
+# The conversation's first tokens are attention sinks: evicting them breaks the model (the
+# default model's trained heads kept token 0 in only ~46 % of heads and answered nothing;
+# with these kept it answered). They count inside the budget, like stabilizers.
+SINKS = 4
 TRAIN_HINT = "train them with `python main.py train-heads --model M --out DIR` and pass `locret:heads=DIR`"
 _ACTS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu,
          "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -84,13 +89,15 @@ class RetainingHeads(torch.nn.Module):
                 "fc1_bias": l0["fc1"].bias is not None}
 
 
-def save_heads(heads: RetainingHeads, path: str | Path, key: str, names: list[str], extra: dict | None = None):
-    """Write heads as safetensors; metadata carries the shapes, the model key and names."""
+def save_heads(heads: RetainingHeads, path: str | Path, key: str, names: list[str], extra: dict | None = None,
+               dtype: torch.dtype = torch.float32):
+    """Write heads as safetensors (in `dtype`; they load as float32); metadata carries the
+    shapes, the model key and the model names they fit."""
     from safetensors.torch import save_file
     meta = {"format": "vramchat-locret-1", "model_key": key, "names": json.dumps(names),
             **{k: json.dumps(v) for k, v in heads.meta().items()}}
     meta.update({k: str(v) for k, v in (extra or {}).items()})
-    state = {k: v.detach().float().contiguous().cpu() for k, v in heads.state_dict().items()}
+    state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in heads.state_dict().items()}
     save_file(state, str(path), metadata=meta)
 
 
@@ -268,14 +275,15 @@ class LocretSelector:
             return None
         protect = min(n, self.stabilizers + fixed)
         s = cache.scores.clone()  # [Hkv, n]
-        s[:, n - protect:] = float("inf")  # NOTE: protect <= cap, so topk takes them all
+        s[:, n - protect:] = float("inf")  # NOTE: protect + SINKS <= cap, so topk takes them all
+        s.masked_fill_(cache.positions() < SINKS, float("inf"))
         return s.topk(cap, dim=1).indices.sort(dim=1).values
 
 
 def _check(opts: dict) -> None:
-    if opts["stabilizers"] >= opts["budget"]:
+    if opts["stabilizers"] + SINKS >= opts["budget"]:
         raise SpecError(f"policy `locret`: option `stabilizers` ({opts['stabilizers']}) must be below "
-                        f"option `budget` ({opts['budget']}): stabilizers count inside the budget")
+                        f"option `budget` ({opts['budget']}) minus {SINKS} sink tokens: both count inside the budget")
 
 
 @register("locret", "selector", {
