@@ -23,18 +23,12 @@ from pathlib import Path
 import torch
 
 from policies import ModelInfo, SpecError
+from policies.files import find_shipped, model_key, read_meta  # noqa: F401  (re-exported)
 
 FORMAT = "vramchat-channels-1"
 CHANNELS_DIR = Path(__file__).parent / "channels"
 HINT = ("make one with `python main.py calibrate --model M --out FILE` and pass "
         "`channels_file=FILE`")
-
-
-def model_key(info: ModelInfo) -> str:
-    """Identity of a model's shapes (the same key the locret heads use)."""
-    vocab = len(info.tokenizer) if info.tokenizer is not None else 0
-    return (f"h{info.hidden_size}-L{info.n_layers}-q{info.n_q_heads}-kv{info.n_kv_heads}"
-            f"-d{info.head_dim}-v{vocab}")
 
 
 def qk_sum(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -87,12 +81,6 @@ def save(path: str | Path, stat: torch.Tensor, r: int, key: str, names: list[str
     return path
 
 
-def read_meta(path: str | Path) -> dict:
-    from safetensors import safe_open
-    with safe_open(str(path), "pt") as f:
-        return dict(f.metadata() or {})
-
-
 def load(path: str | Path, info: ModelInfo | None = None) -> tuple[torch.Tensor, dict]:
     """-> (stat [L, Hkv, D] float32, metadata); refuses another model's or a broken file."""
     from safetensors.torch import load_file
@@ -112,20 +100,9 @@ def load(path: str | Path, info: ModelInfo | None = None) -> tuple[torch.Tensor,
     return stat, meta
 
 
-def _norm(name: str) -> str:
-    base = Path(name.rstrip("/")).name.lower()
-    return base[:-5] if base.endswith(".gguf") else base
-
-
 def shipped(info: ModelInfo) -> Path | None:
     """The shipped file for this model (model key and name both match), or None."""
-    want, name = model_key(info), _norm(info.model_id or "")
-    for f in sorted(CHANNELS_DIR.glob("*.safetensors")):
-        meta = read_meta(f)
-        names = [_norm(n) for n in json.loads(meta.get("names", "[]"))]
-        if meta.get("model_key") == want and any(name.startswith(n) for n in names if n):
-            return f
-    return None
+    return find_shipped(CHANNELS_DIR, info)
 
 
 def find_channels(info: ModelInfo, r: int, path: str = "", policy: str = "offload") -> torch.Tensor:

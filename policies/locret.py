@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import ModelInfo
+from .files import find_shipped, model_key, read_meta
 from .registry import Opt, SpecError, register
 
 HEADS_DIR = Path(__file__).parent / "heads"
@@ -45,18 +46,6 @@ TRAIN_HINT = "train them with `python main.py train-heads --model M --out DIR` a
 _ACTS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu,
          "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
          "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
-
-
-def model_key(info: ModelInfo) -> str:
-    """Identity of a model's shapes: heads trained for one fit only models with this key."""
-    vocab = len(info.tokenizer) if info.tokenizer is not None else 0
-    return (f"h{info.hidden_size}-L{info.n_layers}-q{info.n_q_heads}-kv{info.n_kv_heads}"
-            f"-d{info.head_dim}-v{vocab}")
-
-
-def _norm_name(name: str) -> str:
-    base = Path(name.rstrip("/")).name.lower()
-    return base[:-5] if base.endswith(".gguf") else base
 
 
 class RetainingHeads(torch.nn.Module):
@@ -99,12 +88,6 @@ def save_heads(heads: RetainingHeads, path: str | Path, key: str, names: list[st
     meta.update({k: str(v) for k, v in (extra or {}).items()})
     state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in heads.state_dict().items()}
     save_file(state, str(path), metadata=meta)
-
-
-def read_meta(path: str | Path) -> dict:
-    from safetensors import safe_open
-    with safe_open(str(path), "pt") as f:
-        return dict(f.metadata() or {})
 
 
 def load_heads(path: str | Path, info: ModelInfo | None = None) -> RetainingHeads:
@@ -161,12 +144,10 @@ def find_heads(info: ModelInfo, path: str = "") -> tuple[RetainingHeads, str]:
 
 
 def _shipped(info: ModelInfo) -> Path:
-    want, name = model_key(info), _norm_name(info.model_id or "")
-    for f in sorted(HEADS_DIR.glob("*.safetensors")):
-        meta = read_meta(f)
-        names = [_norm_name(n) for n in json.loads(meta.get("names", "[]"))]
-        if meta.get("model_key") == want and any(name.startswith(n) for n in names if n):
-            return f
+    found = find_shipped(HEADS_DIR, info)
+    if found is not None:
+        return found
+    want = model_key(info)
     raise SpecError(f"policy `locret` has no retaining heads for model {info.model_id or '?'} (key {want}): "
                     f"none ship in {HEADS_DIR}; {TRAIN_HINT}")
 

@@ -251,7 +251,7 @@ def test_training_lowers_held_out_loss_and_resumes(tmp_path):
 
 @pytest.mark.real_model
 def test_shipped_heads_answer_passkey_at_3k(fresh_smol):
-    from app.bench_locret import trial
+    from app.bench.locret import trial
     res = trial(fresh_smol, "locret:budget=512,stabilizers=128", 3200, depth=0.4, seed=1, max_new=14)
     assert "policies/heads" in fresh_smol.cache.layers[0].selector.source
     assert fresh_smol.cache.length <= 512 + 100 + 14

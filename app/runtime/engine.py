@@ -14,7 +14,7 @@ import torch
 
 import offload  # noqa: F401  (registers offload's policies)
 import policies
-from policies import Chunk, SpecError, parse_spec
+from policies import Chunk, parse_spec
 
 from . import documents, loader, memory
 from .adapter import Adapter

@@ -17,7 +17,7 @@ import torch
 from policies import Chunk
 from policies.locret import RetainingHeads, model_key, save_heads
 
-HAYSTACK = Path(__file__).resolve().parents[1] / "data" / "haystack" / "licenses.txt"
+HAYSTACK = Path(__file__).resolve().parents[2] / "data" / "haystack" / "licenses.txt"
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? Answer with the number only."
 _HAY: dict = {}

@@ -11,7 +11,7 @@ Rows from `run(...)`:
 - kind "lazy": lighttransfer's lazy layers and per-layer bytes vs `full` at `kl_tokens`.
 
 Prose: `data/train/python_topics.txt` (PSF-licensed CPython docs) for KL; the pass-key
-haystack is `app.bench_locret`'s (data/haystack/licenses.txt). Matched bytes: every
+haystack is `app.bench.locret`'s (data/haystack/licenses.txt). Matched bytes: every
 evicting policy keeps `budget` tokens per KV head (lighttransfer cannot be matched: its
 non-lazy layers keep everything; its row says what it holds).
 """
@@ -24,9 +24,9 @@ import torch
 
 from policies import Chunk
 
-from .bench_locret import passkey_prompt
+from .locret import trial
 
-PROSE = Path(__file__).resolve().parents[1] / "data" / "train" / "python_topics.txt"
+PROSE = Path(__file__).resolve().parents[2] / "data" / "train" / "python_topics.txt"
 QUESTIONS = [  # (question, substring a correct answer contains)
     ("What is the capital of France?", "Paris"), ("What is the capital of Japan?", "Tokyo"),
     ("What is the capital of Italy?", "Rome"), ("What is the capital of Germany?", "Berlin"),
@@ -56,17 +56,8 @@ def _decode(rt, tok: int) -> torch.Tensor:
     return rt.adapter.forward(ch.input_ids, rt.cache, ch)
 
 
-def passkey(rt, spec: str, n: int, depth: float, seed: int, max_new: int = 10) -> bool:
-    rt._reset_cache(spec)
-    ids, key = passkey_prompt(rt, n, depth, seed)
-    logits, out = rt._prefill(ids), []
-    for _ in range(max_new):
-        tok = int(logits.argmax())
-        if tok in rt.stop_ids:
-            break
-        out.append(tok)
-        logits = _decode(rt, tok)
-    return key in rt.tok.decode(out, skip_special_tokens=True)
+def passkey(rt, spec: str, n: int, depth: float, seed: int, max_new: int = 12) -> bool:
+    return trial(rt, spec, n, depth, seed, max_new=max_new)["correct"]
 
 
 def teacher_forced(rt, spec: str, ids: list[int], n_prefill: int, n_next: int):
@@ -108,7 +99,7 @@ def run(rt=None, names=None, budget: int = 1024, chunk: int = 512, lengths=(4096
     """Rows of measurements (see the module docstring); `progress(row)` as each one lands."""
     torch.set_num_threads(threads)
     if rt is None:
-        from .runtime.engine import Runtime
+        from app.runtime.engine import Runtime
         rt = Runtime.load(None, device="cpu")
     specs = policies_at(budget, chunk)
     rows: list[dict] = []

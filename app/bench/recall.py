@@ -13,7 +13,9 @@
 from __future__ import annotations
 
 import math
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -22,6 +24,8 @@ from app.runtime.convert import convert
 from offload import labels
 from offload.calibrate import find_channels
 from policies import Chunk, KVCache, SpecError, rope
+
+from .common import prefill_ids
 
 
 def _prose_ids(rt, n: int) -> list[int]:
@@ -33,13 +37,7 @@ def _prose_ids(rt, n: int) -> list[int]:
 
 
 def _prefill(rt, cache: KVCache, ids: list[int], chunk: int = 512) -> torch.Tensor:
-    x = torch.tensor(ids, device=rt.device)
-    logits = None
-    for s in range(0, len(ids), chunk):
-        c = Chunk(x[s:s + chunk], cache.next_position, final=s + chunk >= len(ids))
-        logits = rt.adapter.forward(c.input_ids, cache, c)
-        cache.end_chunk(c)
-    return logits
+    return prefill_ids(rt.adapter, cache, torch.tensor(ids, device=rt.device), chunk)
 
 
 def _step(rt, cache, tok: int, hidden: bool = False):
@@ -155,10 +153,10 @@ def needles(rt, doc_tokens: int = 8192, budget: int = 1024, recall: int = 512) -
         except SpecError as e:
             return [{"measure": "needles", "skipped": str(e)}]
         rt.clear()
-        import tempfile
-        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as fh:
-            fh.write(doc)
-        rt.load_document(fh.name)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "needles.txt"
+            path.write_text(doc)
+            rt.load_document(str(path))
         for stmt, q, ans in NEEDLES:
             res = rt.ask(q + " Answer with the value only.", max_new_tokens=12)
             rows.append({"measure": "needles", "spec": spec, "question": q, "answer": res.answer.strip(),

@@ -1,0 +1,59 @@
+"""`bench quality`: what each policy costs in answers, on the default model and real prose.
+
+- `kl`: teacher-forced next-token KL divergence from `full` (and perplexity) after a
+  2K-token prefix of real prose, with each policy's peak KV bytes;
+- `passkey`: a pass key hidden at depths 0.1..0.9 of a real-prose haystack (licence
+  texts, never trained on), inside the model's 8K window and beyond it, every evicting
+  policy at the same budget and chunking; `locret` also against random heads;
+- `needles`: three distinct facts in one document asked in turn, `locret` vs
+  `locret+offload`;
+- `ffnskip`: short factual questions `full` answers correctly, answered again with FFN
+  skipping, with the skip ratio.
+Defaults fit in ~15 minutes on a 2-core CPU; `--trials` and `--lengths` scale it.
+"""
+from __future__ import annotations
+
+from . import baselines, locret, recall
+from .common import plot, table, write_json
+
+KL_EXTRA = ("kivi", "kivi:bits=4", "doublesparse")
+
+
+def run(rt, out_dir=None, trials=None, lengths=None, policies=None, budget: int = 1024, chunk: int = 512):
+    trials = trials or 2
+    lengths = lengths or (4096, 10240)
+    rows: list[dict] = []
+
+    def show(row):
+        print({k: v for k, v in row.items() if k not in ("answers", "ratios", "layer_bytes")}, flush=True)
+
+    names = list(policies) if policies else None
+    rows += baselines.run(rt, names=names, budget=budget, chunk=chunk, lengths=lengths, trials=trials,
+                          parts=("kl", "lazy", "passkey", "ffnskip"), progress=show)
+    for spec in KL_EXTRA:
+        row = recall.kl_ppl(rt, spec, ctx=2048, n_eval=32)
+        row.update(kind="kl", policy=spec, kl_nats=round(row.pop("kl_mean"), 5))
+        rows.append(row)
+        show(row)
+    rows += [dict(r, kind="passkey-random-heads") for r in
+             locret.run(rt, lengths=lengths[-1:], trials=trials, budget=budget, chunk=chunk, scorers=("random",),
+                        progress=show)]
+    rows += [dict(r, kind="needles") for r in recall.needles(rt, doc_tokens=8192, budget=budget)]
+    for kind, cols in (("kl", ["policy", "kl_nats", "ppl_full", "ppl_spec", "kv_peak_bytes"]),
+                       ("passkey", ["policy", "tokens", "trials", "correct", "accuracy"]),
+                       ("passkey-random-heads", ["policy", "length", "trials", "correct", "accuracy"]),
+                       ("needles", ["spec", "question", "answer", "correct"]),
+                       ("ffnskip", ["policy", "questions", "correct_full", "correct_ffnskip", "skip_ratio"]),
+                       ("lazy", ["policy", "tokens", "lazy_layers", "saved"])):
+        part = [r for r in rows if r.get("kind") == kind]
+        if part:
+            print(f"\n{kind}\n" + table(part, [c for c in cols if any(c in r for r in part)]))
+    if out_dir is not None:
+        write_json(out_dir, "quality", rows, {"model": rt.model_id, "budget": budget, "chunk": chunk})
+        longest = max(lengths)
+        peak = {r["policy"]: r["kv_peak_bytes"] for r in rows if r.get("kind") == "kl" and "kv_peak_bytes" in r}
+        pts = [{"policy": r["policy"].split(":")[0], "kv_peak_bytes": peak[r["policy"]], "accuracy": r["accuracy"]}
+               for r in rows if r.get("kind") == "passkey" and r["tokens"] == longest and r["policy"] in peak]
+        plot(out_dir / "quality_accuracy_vs_bytes.png", pts, "kv_peak_bytes", "accuracy", "policy",
+             f"pass key at {longest} tokens vs KV bytes")
+    return rows

@@ -1,0 +1,38 @@
+"""Files trained or calibrated for one model (locret heads, outlier channels): how a
+file names the model it fits, and how the shipped one for a model is found."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .base import ModelInfo
+
+
+def model_key(info: ModelInfo) -> str:
+    """Identity of a model's shapes: a file made for one fits only models with this key."""
+    vocab = len(info.tokenizer) if info.tokenizer is not None else 0
+    return (f"h{info.hidden_size}-L{info.n_layers}-q{info.n_q_heads}-kv{info.n_kv_heads}"
+            f"-d{info.head_dim}-v{vocab}")
+
+
+def norm_name(name: str) -> str:
+    base = Path(name.rstrip("/")).name.lower()
+    return base[:-5] if base.endswith(".gguf") else base
+
+
+def read_meta(path: str | Path) -> dict:
+    """The string metadata of a safetensors file."""
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata() or {})
+
+
+def find_shipped(folder: Path, info: ModelInfo) -> Path | None:
+    """The safetensors file in `folder` whose model key and a listed name match, or None."""
+    want, name = model_key(info), norm_name(info.model_id or "")
+    for f in sorted(folder.glob("*.safetensors")):
+        meta = read_meta(f)
+        names = [norm_name(n) for n in json.loads(meta.get("names", "[]"))]
+        if meta.get("model_key") == want and any(name.startswith(n) for n in names if n):
+            return f
+    return None
