@@ -137,6 +137,12 @@ class FullStore:
         """Keep per-head token indices idx [Hkv, b], re-rotating keys by delta [Hkv, b]."""
         k, v = self.dense(idx)
         b = idx.shape[1]
+        if self.k.shape[1] > 2 * b + self.BLOCK:
+            # Give memory back when eviction leaves the buffer mostly empty (a layer that
+            # just became a streaming layer); steady eviction (budget + chunk) keeps its buffer.
+            cap = -(-(b + b // 8 + 1) // self.BLOCK) * self.BLOCK
+            self.k, self.v = self.k.new_empty(self.k.shape[0], cap, self.k.shape[2]), self.v.new_empty(
+                self.v.shape[0], cap, self.v.shape[2])
         self.k[:, :b] = rope.rotate(k, delta, self.info.inv_freq)
         self.v[:, :b] = v
         self.length = b
