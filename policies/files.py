@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from .base import ModelInfo
+from .registry import SpecError
 
 
 def model_key(info: ModelInfo) -> str:
@@ -21,10 +22,15 @@ def norm_name(name: str) -> str:
 
 
 def read_meta(path: str | Path) -> dict:
-    """The string metadata of a safetensors file."""
-    from safetensors import safe_open
-    with safe_open(str(path), "pt") as f:
-        return dict(f.metadata() or {})
+    """The string metadata of a safetensors file; a truncated or garbage file is a SpecError
+    naming the path (safe_open checks the header and that the data covers every tensor)."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise SpecError(f"{path}: not a readable safetensors file, truncated or corrupt ({e}); "
+                        "re-create it") from None
 
 
 def find_shipped(folder: Path, info: ModelInfo) -> Path | None:

@@ -98,7 +98,10 @@ def load_heads(path: str | Path, info: ModelInfo | None = None) -> RetainingHead
     if meta.get("format") != "vramchat-locret-1":
         raise SpecError(f"locret heads {path}: not a vramchat retaining-heads file "
                         f"(format {meta.get('format')!r}); {TRAIN_HINT}")
-    shape = {k: json.loads(meta[k]) for k in ("n_layers", "d_in", "d_r", "n_kv", "act", "fc1_bias")}
+    try:
+        shape = {k: json.loads(meta[k]) for k in ("n_layers", "d_in", "d_r", "n_kv", "act", "fc1_bias")}
+    except (KeyError, ValueError) as e:
+        raise SpecError(f"locret heads {path}: broken shape metadata ({e!r}); {TRAIN_HINT}") from None
     if info is not None:
         want = model_key(info)
         if meta.get("model_key") != want:
@@ -112,7 +115,11 @@ def load_heads(path: str | Path, info: ModelInfo | None = None) -> RetainingHead
         missing, extra = sorted(expect - set(state)), sorted(set(state) - expect)
         raise SpecError(f"locret heads {path}: {len(state)} tensors, expected {len(expect)} "
                         f"(missing {missing[:3]}, unexpected {extra[:3]})")
-    heads.load_state_dict(state, strict=True)
+    try:
+        heads.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # tensor shapes that contradict the metadata
+        raise SpecError(f"locret heads {path}: tensors do not match the shapes in its metadata {shape}: "
+                        f"{str(e).splitlines()[-1].strip()}; {TRAIN_HINT}") from None
     return heads.eval().requires_grad_(False)
 
 

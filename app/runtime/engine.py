@@ -291,6 +291,9 @@ class Runtime:
                 new, lossy, note = (None, False, "") if reprefill else convert(old, self.adapter.info, spec)
             except BaseException as e:
                 if not _is_oom(e):
+                    if any(l is None for l in old.layers):  # convert freed some old layers: re-read next turn
+                        self._reset_cache(old_spec)
+                        self.cached_text, self._answer_start = "", None
                     raise
                 new, note = None, "out of memory while converting"
             if new is None:

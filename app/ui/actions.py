@@ -7,6 +7,7 @@ ever called inside a job's function, i.e. on the model thread; `memory()` is the
 from __future__ import annotations
 
 import gc
+import time
 from pathlib import Path
 
 from app.runtime.types import Sampling, VramchatError
@@ -117,8 +118,16 @@ class Actions:
         sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p)
 
         def fn(ctx):
+            pieces, last = [], [time.monotonic()]
+
+            def on_token(piece: str) -> None:
+                ctx.on_token(piece)
+                pieces.append(piece)
+                if time.monotonic() - last[0] >= self.PARTIAL_SAVE_S:  # a kill mid-answer keeps it
+                    last[0] = time.monotonic()
+                    self.autosave(self._with_partial(question, "".join(pieces)))
             result = self.runtime.ask(question, max_new_tokens=cfg.max_new_tokens, sampling=sampling,
-                                      on_token=ctx.on_token, progress=ctx.progress("reading the question"),
+                                      on_token=on_token, progress=ctx.progress("reading the question"),
                                       stop=ctx.stop)
             self.autosave()
             return result
@@ -203,6 +212,17 @@ class Actions:
         await self.transcript.add(Note("New conversation; the cache is empty."))
 
     # ---- saving ---------------------------------------------------------------------------
+    PARTIAL_SAVE_S = 1.0  # while an answer streams, autosave it (marked partial) this often
+
+    def _with_partial(self, question: str, text: str) -> dict:
+        """The conversation as it would reopen if the process died now: the answer so far, partial."""
+        data = self.runtime.to_json()
+        msgs = data["messages"] = [dict(m) for m in data.get("messages", [])]
+        if not msgs or msgs[-1].get("role") != "user" or msgs[-1].get("content") != question:
+            msgs.append({"role": "user", "content": question})  # not yet appended by the runtime
+        msgs.append({"role": "assistant", "content": text, "partial": True})
+        return data
+
     def autosave(self, data: dict | None = None) -> None:
         """Runs on the model thread after every turn; an error is reported, never raised."""
         rt = self.runtime

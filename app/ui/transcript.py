@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 
 from textual.containers import Vertical, VerticalScroll
+from textual.content import Content
 from textual.widgets import Collapsible, Markdown, Static
 
 from app.ui.store import stats_line
@@ -32,7 +33,7 @@ class Note(Static):
 class DocumentCard(Collapsible):
     def __init__(self, name: str, tokens: int, detail: str) -> None:
         super().__init__(Static(detail, markup=False, classes="doc-detail"),
-                         title=f"Document: {name} · {tokens:,} tokens", collapsed=True,
+                         title=Content(f"Document: {name} · {tokens:,} tokens"), collapsed=True,  # not markup
                          classes="document")
         self.doc_name = name
         self.tokens = tokens
