@@ -28,8 +28,10 @@ def retained(slots: dict, n: int, chunk: int) -> tuple[int, int]:
             return n, n
         return o["budget"] + local, max(o["budget"] + min(c, body), o["budget"] + local)
     if sel.name == "streaming":
-        cap = o["sinks"] + o["window"]
-        return min(n, cap), min(n, cap + chunk)
+        # the final chunk of a prefill is never evicted (policies/evict.py), as in locret
+        cap, c = o["sinks"] + o["window"], o.get("chunk") or chunk
+        last = n - (-(-n // c) - 1) * c
+        return (n, n) if n <= cap else (min(n, cap + last), min(n, cap + c))
     if sel.name == "full":
         return n, n
     return None, None
