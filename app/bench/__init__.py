@@ -25,7 +25,9 @@ def add_parser(sub) -> None:
     p.add_argument("--decode", type=int, default=None, help="decoded tokens per measurement")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--out", default="bench-out", help="folder for JSON and PNG output")
-    p.add_argument("--no-baselines", action="store_true", help="speed: skip transformers generate baselines")
+    p.add_argument("--baselines", default="generate,quantized",
+                   help="speed: transformers baselines to run, any of generate,quantized, or none "
+                        "(quantized = QuantizedCache with quanto, very slow on CPU)")
     p.add_argument("--trials", type=int, default=None, help="quality: trials per cell")
     g = p.add_argument_group("gpu128k")
     g.add_argument("--shape", default="llama3-8b", choices=["llama3-8b", "tiny"])
@@ -60,7 +62,9 @@ def run(args) -> int:
             memory.run(rt, chunk=args.chunk, decode=args.decode or 16, out_dir=out, **kw)
         elif args.suite == "speed":
             from . import speed
-            speed.run(rt, chunk=args.chunk, decode=args.decode or 16, baselines=() if args.no_baselines else speed.BASELINES,
+            names = dict(zip(("generate", "quantized"), speed.BASELINES))
+            chosen = [names[b] for b in _list(args.baselines, str, ",") or () if b in names]
+            speed.run(rt, chunk=args.chunk, decode=args.decode or 16, baselines=chosen,
                       out_dir=out, **kw)
         else:
             from . import quality
