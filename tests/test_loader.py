@@ -86,3 +86,16 @@ def test_cache_manifest_detects_truncation_and_corruption(tmp_path):
     assert not loader.check_cached(tmp_path)
     (tmp_path / "manifest.json").write_text("{not json")
     assert not loader.check_cached(tmp_path)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bitsandbytes 4/8-bit weights)")
+@pytest.mark.parametrize("weights", ["4bit", "8bit", "bf16"])
+def test_cuda_weights_load_and_answer(tmp_path, weights):
+    model, tok = tiny_pair(13, hidden_size=128, intermediate_size=256)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    rt = Runtime.load(str(tmp_path), weights=weights, device="cuda")
+    assert rt.device.type == "cuda" and rt.weights == weights
+    res = rt.ask("hello", max_new_tokens=4)
+    assert res.new_tokens >= 1 and rt.memory().torch_allocated > 0
