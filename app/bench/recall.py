@@ -135,8 +135,10 @@ NEEDLES = [("The pass key is {x}.", "What is the pass key?", "73914"),
 
 
 def needles(rt, doc_tokens: int = 8192, budget: int = 1024, recall: int = 512) -> list[dict]:
-    """Three needles at depths 20/50/80 % of a prose document, asked in turn per policy."""
-    text, _ = read_text(default_data())
+    """Three needles at depths 20/50/80 % of a prose document (the benchmark haystack, never
+    trained on), asked in turn per policy."""
+    from .locret import HAYSTACK
+    text = HAYSTACK.read_text()
     ids = rt.tokens(text)[:doc_tokens]
     body = rt.tok.decode(ids)
     cuts = [int(len(body) * f) for f in (0.2, 0.5, 0.8)]
