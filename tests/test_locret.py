@@ -1,6 +1,7 @@
 """Locret: retaining-head selector, eviction, compacted positions, heads files, training."""
 from __future__ import annotations
 
+import tempfile
 import pytest
 import torch
 import torch.nn.functional as F
@@ -257,3 +258,25 @@ def test_shipped_heads_answer_passkey_at_3k(fresh_smol):
     assert fresh_smol.cache.length <= 512 + 100 + 14
     fresh_smol._reset_cache("full")
     assert res["correct"], res["answer"]
+
+
+def test_oracle_scorer_keeps_the_needle_through_eviction():
+    """The bench's oracle keeps the needle's tokens in every layer and head at any length:
+    what separates the eviction machinery from the scorer (tiny model, random heads file)."""
+    from app.bench import locret as bench
+    from app.runtime.engine import Runtime
+    from tiny import tiny_pair
+    model, tok = tiny_pair(21)
+    rt = Runtime.from_model(model, tok, chunk_size=64)
+    with tempfile.TemporaryDirectory() as tmp:
+        heads = bench._random_heads(rt.adapter.info, tmp)
+        spec = f"locret:budget=96,stabilizers=16,local=16,heads={heads}"
+        res = bench.trial(rt, spec, 600, depth=0.5, seed=3, scorer="oracle", max_new=2)
+        ids, key = bench.passkey_prompt(rt, 600, 0.5, 3)
+        needle = tok(" " + bench.NEEDLE.format(key=key) + " ", add_special_tokens=False)["input_ids"]
+        at = next(i for i in range(len(ids)) if ids[i:i + len(needle)] == needle)
+        for layer in rt.cache.layers:
+            kept = layer.positions()
+            for h in range(kept.shape[0]):
+                assert set(range(at, at + len(needle))) <= set(kept[h].tolist())
+        assert res["tokens"] == len(ids) and rt.cache.length <= 96 + 16 + 2

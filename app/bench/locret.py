@@ -1,5 +1,6 @@
 """Locret measurements: pass key retrieval far past the model's window in a fixed budget,
-against a StreamingLLM-like scorer (4 sinks + the newest tokens) and random heads, with
+against a StreamingLLM-like scorer (4 sinks + the newest tokens), random heads and an
+oracle (the needle's tokens kept, then recency: the bound the scorer could reach), with
 the same budget, documents and chunking; prefill speed and peak KV bytes.
 
 The haystack is `data/haystack/licenses.txt` (never used in training) and the needle's
@@ -54,6 +55,16 @@ def _streaming(layer_sel, sinks=4):
     layer_sel.score = score
 
 
+def _oracle(layer_sel, keep: set[int]):
+    """Replace a selector's scorer: the needle's tokens first, then recency. Not a policy:
+    the upper bound that tells the positions/eviction machinery from the scorer."""
+    def score(cache, chunk, k, v):
+        idx = torch.arange(cache.seen, cache.seen + k.shape[1], device=k.device, dtype=torch.float32)
+        hit = torch.tensor([t in keep for t in range(cache.seen, cache.seen + k.shape[1])], device=k.device)
+        return torch.where(hit, torch.full_like(idx, 1e9), idx).expand(k.shape[0], -1).contiguous()
+    layer_sel.score = score
+
+
 def _random_heads(info, folder):
     torch.manual_seed(1234)
     heads = RetainingHeads(info.n_layers, info.hidden_size, 128, info.n_kv_heads)
@@ -66,10 +77,15 @@ def trial(rt, spec: str, n_tokens: int, depth: float, seed: int, scorer: str = "
     """One pass-key trial on a fresh cache -> dict(correct, answer, prefill_tok_s, kv_peak_bytes)."""
     r = rt
     r._reset_cache(spec)  # a fresh cache on the same model (no second adapter and hooks)
+    ids, key = passkey_prompt(r, n_tokens, depth, seed)
     if scorer == "streaming":
         for layer in r.cache.layers:
             _streaming(layer.selector)
-    ids, key = passkey_prompt(r, n_tokens, depth, seed)
+    elif scorer == "oracle":
+        needle = r.tok(" " + NEEDLE.format(key=key) + " ", add_special_tokens=False)["input_ids"]
+        at = next(i for i in range(len(ids) - len(needle) + 1) if ids[i:i + len(needle)] == needle)
+        for layer in r.cache.layers:
+            _oracle(layer.selector, set(range(at, at + len(needle))))
     t0 = time.perf_counter()
     logits = r._prefill(ids)
     dt = time.perf_counter() - t0
@@ -98,7 +114,7 @@ def run(rt=None, lengths=(16384,), trials: int = 10, budget: int = 1024, scorers
     with tempfile.TemporaryDirectory() as tmp:
         for scorer in scorers:
             spec = f"locret:budget={budget},chunk={chunk}"
-            if scorer != "heads":  # streaming replaces the scorer: any heads file will do
+            if scorer != "heads":  # streaming/oracle replace the scorer: any heads file will do
                 spec += f",heads={_random_heads(rt.adapter.info, tmp)}"
             n_trials = trials if scorer == "heads" or baseline_trials is None else baseline_trials
             for n in lengths:
