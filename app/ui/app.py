@@ -11,6 +11,7 @@ from typing import Callable, Iterable
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.css.query import NoMatches
 from textual.widgets import Footer, ProgressBar, Static
 
 from app.config import Config
@@ -221,10 +222,14 @@ class VramchatApp(Actions, App):
         except Exception as e:  # noqa: BLE001 -- a gauge must never take the app down
             self.log.warning(f"memory() failed: {e}")
             return
-        vram = self.main_screen.query_one("#vram", Gauge)
+        try:
+            vram = self.main_screen.query_one("#vram", Gauge)
+            host = self.main_screen.query_one("#host", Gauge)
+        except NoMatches:  # the app is quitting and its widgets are already gone
+            return
         vram.report = report
         vram.border_title = "VRAM" if report.has_gpu else "Memory (no GPU)"
-        self.main_screen.query_one("#host", Gauge).report = report
+        host.report = report
 
     def refresh_panels(self) -> None:
         rt = self.runtime
@@ -233,8 +238,11 @@ class VramchatApp(Actions, App):
         self.status.model, self.status.device, self.status.weights = rt.model_id, rt.device, rt.weights
         if self.snapshot is not None:
             policy, context = self.snapshot
-            self.main_screen.query_one(PolicyPanel).spec = policy
-            self.main_screen.query_one(ContextMeter).info = context
+            try:
+                self.main_screen.query_one(PolicyPanel).spec = policy
+                self.main_screen.query_one(ContextMeter).info = context
+            except NoMatches:  # the app is quitting and its widgets are already gone
+                return
         self.poll_memory()
 
     # ---- keys -----------------------------------------------------------------------------
