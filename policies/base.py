@@ -31,8 +31,6 @@ from . import rope
 from .attention import attend
 from .registry import Policy, REGISTRY, SpecError, parse_spec
 
-KINDS = ("keys", "values", "codes", "scales", "zeros", "residual", "labels", "scores", "index")
-
 
 @dataclass
 class ModelInfo:
@@ -281,6 +279,8 @@ class KVCache:
         if "selector" not in self.slots:
             self.slots["selector"] = Policy("full", "selector", {})
         self.layers = [self._build_layer(i) for i in range(info.n_layers)]
+        # the adapter captures each layer's normed input only for selectors that score it
+        self.needs_hidden = any(getattr(l.selector, "needs_hidden", False) for l in self.layers)
         ffn = self.slots.get("ffn")  # model-level: one component, the adapter attaches it
         self.ffn = REGISTRY[ffn.name].build(ffn, info, None) if ffn else None
         self.next_position = 0

@@ -74,7 +74,7 @@ def decode_steps(ad: Adapter, cache: KVCache, logits: torch.Tensor, n: int) -> N
         tok = logits.argmax().view(1)
         c = Chunk(tok, cache.next_position, "decode")
         logits = ad.forward(tok, cache, c)
-        cache.track_peak()
+    cache.track_peak()  # decode only appends: the end is the peak
 
 
 def random_ids(n: int, vocab: int, seed: int = 0, device="cpu") -> torch.Tensor:

@@ -16,7 +16,6 @@ from transformers.masking_utils import AttentionMaskInterface
 from policies import Chunk, KVCache, ModelInfo, SpecError
 
 ATTN_NAME = "vramchat"
-TESTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 
 def _vramchat_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -50,10 +49,9 @@ class Adapter:
         model.set_attn_implementation(ATTN_NAME)
         self.decoder = model.model
         self.layers = self.decoder.layers
-        self._hooks = []
         self._capture: dict | None = None
         for i, layer in enumerate(self.layers):
-            self._hooks.append(layer.self_attn.register_forward_pre_hook(self._make_capture(i), with_kwargs=True))
+            layer.self_attn.register_forward_pre_hook(self._make_capture(i), with_kwargs=True)
         self._ffn = None  # the active cache's `ffn` component (ffnskip), during a forward
         self._ffn_in: dict = {}
         self._ffn_ok = all(self._wrap_mlp(i, layer) for i, layer in enumerate(self.layers))
@@ -118,8 +116,7 @@ class Adapter:
         n = ids.shape[-1]
         pos = torch.arange(cache.next_position, cache.next_position + n, device=ids.device)
         if capture_hidden is None:
-            capture_hidden = getattr(cache, "needs_hidden", False) or any(
-                getattr(l.selector, "needs_hidden", False) for l in cache.layers)
+            capture_hidden = cache.needs_hidden
         self._capture = chunk.hidden if capture_hidden else None
         self._ffn = getattr(cache, "ffn", None)
         if self._ffn is not None:

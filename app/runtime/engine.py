@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 
 import offload  # noqa: F401  (registers offload's policies)
-import policies
 from policies import Chunk, parse_spec
 
 from . import documents, loader, memory
@@ -244,7 +243,7 @@ class Runtime:
                     out.pop()  # that token never reached the cache
                     text = self.tok.decode(out, skip_special_tokens=True)
                     break
-                self.cache.track_peak()
+            self.cache.track_peak()  # NOTE: decode only appends, so the end is the peak
             t_end = time.perf_counter()
             text = self.tok.decode(out, skip_special_tokens=True)
             self.cached_text += self.tok.decode(out, skip_special_tokens=False)
@@ -343,5 +342,3 @@ class Runtime:
             if target:
                 self._rebuild(target, progress, stop)
 
-
-__all__ = ["Runtime", "policies"]

@@ -20,7 +20,7 @@ STYLES = {
     "process": "#af87d7", "offloaded KV": "#d7875f", "available": "#3a3a3a",
 }
 _QUANT_KINDS = {"codes", "scales", "zeros", "mins"}
-_META_KINDS = {"labels", "scores"}
+_META_KINDS = {"labels", "scores", "index"}
 
 
 def fmt_bytes(n: int | float | None) -> str:
