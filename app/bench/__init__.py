@@ -9,11 +9,11 @@ import argparse
 import time
 from pathlib import Path
 
-SUITES = ("memory", "speed", "quality", "gpu128k")
+SUITES = ("memory", "speed", "quality", "gpu128k", "soak")
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks: memory, speed, quality, gpu128k",
+    p = sub.add_parser("bench", help="benchmarks: memory, speed, quality, gpu128k, soak",
                        formatter_class=argparse.RawDescriptionHelpFormatter, description=__doc__)
     p.add_argument("suite", choices=SUITES)
     p.add_argument("--model", default=None, help="model for memory/speed/quality (default: the embedded one)")
@@ -29,6 +29,8 @@ def add_parser(sub) -> None:
                    help="speed: transformers baselines to run, any of generate,quantized, or none "
                         "(quantized = QuantizedCache with quanto, very slow on CPU)")
     p.add_argument("--trials", type=int, default=None, help="quality: trials per cell")
+    p.add_argument("--turns", type=int, default=100,
+                   help="soak: turns per policy against one document (its length: first of --lengths, default 8192)")
     g = p.add_argument_group("gpu128k")
     g.add_argument("--shape", default="llama3-8b", choices=["llama3-8b", "tiny"])
     g.add_argument("--context", type=int, default=131072)
@@ -66,6 +68,10 @@ def run(args) -> int:
             chosen = [names[b] for b in _list(args.baselines, str, ",") or () if b in names]
             speed.run(rt, chunk=args.chunk, decode=args.decode or 16, baselines=chosen,
                       out_dir=out, **kw)
+        elif args.suite == "soak":
+            from . import soak
+            soak.run(rt, policies=pols or soak.DEFAULT_POLICIES, turns=args.turns, max_new=args.decode or 16,
+                     doc_tokens=lengths[0] if lengths else 8192, out_dir=out)
         else:
             from . import quality
             quality.run(rt, out_dir=out, trials=args.trials, **kw)
