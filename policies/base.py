@@ -322,6 +322,8 @@ class KVCache:
     @torch.inference_mode()  # NOTE: stores are inference tensors (filled in forward); evict in place
     def end_chunk(self, chunk: Chunk) -> None:
         """After a prefill chunk: let every layer's selector evict, then fix the frame."""
+        if getattr(self.layers[0].selector, "share_scores", False):
+            self._share_scores(self.layers[0].selector)
         picks = [l.select(chunk) for l in self.layers]
         if any(p is not None for p in picks):
             lens = [p.shape[1] if p is not None else l.length for p, l in zip(picks, self.layers)]
@@ -332,7 +334,25 @@ class KVCache:
                 else:
                     layer.rebase(new_next - n)
             self.next_position = new_next
+            self._shared = self.layers[0].length
         self.track_peak()
+
+    def _share_scores(self, selector) -> None:
+        """Replace the scores of the tokens scored since the last chunk, in every layer and
+        head, by `selector.combine` of all of them ([L, Hkv, T] -> [T]): one score per
+        token, so every layer keeps the same tokens. Layers then hold the same tokens, and
+        the unshared scores are the columns past `_shared` (layers of unequal length, e.g.
+        after a policy switch, share nothing and select per layer)."""
+        n = self.layers[0].length
+        if any(l.scores is None or l.length != n or l.scores.shape[1] != n for l in self.layers):
+            return
+        s0 = min(getattr(self, "_shared", 0), n)
+        if s0 == n:
+            return
+        one = selector.combine(torch.stack([l.scores[:, s0:] for l in self.layers]))
+        for l in self.layers:
+            l.scores = torch.cat((l.scores[:, :s0], one.expand(l.scores.shape[0], -1)), 1)
+        self._shared = n
 
     def track_peak(self) -> int:
         total = sum(self.nbytes().values())

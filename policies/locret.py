@@ -15,6 +15,17 @@ inside the budget), nor the conversation's first `SINKS` tokens; after the final
 own tokens are never evicted. Indices are
 re-sorted so kept tokens stay in order; `LayerCache.evict` compacts positions.
 
+Shared scores and pooling (ours; measured in BENCHMARKS.md, Locret). The paper lets each
+KV head of each layer keep its own best tokens. With `share=on` (default) the scores of a
+chunk's tokens become their mean over all layers' heads before eviction (`KVCache`
+calls `combine` once per chunk, after every layer has scored it): an ensemble of
+L x Hkv predictors, and every layer keeps the same tokens -- a fact must survive in most
+layers to be answered. `pool=k` then gives each token the best score within k//2 of it,
+so a kept number keeps the words that say what it is. The shipped heads are trained for
+this (`train-heads --labels shared`: every head regresses the max over layers of
+z-scored labels). On the default model at 16K tokens, budget 1024: per-head selection
+0/4, shared 1/4, shared + pool 9 9/10 pass keys.
+
 Many turns. Question and answer tokens get scores like any other (decode scores them
 too) and only the final chunk of the prefill that added them is protected, so the next
 prefill evicts them like document tokens: after every prefill a layer holds at most
@@ -236,6 +247,7 @@ class LocretSelector:
     def __init__(self, opts: dict, info: ModelInfo, layer: int):
         self.budget, self.stabilizers, self.local = opts["budget"], opts["stabilizers"], opts["local"]
         self.chunk = opts["chunk"] or None  # None: the runtime's --chunk-size
+        self.share_scores, self.pool = opts["share"], opts["pool"]
         self.layer = layer
         self.heads, self.source = find_heads(info, opts["heads"])
 
@@ -252,7 +264,13 @@ class LocretSelector:
         if x is None:
             raise RuntimeError(f"locret: layer {self.layer} got no hidden state (the adapter must "
                                "capture it for selectors with needs_hidden)")
-        return self.heads.score(self.layer, x)
+        s = self.heads.score(self.layer, x)
+        return s if self.share_scores else _pool(s, self.pool)
+
+    def combine(self, scores: torch.Tensor) -> torch.Tensor:
+        """share=on: [L, Hkv, T] scores of new tokens -> one score per token [T]: the mean
+        over every layer's heads (an ensemble of L x Hkv predictors), then pooled."""
+        return _pool(scores.mean((0, 1))[None], self.pool)[0]
 
     def keep(self, cache, chunk) -> torch.Tensor | None:
         """-> sorted indices [Hkv, b] to keep, or None when nothing needs evicting."""
@@ -268,7 +286,18 @@ class LocretSelector:
         return s.topk(cap, dim=1).indices.sort(dim=1).values
 
 
+def _pool(s: torch.Tensor, k: int) -> torch.Tensor:
+    """Max over a window of k neighbours ([H, T] -> [H, T]): a token scores as well as
+    the best within k//2 of it, so a kept fact keeps the words around it (SnapKV pools its
+    scores for the same reason). Kept at the chunk's edges by padding."""
+    if k <= 1 or s.shape[-1] < 2:
+        return s
+    return F.max_pool1d(s[None], k, 1, k // 2)[0][..., : s.shape[-1]]
+
+
 def _check(opts: dict) -> None:
+    if opts["pool"] % 2 == 0:
+        raise SpecError(f"policy `locret`: option `pool` ({opts['pool']}) must be odd (a window centred on the token)")
     if opts["stabilizers"] + SINKS >= opts["budget"]:
         raise SpecError(f"policy `locret`: option `stabilizers` ({opts['stabilizers']}) must be below "
                         f"option `budget` ({opts['budget']}) minus {SINKS} sink tokens: both count inside the budget")
@@ -280,6 +309,9 @@ def _check(opts: dict) -> None:
     "stabilizers": Opt(int, 256, "newest tokens of a chunk never evicted (inside the budget)", min=0),
     "local": Opt(int, 100, "last tokens of a prefill read without eviction", min=0),
     "heads": Opt("path", "", "retaining heads file or folder (default: shipped heads for this model)"),
+    "share": Opt(bool, True, "on: every layer keeps the tokens with the best mean score over all layers' "
+                 "heads; off: each head keeps its own best (the paper)"),
+    "pool": Opt(int, 9, "score of a token = the best within this window around it (odd; 1: none)", min=1, max=63),
 }, "retaining heads keep the best `budget` tokens per head; memory fixed by budget + chunk", _check)
 def build(policy, info, layer):
     return LocretSelector(policy.opts, info, layer)

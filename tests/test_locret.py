@@ -56,10 +56,13 @@ def test_plan_holds_back_local():
     assert rt is not None
 
 
-def test_eviction_keeps_budget_top_scores_and_stabilizers(tmp_path):
+@pytest.mark.parametrize("share", ["off", "on"])
+def test_eviction_keeps_budget_top_scores_and_stabilizers(tmp_path, share):
+    """share=off: each head keeps its own best; share=on: the scores of a chunk's tokens
+    become their mean over every layer and head first, so every layer keeps the same."""
     rt = _runtime("full")
     f = _heads_file(rt, tmp_path)
-    rt = _runtime(f"locret:budget=32,stabilizers=8,local=10,chunk=16,heads={f}")
+    rt = _runtime(f"locret:budget=32,stabilizers=8,local=10,chunk=16,share={share},pool=3,heads={f}")
     cache = rt.cache
     x = torch.tensor(_ids(150))
     plan = rt._chunks(150)
@@ -68,8 +71,17 @@ def test_eviction_keeps_budget_top_scores_and_stabilizers(tmp_path):
     for i, n in enumerate(plan):
         chunk = Chunk(x[done:done + n], cache.next_position, final=i == len(plan) - 1)
         rt.adapter.forward(chunk.input_ids, cache, chunk)
+        if share == "on":
+            from policies.locret import _pool
+            new = _pool(torch.stack([l.scores[:, -n:] for l in cache.layers]).mean((0, 1))[None], 3)[0]
+            cache._share_scores(cache.layers[0].selector)  # end_chunk's own call is then a no-op
+            for l in cache.layers:
+                torch.testing.assert_close(l.scores[:, -n:], new.expand(l.scores.shape[0], -1))
         before = [(l.positions().clone(), l.scores.clone()) for l in cache.layers]
         cache.end_chunk(chunk)
+        if share == "on":
+            assert all(torch.equal(l.positions(), cache.layers[0].positions().expand_as(l.positions()))
+                       for l in cache.layers), "every layer and head keeps the same tokens"
         done += n
         for l, (pos0, sc0) in zip(cache.layers, before):
             kept = l.positions()
@@ -91,6 +103,23 @@ def test_eviction_keeps_budget_top_scores_and_stabilizers(tmp_path):
                 assert not lost_s or min(kept_s) >= max(lost_s)
             assert torch.equal(kept, kept.sort(1).values), "kept tokens stay in order"
         assert cache.next_position == cache.length
+
+
+def test_pool_takes_the_window_max_and_refuses_even_windows(tmp_path):
+    from policies.locret import _pool
+    s = torch.tensor([[0.0, 0, 5, 0, 0, 0, 1], [3, 0, 0, 0, 0, 0, 0]])
+    assert _pool(s, 3).tolist() == [[0, 5, 5, 5, 0, 1, 1], [3, 3, 0, 0, 0, 0, 0]]
+    assert _pool(s, 5).tolist() == [[5, 5, 5, 5, 5, 1, 1], [3, 3, 3, 0, 0, 0, 0]]
+    assert torch.equal(_pool(s, 1), s)
+    rt = _runtime("full")
+    f = _heads_file(rt, tmp_path)
+    with pytest.raises(SpecError, match="option `pool` .4. must be odd"):
+        _runtime(f"locret:pool=4,heads={f}")
+    # pooling keeps a span: the neighbours of the best-scored token survive with it
+    rt = _runtime(f"locret:budget=16,stabilizers=2,local=4,chunk=16,pool=5,share=off,heads={f}")
+    rt._prefill(_ids(80))
+    sel = rt.cache.layers[0].selector
+    assert sel.pool == 5 and not sel.share_scores
 
 
 def test_compacted_keys_are_rope_at_new_slots(tmp_path):

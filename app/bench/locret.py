@@ -104,7 +104,7 @@ def trial(rt, spec: str, n_tokens: int, depth: float, seed: int, scorer: str = "
 
 def run(rt=None, lengths=(16384,), trials: int = 10, budget: int = 1024, scorers=("heads", "streaming", "random"),
         baseline_trials: int | None = None, threads: int = 2, chunk: int = 512, seed: int = 0,
-        progress=None) -> list[dict]:
+        progress=None, heads: str = "") -> list[dict]:
     """Rows, one per (scorer, length): accuracy over depths 0.1..0.9, prefill tok/s, KV peak."""
     torch.set_num_threads(threads)
     if rt is None:
@@ -113,9 +113,9 @@ def run(rt=None, lengths=(16384,), trials: int = 10, budget: int = 1024, scorers
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for scorer in scorers:
-            spec = f"locret:budget={budget},chunk={chunk}"
+            spec = f"locret:budget={budget},chunk={chunk}" + (f",heads={heads}" if heads else "")
             if scorer != "heads":  # streaming/oracle replace the scorer: any heads file will do
-                spec += f",heads={_random_heads(rt.adapter.info, tmp)}"
+                spec = f"locret:budget={budget},chunk={chunk},heads={_random_heads(rt.adapter.info, tmp)}"
             n_trials = trials if scorer == "heads" or baseline_trials is None else baseline_trials
             for n in lengths:
                 depths = [0.1 + 0.8 * i / max(1, n_trials - 1) for i in range(n_trials)]
