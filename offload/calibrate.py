@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from policies import ModelInfo, SpecError
-from policies.files import find_shipped, model_key, read_meta  # noqa: F401  (re-exported)
+from policies.files import check_digest, digest, find_shipped, model_key, read_meta  # noqa: F401  (re-exported)
 
 FORMAT = "vramchat-channels-1"
 CHANNELS_DIR = Path(__file__).parent / "channels"
@@ -76,8 +76,9 @@ def save(path: str | Path, stat: torch.Tensor, r: int, key: str, names: list[str
     meta = {"format": FORMAT, "model_key": key, "names": json.dumps(names), "channels": str(r),
             "statistic": "qk", "tokens": str(tokens), "data": data, "command": command,
             "shape": json.dumps(list(stat.shape))}
-    save_file({"stat": stat.float().contiguous().cpu(), "channels": top_channels(stat.float(), r).cpu()},
-              str(path), metadata=meta)
+    state = {"stat": stat.float().contiguous().cpu(), "channels": top_channels(stat.float(), r).cpu()}
+    meta["sha256"] = digest(state)
+    save_file(state, str(path), metadata=meta)
     return path
 
 
@@ -90,7 +91,9 @@ def load(path: str | Path, info: ModelInfo | None = None) -> tuple[torch.Tensor,
     meta = read_meta(path)
     if meta.get("format") != FORMAT:
         raise SpecError(f"{path}: not a vramchat channels file (format {meta.get('format')!r}); {HINT}")
-    stat = load_file(str(path))["stat"]
+    state = load_file(str(path))
+    check_digest(path, state, meta, HINT)
+    stat = state["stat"]
     if info is not None:
         want = (info.n_layers, info.n_kv_heads, info.head_dim)
         if meta.get("model_key") != model_key(info) or tuple(stat.shape) != want:

@@ -2,8 +2,11 @@
 file names the model it fits, and how the shipped one for a model is found."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
+
+import torch
 
 from .base import ModelInfo
 from .registry import SpecError
@@ -31,6 +34,25 @@ def read_meta(path: str | Path) -> dict:
     except (SafetensorError, OSError) as e:
         raise SpecError(f"{path}: not a readable safetensors file, truncated or corrupt ({e}); "
                         "re-create it") from None
+
+
+def digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the tensors' names and bytes, in name order: written into the metadata
+    of every file we save, checked on load (a flipped byte keeps every shape)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode() + b"\0")
+        h.update(state[name].detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_digest(path: str | Path, state: dict[str, torch.Tensor], meta: dict, hint: str) -> None:
+    """Refuse a file whose tensors no longer match the checksum written with them. Files
+    written before checksums existed carry none and get the shape checks only."""
+    want = meta.get("sha256")
+    if want is not None and digest(state) != want:
+        raise SpecError(f"{path}: checksum mismatch: the file changed after it was written (corrupt "
+                        f"on disk or edited); {hint}")
 
 
 def find_shipped(folder: Path, info: ModelInfo) -> Path | None:

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import ModelInfo
-from .files import find_shipped, model_key, read_meta
+from .files import check_digest, digest, find_shipped, model_key, read_meta
 from .registry import Opt, SpecError, register
 
 HEADS_DIR = Path(__file__).parent / "heads"
@@ -98,6 +98,7 @@ def save_heads(heads: RetainingHeads, path: str | Path, key: str, names: list[st
             **{k: json.dumps(v) for k, v in heads.meta().items()}}
     meta.update({k: str(v) for k, v in (extra or {}).items()})
     state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in heads.state_dict().items()}
+    meta["sha256"] = digest(state)
     save_file(state, str(path), metadata=meta)
 
 
@@ -121,6 +122,7 @@ def load_heads(path: str | Path, info: ModelInfo | None = None) -> RetainingHead
     heads = RetainingHeads(shape["n_layers"], shape["d_in"], shape["d_r"], shape["n_kv"], shape["act"],
                            shape["fc1_bias"])
     state = load_file(str(path))
+    check_digest(path, state, meta, TRAIN_HINT)
     expect = set(heads.state_dict())
     if set(state) != expect:
         missing, extra = sorted(expect - set(state)), sorted(set(state) - expect)

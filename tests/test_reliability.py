@@ -189,6 +189,33 @@ def test_corrupt_calibration_file_is_refused_with_its_path(tmp_path, policy):
         assert str(bad) in str(e.value) and "truncated or corrupt" in str(e.value), what
 
 
+def _flip_a_data_byte(path):
+    """Flip one bit in the tensor data: every shape and the header stay valid."""
+    data = bytearray(path.read_bytes())
+    n = struct.unpack("<Q", data[:8])[0]
+    data[8 + n + (len(data) - 8 - n) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_in_heads_or_channels_is_caught_by_the_checksum(tmp_path):
+    rt = _runtime()
+    heads = _heads_file(rt, tmp_path / "heads.safetensors")
+    chans = _channels_file(rt, tmp_path / "ch.safetensors")
+    _runtime(f"locret:budget=128,stabilizers=16,heads={heads}+offload:channels_file={chans}")  # both good
+    _flip_a_data_byte(heads)
+    with pytest.raises(SpecError, match=f"{heads}: checksum mismatch.*train-heads"):
+        _runtime(f"locret:budget=128,stabilizers=16,heads={heads}")
+    _flip_a_data_byte(chans)
+    with pytest.raises(SpecError, match=f"{chans}: checksum mismatch.*calibrate"):
+        _runtime(f"doublesparse:channels_file={chans}")
+    # the shipped files carry checksums too
+    from policies.files import read_meta
+    for f in (REPO / "policies" / "heads").glob("*.safetensors"):
+        assert len(read_meta(f)["sha256"]) == 64, f
+    for f in (REPO / "offload" / "channels").glob("*.safetensors"):
+        assert len(read_meta(f)["sha256"]) == 64, f
+
+
 def test_heads_file_with_shapes_of_another_model_is_refused_with_its_path(tmp_path):
     rt = _runtime()
     info = rt.adapter.info
