@@ -285,6 +285,7 @@ class KVCache:
         self.ffn = REGISTRY[ffn.name].build(ffn, info, None) if ffn else None
         self.next_position = 0
         self.peak_bytes = 0
+        self._shared = 0  # leading score columns already shared across layers (share_scores)
 
     @property
     def spec(self) -> str:
@@ -346,7 +347,7 @@ class KVCache:
         n = self.layers[0].length
         if any(l.scores is None or l.length != n or l.scores.shape[1] != n for l in self.layers):
             return
-        s0 = min(getattr(self, "_shared", 0), n)
+        s0 = min(self._shared, n)
         if s0 == n:
             return
         one = selector.combine(torch.stack([l.scores[:, s0:] for l in self.layers]))

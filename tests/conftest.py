@@ -26,3 +26,13 @@ def fresh_smol(smol):
     if smol.policy != "full":
         smol.set_policy("full")
     return smol
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread (restored after): many-turn tests on a shared
+    2-core machine are steadier and no slower that way."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

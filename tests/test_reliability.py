@@ -27,12 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 KIVI = "kivi:group=16,residual=32"  # fits head_dim 16 of the tiny model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _runtime(spec="full", chunk_size=64):
