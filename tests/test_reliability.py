@@ -155,17 +155,26 @@ def _corruptions(good: bytes) -> dict[str, bytes]:
             "header cut": good[: 8 + n // 2]}
 
 
-def test_truncated_or_garbage_heads_file_is_refused_with_its_path(tmp_path):
-    rt = _runtime()
-    good = _heads_file(rt, tmp_path / "good.safetensors").read_bytes()
-    for i, (what, data) in enumerate(_corruptions(good).items()):
+def _each_corruption_refused(good: Path, spec, tmp_path):
+    """Every corruption of the file `good`, passed through spec(path), is a SpecError naming
+    the bad file. -> the bad files."""
+    bads = []
+    for i, (what, data) in enumerate(_corruptions(good.read_bytes()).items()):
         bad = tmp_path / f"bad{i}.safetensors"
         bad.write_bytes(data)
         with pytest.raises(SpecError) as e:
-            _runtime(f"locret:budget=128,stabilizers=16,heads={bad}")
+            _runtime(spec(bad))
         assert str(bad) in str(e.value) and "truncated or corrupt" in str(e.value), what
+        bads.append(bad)
+    return bads
+
+
+def test_truncated_or_garbage_heads_file_is_refused_with_its_path(tmp_path):
+    rt = _runtime()
+    spec = lambda f: f"locret:budget=128,stabilizers=16,heads={f}"  # noqa: E731
+    for bad in _each_corruption_refused(_heads_file(rt, tmp_path / "good.safetensors"), spec, tmp_path):
         with pytest.raises(SpecError, match="truncated or corrupt"):
-            rt.set_policy(f"locret:budget=128,stabilizers=16,heads={bad}")
+            rt.set_policy(spec(bad))
         assert rt.policy == "full"
 
 
@@ -173,15 +182,11 @@ def test_truncated_or_garbage_heads_file_is_refused_with_its_path(tmp_path):
 def test_corrupt_calibration_file_is_refused_with_its_path(tmp_path, policy):
     rt = _runtime()
     heads = _heads_file(rt, tmp_path / "heads.safetensors")
-    good = _channels_file(rt, tmp_path / "good.safetensors").read_bytes()
+    good = _channels_file(rt, tmp_path / "good.safetensors")
     selector = f"locret:budget=128,stabilizers=16,heads={heads}+" if policy == "offload" else ""
-    _runtime(f"{selector}{policy}:channels_file={tmp_path / 'good.safetensors'}")  # the good file works
-    for i, (what, data) in enumerate(_corruptions(good).items()):
-        bad = tmp_path / f"bad{i}.safetensors"
-        bad.write_bytes(data)
-        with pytest.raises(SpecError) as e:
-            _runtime(f"{selector}{policy}:channels_file={bad}")
-        assert str(bad) in str(e.value) and "truncated or corrupt" in str(e.value), what
+    spec = lambda f: f"{selector}{policy}:channels_file={f}"  # noqa: E731
+    _runtime(spec(good))  # the good file works
+    assert len(_each_corruption_refused(good, spec, tmp_path)) == 6
 
 
 def _flip_a_data_byte(path):

@@ -113,9 +113,9 @@ def run(rt=None, lengths=(16384,), trials: int = 10, budget: int = 1024, scorers
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for scorer in scorers:
-            spec = f"locret:budget={budget},chunk={chunk}" + (f",heads={heads}" if heads else "")
-            if scorer != "heads":  # streaming/oracle replace the scorer: any heads file will do
-                spec = f"locret:budget={budget},chunk={chunk},heads={_random_heads(rt.adapter.info, tmp)}"
+            # streaming/oracle replace the scorer: any heads file will do, random ones are scored as such
+            use = heads if scorer == "heads" else _random_heads(rt.adapter.info, tmp)
+            spec = f"locret:budget={budget},chunk={chunk}" + (f",heads={use}" if use else "")
             n_trials = trials if scorer == "heads" or baseline_trials is None else baseline_trials
             for n in lengths:
                 depths = [0.1 + 0.8 * i / max(1, n_trials - 1) for i in range(n_trials)]

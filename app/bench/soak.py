@@ -36,11 +36,10 @@ import psutil
 import torch
 
 from .common import Bar, plot, table, write_json
+from .locret import HAYSTACK, NEEDLE, QUESTION
 
-HAYSTACK = Path(__file__).resolve().parents[2] / "data" / "haystack" / "licenses.txt"
 DEFAULT_POLICIES = ("locret", "locret+kivi", "locret+offload")
-NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
-NEEDLE_Q = "What is the pass key? Answer with the number only."
+NEEDLE_Q = QUESTION  # the pass-key question of the locret bench, asked at turns 1 and N
 QUESTIONS = (  # short questions about the licence text; cycled over turns 2..N-1
     "Which license is this document?", "Who publishes this license?", "What version is it?",
     "What does the preamble say?", "What is copyleft?", "What is the Corresponding Source?",
