@@ -32,8 +32,18 @@ def top(scores: torch.Tensor, cap: int, protect: int) -> torch.Tensor:
     s = scores.clone()
     n = s.shape[1]
     if protect:
-        s[:, n - min(n, protect):] = float("inf")  # NOTE: protect <= cap, so topk takes them all
-    return s.topk(cap, dim=1).indices.sort(dim=1).values
+        s[:, n - min(n, protect):] = float("inf")  # NOTE: protect <= cap, so best() takes them all
+    return best(s, cap)
+
+
+def best(s: torch.Tensor, cap: int) -> torch.Tensor:
+    """scores [H, n] -> indices [H, cap] of the cap highest, sorted ascending.
+
+    NOTE: ties go to the earlier token, on every device: pooled scores tie by design (a
+    window shares its peak), and `topk` breaks ties differently on CPU and CUDA, which
+    made the same document keep different tokens on the two.
+    """
+    return s.sort(dim=1, descending=True, stable=True).indices[:, :cap].sort(dim=1).values
 
 
 def sinks_recent(n: int, sinks: int, cap: int, heads: int, device) -> torch.Tensor:

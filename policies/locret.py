@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import ModelInfo
+from .evict import best
 from .files import check_digest, digest, find_shipped, model_key, read_meta
 from .registry import Opt, SpecError, register
 
@@ -283,9 +284,9 @@ class LocretSelector:
             return None
         protect = min(n, self.stabilizers + fixed)
         s = cache.scores.clone()  # [Hkv, n]
-        s[:, n - protect:] = float("inf")  # NOTE: protect + SINKS <= cap, so topk takes them all
+        s[:, n - protect:] = float("inf")  # NOTE: protect + SINKS <= cap, so best() takes them all
         s.masked_fill_(cache.positions() < SINKS, float("inf"))
-        return s.topk(cap, dim=1).indices.sort(dim=1).values
+        return best(s, cap)
 
 
 def _pool(s: torch.Tensor, k: int) -> torch.Tensor:

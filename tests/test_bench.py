@@ -3,6 +3,7 @@ analytic expectation."""
 import json
 
 import pytest
+import torch
 
 from app.bench import gpu128k, memory, speed
 from app.runtime.adapter import Adapter
@@ -55,9 +56,67 @@ def test_gpu128k_code_path_on_cpu(tmp_path):
     assert rows[1]["kv_gpu_gib"] < rows[0]["kv_gpu_gib"]
 
 
+def test_gpu128k_every_default_policy_runs_past_its_budget(tmp_path):
+    """The suite's own policy list (budgets shrunk so a tiny context evicts and spills)."""
+    pols = tuple(p.replace("16384", "300").replace("2048", "128") for p in gpu128k.POLICIES)
+    rows = gpu128k.run(shape="tiny", context=1000, decode=3, policies=pols, allow_cpu=True, out_dir=tmp_path)
+    assert [r.get("error") for r in rows] == [None] * len(pols)
+    full, locret, _, spilled, offload = rows
+    assert spilled["kv_host_gib"] > 0 and offload["kv_gpu_gib"] == 0 and offload["kv_host_gib"] > 0
+    assert locret["kv_gpu_gib"] < full["kv_gpu_gib"]
+
+
 def test_gpu128k_refuses_without_cuda():
     import torch
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         gpu128k.run(shape="tiny", context=100)
+
+
+def test_kernels_suite_times_every_store_against_full(tmp_path):
+    from app.bench import kernels
+    rows = kernels.run(lengths=(300,), rows=("full", "kivi:bits=2 (reference)", "doublesparse:keep=0.0625"),
+                       iters=2, chunk=128, device="cpu", out_dir=tmp_path)
+    assert [r["store"] for r in rows] == ["full", "kivi:bits=2 (reference)", "doublesparse:keep=0.0625"]
+    assert all(r["us"] > 0 and r["speedup_vs_full"] > 0 and "error" not in r for r in rows)
+    assert rows[0]["speedup_vs_full"] == 1
+    assert (tmp_path / "kernels.json").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    """Random retaining heads and calibrated channels for the tiny runtime."""
+    from app.calibrate import collect
+    from app.runtime.engine import Runtime
+    from offload.calibrate import save
+    from policies.locret import RetainingHeads, model_key, save_heads
+    from tiny import tiny_pair
+    d = tmp_path_factory.mktemp("copy")
+    m, t = tiny_pair(0, max_position_embeddings=4096)
+    ad = Runtime.from_model(m, t, model_id="tiny").adapter
+    torch.manual_seed(5)
+    save_heads(RetainingHeads(ad.info.n_layers, ad.info.hidden_size, 16, ad.info.n_kv_heads),
+               d / "heads.safetensors", model_key(ad.info), ["tiny"])
+    gen = torch.Generator().manual_seed(0)
+    save(d / "ch.safetensors", collect(ad, [torch.randint(4, 260, (64,), generator=gen) for _ in range(4)]).mean(),
+         4, model_key(ad.info), ["tiny"], 256, "random tokens (test)")
+    return str(d / "heads.safetensors"), str(d / "ch.safetensors")
+
+
+def test_copy_fidelity_recall_of_everything_equals_full(tiny_files):
+    """With recall >= every evicted token, locret+offload reproduces full's teacher-forced
+    copy exactly; locret alone keeps nothing on the host."""
+    from app.bench import recall
+    from app.runtime.engine import Runtime
+    from tiny import tiny_pair
+    heads, ch = tiny_files
+    m, t = tiny_pair(0, max_position_embeddings=4096)
+    rt = Runtime.from_model(m, t, model_id="tiny", chunk_size=256)
+    loc = f"locret:budget=96,chunk=256,stabilizers=8,local=0,heads={heads}"
+    rows = {s: recall.copy_fidelity(rt, s, doc_tokens=900, passage_tokens=60)
+            for s in ("full", loc, f"{loc}+offload:recall=4096,channels_file={ch}")}
+    full, alone, off = rows.values()
+    assert full["tokens"] == alone["tokens"] == off["tokens"] > 30
+    assert off["correct"] == full["correct"] and off["kv_host_bytes"] > 0
+    assert alone["kv_host_bytes"] == 0 and alone["kv_gpu_bytes"] < full["kv_gpu_bytes"]

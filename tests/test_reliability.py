@@ -290,7 +290,7 @@ def test_soak_turns_do_not_grow_the_cache(tmp_path, store):
 
 def _own_py_files():
     """The app's own modules (tests may bind a unix socket to check that it is refused)."""
-    skip = {".venv", ".git", "node_modules", "__pycache__", "tests"}
+    skip = {".venv", ".git", ".whl", "build", "node_modules", "__pycache__", "tests"}
     return [p for p in REPO.rglob("*.py") if not skip & set(p.relative_to(REPO).parts)]
 
 

@@ -9,11 +9,11 @@ import argparse
 import time
 from pathlib import Path
 
-SUITES = ("memory", "speed", "quality", "gpu128k", "soak")
+SUITES = ("memory", "speed", "quality", "gpu128k", "soak", "kernels")
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks: memory, speed, quality, gpu128k, soak",
+    p = sub.add_parser("bench", help="benchmarks: memory, speed, quality, gpu128k, soak, kernels",
                        formatter_class=argparse.RawDescriptionHelpFormatter, description=__doc__)
     p.add_argument("suite", choices=SUITES)
     p.add_argument("--model", default=None, help="model for memory/speed/quality (default: the embedded one)")
@@ -55,6 +55,10 @@ def run(args) -> int:
         weights = "4bit" if args.weights == "4bit" else "bf16"
         gpu128k.run(shape=args.shape, context=args.context, decode=args.decode or 128, cap_gib=args.cap_gib,
                     weights=weights, policies=pols or gpu128k.POLICIES, allow_cpu=args.allow_cpu, out_dir=out)
+    elif args.suite == "kernels":
+        from . import kernels
+        kernels.run(lengths=lengths or (8192, 32768, 131072), device=None if args.device == "auto" else args.device,
+                    out_dir=out)
     else:
         from app.runtime.engine import Runtime
         rt = Runtime.load(args.model, device=args.device, weights=args.weights)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import tempfile
 import time
+import traceback
 
 import torch
 
@@ -62,7 +63,7 @@ def _to_4bit(model, device, dtype):
         for parent in (layer.self_attn, layer.mlp):
             for name, mod in list(parent.named_children()):
                 if isinstance(mod, torch.nn.Linear):
-                    w = torch.randn(mod.out_features, mod.in_features, dtype=dtype) * 0.02
+                    w = torch.randn(mod.out_features, mod.in_features, dtype=dtype, device=device) * 0.02
                     q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=False, compute_dtype=dtype,
                                           quant_type="nf4")
                     q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4").to(device)
@@ -76,7 +77,8 @@ def _to_4bit(model, device, dtype):
         model.model.embed_tokens.weight.normal_(0, 0.02)
         model.lm_head.weight.normal_(0, 0.02)
         model.model.norm.weight.fill_(1.0)
-    model.model.rotary_emb = type(model.model.rotary_emb)(model.config, device=device)
+    with torch.device(device):  # built on meta above: its inv_freq buffer must be recomputed
+        model.model.rotary_emb = type(model.model.rotary_emb)(model.config)
     return model
 
 
@@ -104,8 +106,36 @@ def random_heads_dir(info) -> str:
     return d
 
 
+def random_channels_file(info) -> str:
+    """A calibration file of random outlier channels (offload's label cache; memory and
+    speed only: which channels are chosen changes what is recalled, not what it costs)."""
+    from offload.calibrate import save
+    from policies.files import model_key
+    d = tempfile.mkdtemp(prefix="vramchat-random-channels-")
+    g = torch.Generator().manual_seed(0)
+    stat = torch.rand(info.n_layers, info.n_kv_heads, info.head_dim, generator=g)
+    return str(save(f"{d}/channels.safetensors", stat, 16, model_key(info), [info.model_id], 0, "random (bench)"))
+
+
+def with_files(spec: str, heads: str | None, channels: str | None) -> str:
+    """`spec` with heads= on locret and channels_file= on doublesparse and on offload
+    behind a selector (`offload` alone keeps every token and needs no channels)."""
+    parts = []
+    alone = "+" not in spec
+    for part in spec.split("+"):
+        name, _, opts = part.partition(":")
+        extra = {"locret": heads and f"heads={heads}", "offload": channels and not alone and f"channels_file={channels}",
+                 "doublesparse": channels and f"channels_file={channels}"}.get(name)
+        if extra:
+            opts = f"{extra},{opts}" if opts else extra
+        parts.append(f"{name}:{opts}" if opts else name)
+    return "+".join(parts)
+
+
 def run(shape="llama3-8b", context=131072, decode=128, cap_gib=24.0, weights="bf16", policies=POLICIES,
-        allow_cpu=False, out_dir=None):
+        allow_cpu=False, out_dir=None, offload_decode=16):
+    """`offload` alone streams the whole cache over PCIe every decode step (seconds per
+    token at 128K): it decodes `offload_decode` tokens, the others `decode`."""
     from app.runtime.adapter import Adapter
     if not torch.cuda.is_available() and not allow_cpu:
         raise SystemExit("bench gpu128k needs a CUDA GPU (none is visible); nothing was measured")
@@ -116,16 +146,19 @@ def run(shape="llama3-8b", context=131072, decode=128, cap_gib=24.0, weights="bf
     model = build_model(shape, device, weights)
     ad = Adapter(model, None, f"random {shape} ({weights})")
     heads = random_heads_dir(ad.info) if any("locret" in p for p in policies) else None
+    channels = (random_channels_file(ad.info)
+                if any(n in p for p in policies for n in ("offload", "doublesparse")) else None)
     bw = bandwidth(device)
     wbytes = ad.weights_bytes()
     print(f"model: {ad.model_id}, weights {wbytes / 2**30:.2f} GiB, cap {cap_gib} GiB, "
-          f"bandwidth {bw / 1e9:.0f} GB/s; retaining heads are RANDOM (memory and speed only)")
+          f"bandwidth {bw / 1e9:.0f} GB/s; retaining heads and offload channels are RANDOM (memory and speed only)")
     rows = []
     bar = Bar(len(policies), "bench gpu128k")
     ids = random_ids(context, ad.model.config.vocab_size, 0, device)
     for spec in policies:
-        real = spec.replace("locret:", f"locret:heads={heads},") if heads else spec
-        row = {"policy": spec, "context": context, "weights": weights, "cap_gib": cap_gib}
+        real = with_files(spec, heads, channels)
+        n_dec = min(decode, offload_decode) if spec == "offload" else decode
+        row = {"policy": spec, "context": context, "weights": weights, "cap_gib": cap_gib, "decoded": n_dec}
         cache = None
         gc.collect()
         if device.type == "cuda":
@@ -138,16 +171,19 @@ def run(shape="llama3-8b", context=131072, decode=128, cap_gib=24.0, weights="bf
             logits = prefill_ids(ad, cache, ids, 2048)
             sync(device)
             t1 = time.perf_counter()
-            decode_steps(ad, cache, logits, decode)
+            decode_steps(ad, cache, logits, n_dec)
             sync(device)
             t2 = time.perf_counter()
             tiers = cache.bytes_by_tier()
             floor = (wbytes + tiers["gpu"]) / bw
-            row.update(prefill_tok_s=context / (t1 - t0), decode_tok_s=decode / (t2 - t1),
+            row.update(prefill_tok_s=context / (t1 - t0), decode_tok_s=n_dec / (t2 - t1),
                        kv_gpu_gib=tiers["gpu"] / 2**30, kv_host_gib=tiers["host"] / 2**30,
-                       floor_tok_s=1 / floor, of_floor=(decode / (t2 - t1)) * floor)
+                       floor_tok_s=1 / floor, of_floor=(n_dec / (t2 - t1)) * floor)
         except torch.OutOfMemoryError as e:
             row["error"] = f"out of memory (clean): {str(e).splitlines()[0][:100]}"
+        except Exception as e:  # one policy's failure must not lose the others' rows
+            traceback.print_exc()
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         finally:
             cache = None
             gc.collect()

@@ -7,6 +7,9 @@
   policy at the same budget and chunking; `locret` also against random heads;
 - `needles`: three distinct facts in one document asked in turn, `locret` vs
   `locret+offload`;
+- `copy`: a ~300-token passage at 20-40 % depth reproduced under teacher forcing
+  (`recall.copy_fidelity`): `full` on a 5.6K-token document (inside the window),
+  `locret` and `locret+offload` on a 16K-token one, budget as given;
 - `ffnskip`: short factual questions `full` answers correctly, answered again with FFN
   skipping, with the skip ratio.
 Defaults fit in ~15 minutes on a 2-core CPU; `--trials` and `--lengths` scale it.
@@ -17,6 +20,23 @@ from . import baselines, locret, recall
 from .common import plot, table, write_json
 
 KL_EXTRA = ("kivi", "kivi:bits=4", "doublesparse")
+
+
+COPY_DEPTHS = {1: (0.3,), 2: (0.25, 0.35), 3: (0.2, 0.3, 0.4)}
+
+
+def copy_rows(rt, budget: int, trials: int, full_tokens: int = 5632, doc_tokens: int = 16384, progress=None):
+    """Copy fidelity per policy at `trials` depths in 20-40 %."""
+    depths = COPY_DEPTHS.get(trials) or tuple(0.2 + 0.2 * i / (trials - 1) for i in range(trials))
+    out = []
+    for spec, n in (("full", full_tokens), (f"locret:budget={budget}", doc_tokens),
+                    (f"locret:budget={budget}+offload", doc_tokens)):
+        for d in depths:
+            row = recall.copy_fidelity(rt, spec, doc_tokens=n, depth=d)
+            out.append(row)
+            if progress:
+                progress(row)
+    return out
 
 
 def run(rt, out_dir=None, trials=None, lengths=None, policies=None, budget: int = 1024, chunk: int = 512):
@@ -39,10 +59,12 @@ def run(rt, out_dir=None, trials=None, lengths=None, policies=None, budget: int 
              locret.run(rt, lengths=lengths[-1:], trials=trials, budget=budget, chunk=chunk, scorers=("random",),
                         progress=show)]
     rows += [dict(r, kind="needles") for r in recall.needles(rt, doc_tokens=8192, budget=budget)]
+    rows += [dict(r, kind="copy") for r in copy_rows(rt, budget, trials, progress=show)]
     for kind, cols in (("kl", ["policy", "kl_nats", "ppl_full", "ppl_spec", "kv_peak_bytes"]),
                        ("passkey", ["policy", "tokens", "trials", "correct", "accuracy"]),
                        ("passkey-random-heads", ["policy", "length", "trials", "correct", "accuracy"]),
                        ("needles", ["spec", "question", "answer", "correct"]),
+                       ("copy", ["spec", "doc_tokens", "depth", "tokens", "correct", "accuracy"]),
                        ("ffnskip", ["policy", "questions", "correct_full", "correct_ffnskip", "skip_ratio"]),
                        ("lazy", ["policy", "tokens", "lazy_layers", "saved"])):
         part = [r for r in rows if r.get("kind") == kind]

@@ -178,3 +178,51 @@ def run(rt, what=("prefetch", "kl", "speed", "needles"), ctxs=(4096, 8192), spec
     if "needles" in what:
         rows += needles(rt)
     return rows
+
+
+COPY_QUESTION = ('Copy out, word for word, the passage of the document that begins "{head}" and ends '
+                 '"{tail}". Write only the passage.')
+
+
+def _copy_doc(rt, doc_tokens: int, depth: float, passage_tokens: int):
+    """-> (document text of ~doc_tokens from the haystack, passage text at `depth`)."""
+    from .locret import HAYSTACK
+    ids = rt.tokens(HAYSTACK.read_text())
+    if len(ids) < doc_tokens:
+        raise ValueError(f"the haystack holds {len(ids):,} tokens, fewer than {doc_tokens:,}")
+    body = rt.tok.decode(ids[:doc_tokens])
+    start = body.find(". ", int(len(body) * depth)) + 2
+    ptoks = rt.tokens(body[start:])[:passage_tokens]
+    passage = rt.tok.decode(ptoks)
+    end = passage.rfind(". ") + 1 or len(passage)  # end on a sentence
+    return body, passage[:end].strip()
+
+
+@torch.inference_mode()
+def copy_fidelity(rt, spec: str, doc_tokens: int = 16384, depth: float = 0.3, passage_tokens: int = 300) -> dict:
+    """Copy fidelity (issue 7): a document whose passage at `depth` the question asks to be
+    reproduced; the passage is teacher-forced as the answer and each token counts as right
+    when the model's greedy choice at that step is that token. The document is read as a
+    document turn and the question as the next (so `offload` recalls with the question's
+    queries, as in a chat). -> row with accuracy over the passage's tokens."""
+    body, passage = _copy_doc(rt, doc_tokens, depth, passage_tokens)
+    words = passage.split()
+    q = COPY_QUESTION.format(head=" ".join(words[:6]), tail=" ".join(words[-6:]))
+    rt.set_policy(spec, reprefill=True)
+    rt.clear()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "copy.txt"
+        path.write_text(body)
+        rt.load_document(str(path))
+    target = rt.conv.render(rt.tok, pending=[{"role": "user", "content": q}])
+    logits, _ = rt._sync(target)
+    answer = rt.tokens(passage)
+    right = 0
+    for tok in answer:
+        right += int(logits.argmax()) == tok
+        c = Chunk(torch.tensor([tok], device=rt.device), rt.cache.next_position, "decode")
+        logits = rt.adapter.forward(c.input_ids, rt.cache, c)
+    kv = rt.cache.bytes_by_tier()
+    rt.clear()
+    return {"measure": "copy", "spec": spec, "doc_tokens": doc_tokens, "depth": depth, "tokens": len(answer),
+            "correct": right, "accuracy": right / len(answer), "kv_gpu_bytes": kv["gpu"], "kv_host_bytes": kv["host"]}

@@ -73,7 +73,23 @@ def reference(q, view: QuantView, scale: float, k=None, v=None, extra=None) -> t
     return attend(q, keys, vals, scale)
 
 
+_TABLES: dict = {}
+
+
 def rope_tables(inv_freq: torch.Tensor, d: int, device):
+    """Cached `_rope_tables` (built on the host: rebuilding them per decode step cost three
+    host-device synchronisations per layer on CUDA)."""
+    # NOTE: keyed by the tensor's address; the entry holds the tensor, so the address
+    # cannot be reused by another while cached (inv_freq is never written in place)
+    key = (inv_freq.data_ptr(), str(inv_freq.device), d, str(torch.device(device)))
+    if key not in _TABLES:
+        if len(_TABLES) > 64:
+            _TABLES.clear()
+        _TABLES[key] = (inv_freq, _rope_tables(inv_freq, d, device))
+    return _TABLES[key][1]
+
+
+def _rope_tables(inv_freq: torch.Tensor, d: int, device):
     """Per-channel (freq [D] f32, partner [D] int32, sign [D] f32) so that the rotated
     channel c is x[c] cos(p f[c]) + sign[c] x[partner[c]] sin(p f[c]) (HF rotate_half)."""
     half = inv_freq.numel()
@@ -177,7 +193,7 @@ def _splits(length: int, heads: int, device, block: int) -> int:
 
 
 def decode(q: torch.Tensor, view: QuantView, scale: float, splits: int | None = None,
-           block: int = 32) -> torch.Tensor:
+           block: int = 32, warps: int = 4) -> torch.Tensor:
     """Fused decode attention: q [Hq, 1, D] over the whole view -> [Hq, 1, D] in q's dtype.
 
     The new token must already sit in the residual (`kr`/`vr` last rows)."""
@@ -207,7 +223,7 @@ def decode(q: torch.Tensor, view: QuantView, scale: float, splits: int | None = 
         view.kc.stride(0), view.kc.stride(1), view.ks.stride(0), view.ks.stride(1),
         kr.stride(0), kr.stride(1), view.vc.stride(0), view.vc.stride(1),
         view.vs.stride(0), view.vs.stride(1), vr.stride(0), vr.stride(1),
-        GQ=gq, GP=gp, D=d, DP=dp, BITS=view.bits, G=view.group, BT=block)
+        GQ=gq, GP=gp, D=d, DP=dp, BITS=view.bits, G=view.group, BT=block, num_warps=warps)
     w = torch.exp(m - m.amax(1, keepdim=True))  # [H, S, GP]
     out = (acc * w[..., None]).sum(1) / (l * w).sum(1)[..., None]  # [H, GP, DP]
     return out[:, :gq, :d].reshape(hq, 1, d).to(q.dtype)

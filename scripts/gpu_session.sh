@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# What a lent CUDA machine runs (BENCHMARKS.md, GPU section): `bash scripts/gpu_session.sh PART`,
+# each part under 10 minutes. The machine's image lacks bitsandbytes and has an older
+# transformers; they travel unpacked in .whl/site (git-ignored), made here with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_24_x86_64 \
+#       -d .whl bitsandbytes==0.50.2 transformers==5.23.0
+#   unzip each into .whl/site; drop bitsandbytes' libs for CUDA 11/12, ROCm and XPU and
+#   transformers/models/* except auto, llama, mistral, qwen2, phi3, gemma (64 MiB limit)
+# (with that pruned transformers, AutoTokenizer cannot load saved tokenizers: the loader's
+# CUDA test is left to an unpruned install).
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench-out}; mkdir -p "$OUT"
+[ -d .whl/site ] && export PYTHONPATH=$PWD/.whl/site
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+step() { local t=$1 name=$2; shift 2; echo "=== $name ($(date +%T))"; timeout "$t" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v "ETA" | tail -40; echo "=== $name rc=${PIPESTATUS[0]}"; }
+P="locret:budget=16384,chunk=2048"
+case "${1:-check}" in
+  check)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    python3 -c "import torch, transformers, triton, bitsandbytes; print(torch.__version__, transformers.__version__, triton.__version__, bitsandbytes.__version__)"
+    step 200 pytest python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_kivi_kernel.py -k "cuda or kernel or gpu" -rs
+    step 150 kernels python3 main.py bench kernels --out "$OUT"
+    step 200 g32k python3 main.py bench gpu128k --context 32768 --decode 32 --out "$OUT/g32k" ;;
+  probe)
+    step 300 probe python3 scripts/probe_attn.py ;;
+  bf16)
+    step 240 g128k python3 main.py bench gpu128k --policies "full $P $P+kivi $P+kivi+offload" --out "$OUT"
+    step 330 g128koff python3 main.py bench gpu128k --policies offload --decode 4 --out "$OUT/off" ;;
+  4bit)
+    step 200 g128k4b12 python3 main.py bench gpu128k --weights 4bit --cap-gib 12 --decode 32 --policies "$P+kivi" --out "$OUT"
+    step 300 g128k4b24 python3 main.py bench gpu128k --weights 4bit --cap-gib 24 --decode 32 --policies "$P $P+kivi+offload" --out "$OUT/24" ;;
+  *) echo "parts: check probe bf16 4bit"; exit 2 ;;
+esac
