@@ -13,7 +13,7 @@ from .doublesparse import DoubleSparseReader
 from .host import HostStore
 from .spill import OffloadSpill
 
-_RECALL_OPTS = ("recall", "channels", "every", "channels_file")
+_RECALL_OPTS = ("recall", "channels", "every", "pool", "channels_file")
 
 
 def _place(slots) -> str:
@@ -30,18 +30,27 @@ def _place(slots) -> str:
     return "store"
 
 
+def _check_offload(opts) -> None:
+    if opts["pool"] % 2 == 0:
+        raise SpecError(f"option `pool` of policy `offload`: {opts['pool']} must be odd (a window centred "
+                        "on each token)")
+
+
 @register("offload", "spill", {
     "recall": Opt(int, 512, "evicted tokens brought back per KV head before answering", min=1),
     "channels": Opt(int, 16, "label channels r per KV head (calibrated)", min=1),
     "every": Opt(int, 0, "re-recall every N decode steps (0: only before answering)", min=0),
+    "pool": Opt(int, 1, "recall spans: a host token scores the max within pool//2 of it in the text (odd)",
+                min=1),
     "channels_file": Opt("path", "", "calibration file (default: the one shipped for this model)"),
 }, "host tier: alone, the whole cache in host memory streamed per layer; behind an evicting "
-   "selector, evicted tokens go to the host and the best ones are recalled per question", place=_place)
+   "selector, evicted tokens go to the host and the best ones are recalled per question", place=_place,
+   check=_check_offload)
 def build_offload(policy, info, layer):
     if policy.slot == "store":
         return HostStore(info, layer)
     o = policy.opts
-    return OffloadSpill(info, layer, o["recall"], o["channels"], o["every"], o["channels_file"])
+    return OffloadSpill(info, layer, o["recall"], o["channels"], o["every"], o["channels_file"], o["pool"])
 
 
 def _check_ds(opts) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from policies import rope
+from policies.evict import max_pool
 
 from . import labels
 from .calibrate import find_channels
@@ -45,8 +46,9 @@ class OffloadSpill:
 
     BLOCK = 256
 
-    def __init__(self, info, layer: int, recall: int, channels: int, every: int, channels_file: str = ""):
-        self.info, self.layer, self.k, self.every = info, layer, recall, every
+    def __init__(self, info, layer: int, recall: int, channels: int, every: int, channels_file: str = "",
+                 pool: int = 1):
+        self.info, self.layer, self.k, self.every, self.pool = info, layer, recall, every, pool
         self.ch = find_channels(info, channels, channels_file, "offload")[layer]  # [Hkv, r]
         self.cuda = info.device.type == "cuda"
         h, d, dt = info.n_kv_heads, info.head_dim, info.dtype
@@ -150,6 +152,9 @@ class OffloadSpill:
         if self._copied is not None:
             self._copied.synchronize()
         s = labels.scores(q, self.labels[:, :n], self.ch)  # [Hkv, n]
+        if self.pool > 1:  # pool along the text, not along host rows (eviction order)
+            text_order = self.hpos[:, :n].argsort(1).to(s.device)
+            s = torch.empty_like(s).scatter_(1, text_order, max_pool(s.gather(1, text_order), self.pool))
         idx = labels.top(s, self.k).cpu()  # [Hkv, m] host rows
         conv = self.hpos[:, :n].gather(1, idx)
         order = conv.argsort(1)  # NOTE: host rows are in eviction order, not conversation order

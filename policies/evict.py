@@ -9,6 +9,7 @@ tokens, which are never evicted (the question, when the prompt ends with one).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .attention import attend, causal_mask
 
@@ -82,3 +83,12 @@ def window_probs(q, keys, scale: float, w: int) -> torch.Tensor:
 def attend_plain(q, keys, vals, scale):
     """Attention of q [Hq, T, D] over keys/vals [Hkv, L, D] -> [Hq, T, D]."""
     return attend(q, keys, vals, scale)
+
+
+def max_pool(s: torch.Tensor, k: int) -> torch.Tensor:
+    """Max over a window of k neighbours ([H, T] -> [H, T]): a token scores as well as
+    the best within k//2 of it, so a kept fact keeps the words around it (SnapKV pools its
+    scores for the same reason). Kept at the chunk's edges by padding."""
+    if k <= 1 or s.shape[-1] < 2:
+        return s
+    return F.max_pool1d(s[None], k, 1, k // 2)[0][..., : s.shape[-1]]

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import ModelInfo
-from .evict import best
+from .evict import best, max_pool as _pool
 from .files import check_digest, digest, find_shipped, model_key, read_meta
 from .registry import Opt, SpecError, register
 
@@ -287,15 +287,6 @@ class LocretSelector:
         s[:, n - protect:] = float("inf")  # NOTE: protect + SINKS <= cap, so best() takes them all
         s.masked_fill_(cache.positions() < SINKS, float("inf"))
         return best(s, cap)
-
-
-def _pool(s: torch.Tensor, k: int) -> torch.Tensor:
-    """Max over a window of k neighbours ([H, T] -> [H, T]): a token scores as well as
-    the best within k//2 of it, so a kept fact keeps the words around it (SnapKV pools its
-    scores for the same reason). Kept at the chunk's edges by padding."""
-    if k <= 1 or s.shape[-1] < 2:
-        return s
-    return F.max_pool1d(s[None], k, 1, k // 2)[0][..., : s.shape[-1]]
 
 
 def _check(opts: dict) -> None:

@@ -176,6 +176,27 @@ def test_recall_brings_back_the_planted_token(chfile):
     assert (s.argmax(1) == 37).all()
 
 
+def test_pooled_recall_brings_back_the_span_in_text_order_not_host_order(chfile):
+    """pool=5: the planted token's four text neighbours come back with it, although the
+    host holds them in eviction order (37's neighbours were evicted in a later step)."""
+    info = Adapter(tiny_llama(0), None).info
+    layer = LayerCache(info, 1, KeepNewest(8), FullStore(info), OffloadSpill(info, 1, 5, 4, 0, chfile, pool=5))
+    g = torch.Generator().manual_seed(5)
+    h, d = info.n_kv_heads, info.head_dim
+    q = torch.randn(info.n_q_heads, 1, d, generator=g)
+    k, v = torch.randn(h, 120, d, generator=g), torch.randn(h, 120, d, generator=g)
+    qs = q.reshape(h, -1, d).sum(1)
+    k[:, 37] = 4 * qs / qs.norm(dim=-1, keepdim=True) * k[:, :1].norm(dim=-1)
+    layer.forward(q.expand(-1, 120, -1), k, v, d ** -0.5, Chunk(torch.zeros(120), 0, final=False))
+    first = torch.cat((torch.arange(36, 39), torch.arange(112, 120))).expand(h, -1)  # 36..38 stay a while
+    layer.evict(first.contiguous(), 0)
+    layer.evict(torch.arange(3, 11).expand(h, -1).contiguous(), 0)  # now 36..38 go too
+    rows = layer.spill.hpos[:, : layer.spill.n]
+    assert not bool((rows[:, 1:] >= rows[:, :-1]).all())  # host rows are not in text order
+    layer.spill.recall(layer, q, Chunk(torch.zeros(1), 8, final=True))
+    assert layer.spill.recalled.tolist() == [[35, 36, 37, 38, 39]] * h
+
+
 def test_spill_bytes_are_exact_by_tier_and_kind(chfile):
     ad = Adapter(tiny_llama(0), None)
     info = ad.info
