@@ -95,6 +95,8 @@ def _load_runtime(args, status=None):
                       chunk_size=args.chunk_size, trust_remote_code=args.trust_remote_code, status=status)
     if args.system:
         rt.set_system(args.system)
+    for w in rt.policy_warnings():
+        print(f"vramchat: warning: {w}", file=sys.stderr)
     return rt
 
 
@@ -162,7 +164,8 @@ def cmd_ask(args) -> int:
     if quiet:
         mem = rt.memory()
         out = {
-            "model": rt.model_id, "policy": rt.policy, "device": mem.device, "weights": rt.weights,
+            "model": rt.model_id, "policy": rt.policy, "warnings": rt.policy_warnings(), "device": mem.device,
+            "weights": rt.weights,
             "documents": docs, "context_tokens": rt.context().read, "retained_tokens": rt.context().retained,
             "answers": [{k: v for k, v in a.to_json().items()} for a in answers],
             "memory": {"kv_bytes": {"gpu": mem.kv_total("gpu"), "host": mem.kv_total("host")},

@@ -355,6 +355,17 @@ class KVCache:
             l.scores = torch.cat((l.scores[:, :s0], one.expand(l.scores.shape[0], -1)), 1)
         self._shared = n
 
+    def warnings(self) -> list[str]:
+        """What the policy's parts say a person should know (e.g. `anchor` on a model not
+        trained for it), each once."""
+        out = []
+        for layer in self.layers:
+            for comp in (layer.selector, layer.store, layer.spill, layer.reader):
+                w = getattr(comp, "warning", "")
+                if w and w not in out:
+                    out.append(w)
+        return out
+
     def track_peak(self) -> int:
         total = sum(self.nbytes().values())
         self.peak_bytes = max(self.peak_bytes, total)

@@ -95,7 +95,8 @@ def test_anchor_separator_variant_and_budget():
     text_ids = [tok.convert_tokens_to_ids(c) for c in (".", ",", "?", "Ċ", ":")]
     assert set(text_ids) <= ids and tok.convert_tokens_to_ids("a") not in ids
     rt = _rt("anchor:budget=40,sinks=4,local=8")
-    assert rt.cache.layers[0].selector.warning == WARNING
+    assert rt.cache.layers[0].selector.warning == WARNING and rt.policy_warnings() == [WARNING]
+    assert _rt("snapkv:budget=40").policy_warnings() == []
     a = tok.convert_tokens_to_ids("a")
     seq = [t if t not in ids else a for t in _ids(200)]
     for p in range(5, 200, 5):
@@ -110,7 +111,7 @@ def test_anchor_separator_variant_and_budget():
 def test_anchor_anllm_keeps_anchors_and_unfinished_sentence():
     rt = _rt("anchor:budget=64,sinks=2,local=0", model_id="pangjh3/AnLLM-EP-7B-PT")
     sel = rt.cache.layers[0].selector
-    assert sel.anllm and sel.warning == ""
+    assert sel.anllm and sel.warning == "" and rt.policy_warnings() == []
     dot = rt.tok.convert_tokens_to_ids(".")
     assert set(sel.ids.tolist()) == {dot}
     seq = _ids(90)

@@ -76,6 +76,14 @@ def test_cli_ask_json_end_to_end(tmp_path):
     assert out["memory"]["kv_bytes"]["gpu"] == 30 * 3 * cap * 64 * 4 * 2
 
 
+def test_cli_warns_about_anchor_on_an_ordinary_model():
+    from policies.anchor import WARNING
+    r = subprocess.run([sys.executable, "main.py", "ask", "--json", "--policy", "anchor", "--max-new-tokens", "2",
+                        "Hi"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"vramchat: warning: {WARNING}" in r.stderr and json.loads(r.stdout)["warnings"] == [WARNING]
+
+
 def test_cli_errors_are_one_line_and_exit_2(tmp_path):
     r = subprocess.run([sys.executable, "main.py", "ask", "--doc", str(tmp_path / "missing.txt"), "q"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -82,6 +82,11 @@ class Runtime:
     def memory(self) -> MemoryReport:
         return memory.report(self.device, self.cache, self._weights_bytes)
 
+    def policy_warnings(self) -> list[str]:
+        """What the current policy says a person should know (e.g. `anchor` on a model
+        not trained for it)."""
+        return self.cache.warnings()
+
     def tokens(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 

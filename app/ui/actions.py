@@ -37,6 +37,11 @@ class Actions:
         self._loading_note(
             f"Loaded {rt.model_id} on {rt.device} ({rt.weights}, window {rt.window:,} tokens), "
             f"policy {rt.policy}. Ask a question, /load a document (Ctrl+O), F1 for help.", "info")
+        self._policy_warnings(rt.policy_warnings())
+
+    def _policy_warnings(self, warnings) -> None:
+        for w in warnings:
+            self.notify(f"Policy: {w}", severity="warning", timeout=10)
 
     def _model_failed(self, error) -> None:
         self._loading_note(f"The model did not load: {error}\nUse /model ID_OR_PATH to load one.", "error")
@@ -186,6 +191,8 @@ class Actions:
         lossy = ", lossy" if r.lossy else ""
         await self.transcript.add(Note(f"Policy {r.old_policy} → {r.new_policy}: KV {fmt_bytes(r.before_bytes)} → "
                                        f"{fmt_bytes(r.after_bytes)} ({r.message or how}{lossy})", "policy"))
+        if self.runtime is not None:
+            self._policy_warnings(self.runtime.policy_warnings())
 
     def set_system(self, text: str | None) -> None:
         if not self.needs_model():

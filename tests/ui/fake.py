@@ -39,6 +39,10 @@ class FakeRuntime:
         self.hold_prefill = False  # pause prefill half-way until `release` (or stop) is set
 
     # -- helpers --
+    def policy_warnings(self) -> list[str]:
+        from policies.anchor import WARNING
+        return [WARNING] if self.policy.startswith("anchor") else []
+
     def _kv_bytes(self) -> int:
         per_token = 64 * 1024
         if "kivi" in self.policy:

@@ -432,3 +432,28 @@ def test_model_switch_without_loader_explains(tmp_path):
             await pilot.pause()
             assert "make_runtime_for" in app.screen.message
     run(main())
+
+
+def test_anchor_warns_that_exact_retrieval_suffers(tmp_path):
+    """Issue 5: the UI warns, at load and on a switch, that non-AnLLM models lose exact
+    retrieval under `anchor` (and says nothing for other policies)."""
+    from policies.anchor import WARNING
+
+    def warned(app):
+        return [n.message for n in app._notifications if WARNING in n.message and n.severity == "warning"]
+
+    async def main():
+        app = make_app(tmp_path, FakeRuntime(policy="anchor"))
+        async with app.run_test(size=(120, 40)) as pilot:
+            await settle(pilot, app)
+            assert len(warned(app)) == 1
+        app = make_app(tmp_path, FakeRuntime(policy="full"))
+        async with app.run_test(size=(120, 40)) as pilot:
+            await settle(pilot, app)
+            await submit(pilot, app, "/policy locret")
+            await settle(pilot, app)
+            assert warned(app) == []
+            await submit(pilot, app, "/policy anchor")
+            await settle(pilot, app)
+            assert warned(app) == [f"Policy: {WARNING}"]
+    run(main())
