@@ -3,7 +3,6 @@ analytic expectation."""
 import json
 
 import pytest
-import torch
 
 from app.bench import gpu128k, memory, speed
 from app.runtime.adapter import Adapter
@@ -86,22 +85,9 @@ def test_kernels_suite_times_every_store_against_full(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory):
-    """Random retaining heads and calibrated channels for the tiny runtime."""
-    from app.calibrate import collect
-    from app.runtime.engine import Runtime
-    from offload.calibrate import save
-    from policies.locret import RetainingHeads, model_key, save_heads
-    from tiny import tiny_pair
-    d = tmp_path_factory.mktemp("copy")
-    m, t = tiny_pair(0, max_position_embeddings=4096)
-    ad = Runtime.from_model(m, t, model_id="tiny").adapter
-    torch.manual_seed(5)
-    save_heads(RetainingHeads(ad.info.n_layers, ad.info.hidden_size, 16, ad.info.n_kv_heads),
-               d / "heads.safetensors", model_key(ad.info), ["tiny"])
-    gen = torch.Generator().manual_seed(0)
-    save(d / "ch.safetensors", collect(ad, [torch.randint(4, 260, (64,), generator=gen) for _ in range(4)]).mean(),
-         4, model_key(ad.info), ["tiny"], 256, "random tokens (test)")
-    return str(d / "heads.safetensors"), str(d / "ch.safetensors")
+    from tiny import tiny_policy_files
+    f = tiny_policy_files(tmp_path_factory.mktemp("copy"), max_position_embeddings=4096)
+    return f["heads"], f["ch"]
 
 
 def test_copy_fidelity_recall_of_everything_equals_full(tiny_files):

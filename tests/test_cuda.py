@@ -9,10 +9,7 @@ import pytest
 import torch
 
 from app.runtime.engine import Runtime
-from policies.locret import RetainingHeads, model_key, save_heads
-from app.calibrate import collect
-from offload.calibrate import save
-from tiny import tiny_pair
+from tiny import tiny_pair, tiny_policy_files
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -32,17 +29,7 @@ SPECS = [
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cuda")
-    m, t = tiny_pair(0)
-    ad = Runtime.from_model(m, t, model_id="tiny", chunk_size=CHUNK).adapter
-    info = ad.info
-    torch.manual_seed(5)
-    save_heads(RetainingHeads(info.n_layers, info.hidden_size, 16, info.n_kv_heads), d / "heads.safetensors",
-               model_key(info), ["tiny"])
-    gen = torch.Generator().manual_seed(0)
-    stats = collect(ad, [torch.randint(4, 260, (64,), generator=gen) for _ in range(4)])
-    save(d / "ch.safetensors", stats.mean(), 4, model_key(info), ["tiny"], 256, "random tokens (test)")
-    return {"heads": str(d / "heads.safetensors"), "ch": str(d / "ch.safetensors")}
+    return tiny_policy_files(tmp_path_factory.mktemp("cuda"))
 
 
 def _rt(spec, device):

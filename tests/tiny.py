@@ -66,3 +66,23 @@ def tiny_pair(seed: int = 0, **over):
     """(model, tokenizer) for runtime tests; eos = <|im_end|> = 2."""
     over.setdefault("vocab_size", TINY_VOCAB)
     return tiny_llama(seed, **over), tiny_tokenizer()
+
+
+def tiny_policy_files(folder, **over) -> dict:
+    """Random retaining heads and channels calibrated on random tokens for the tiny runtime
+    (tiny_pair(0, **over) behind a Runtime, tokenizer included: its model key).
+    -> {"heads": path, "ch": path}."""
+    from app.calibrate import collect
+    from app.runtime.engine import Runtime
+    from offload.calibrate import save
+    from policies.locret import RetainingHeads, model_key, save_heads
+    m, t = tiny_pair(0, **over)
+    ad = Runtime.from_model(m, t, model_id="tiny").adapter
+    info = ad.info
+    torch.manual_seed(5)
+    save_heads(RetainingHeads(info.n_layers, info.hidden_size, 16, info.n_kv_heads), f"{folder}/heads.safetensors",
+               model_key(info), ["tiny"])
+    gen = torch.Generator().manual_seed(0)
+    stats = collect(ad, [torch.randint(4, 260, (64,), generator=gen) for _ in range(4)])
+    save(f"{folder}/ch.safetensors", stats.mean(), 4, model_key(info), ["tiny"], 256, "random tokens (test)")
+    return {"heads": f"{folder}/heads.safetensors", "ch": f"{folder}/ch.safetensors"}
