@@ -204,7 +204,8 @@ def copy_fidelity(rt, spec: str, doc_tokens: int = 16384, depth: float = 0.3, pa
     reproduced; the passage is teacher-forced as the answer and each token counts as right
     when the model's greedy choice at that step is that token. The document is read as a
     document turn and the question as the next (so `offload` recalls with the question's
-    queries, as in a chat). -> row with accuracy over the passage's tokens."""
+    queries, as in a chat). -> row with accuracy over the passage's tokens and their mean
+    negative log-likelihood (nats)."""
     body, passage = _copy_doc(rt, doc_tokens, depth, passage_tokens)
     words = passage.split()
     q = COPY_QUESTION.format(head=" ".join(words[:6]), tail=" ".join(words[-6:]))
@@ -217,12 +218,14 @@ def copy_fidelity(rt, spec: str, doc_tokens: int = 16384, depth: float = 0.3, pa
     target = rt.conv.render(rt.tok, pending=[{"role": "user", "content": q}])
     logits, _ = rt._sync(target)
     answer = rt.tokens(passage)
-    right = 0
+    right, nll = 0, 0.0
     for tok in answer:
         right += int(logits.argmax()) == tok
+        nll -= float(torch.log_softmax(logits.float(), -1)[tok])
         c = Chunk(torch.tensor([tok], device=rt.device), rt.cache.next_position, "decode")
         logits = rt.adapter.forward(c.input_ids, rt.cache, c)
     kv = rt.cache.bytes_by_tier()
     rt.clear()
     return {"measure": "copy", "spec": spec, "doc_tokens": doc_tokens, "depth": depth, "tokens": len(answer),
-            "correct": right, "accuracy": right / len(answer), "kv_gpu_bytes": kv["gpu"], "kv_host_bytes": kv["host"]}
+            "correct": right, "accuracy": right / len(answer), "nll": nll / len(answer),
+            "kv_gpu_bytes": kv["gpu"], "kv_host_bytes": kv["host"]}
