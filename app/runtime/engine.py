@@ -87,6 +87,11 @@ class Runtime:
         not trained for it)."""
         return self.cache.warnings()
 
+    def layer_bytes(self) -> list[int]:
+        """KV bytes held per decoder layer (all tiers): policies like `lighttransfer` keep
+        some layers short."""
+        return [sum(layer.nbytes().values()) for layer in self.cache.layers]
+
     def tokens(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 

@@ -64,7 +64,7 @@ class VramchatApp(Actions, App):
         self.conv_dir = self.config.conversations_dir()
         self.autosave_error: str | None = None
         self.answer = None  # the Answer being streamed
-        self.snapshot = None  # (policy, ContextInfo) taken on the model thread after each job
+        self.snapshot = None  # (policy, ContextInfo, layer bytes) taken on the model thread after each job
 
     # ---- layout ---------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -130,7 +130,7 @@ class VramchatApp(Actions, App):
                 rt = self.runtime
                 if rt is not None:
                     try:
-                        self.snapshot = (rt.policy, rt.context())
+                        self.snapshot = (rt.policy, rt.context(), rt.layer_bytes())
                     except Exception:  # noqa: BLE001 -- the panels keep their last values
                         pass
         job.fn = run
@@ -237,9 +237,10 @@ class VramchatApp(Actions, App):
             return
         self.status.model, self.status.device, self.status.weights = rt.model_id, rt.device, rt.weights
         if self.snapshot is not None:
-            policy, context = self.snapshot
+            policy, context, layers = self.snapshot
             try:
-                self.main_screen.query_one(PolicyPanel).spec = policy
+                panel = self.main_screen.query_one(PolicyPanel)
+                panel.spec, panel.layers = policy, layers
                 self.main_screen.query_one(ContextMeter).info = context
             except NoMatches:  # the app is quitting and its widgets are already gone
                 return

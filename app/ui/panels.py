@@ -166,6 +166,9 @@ class ContextMeter(Static):
 
 class PolicyPanel(Static):
     spec: reactive[str] = reactive("", layout=True)
+    layers: reactive[list] = reactive(list, layout=True)  # KV bytes per decoder layer
+
+    BARS = " ▁▂▃▄▅▆▇█"
 
     def render(self) -> Text:
         if not self.spec:
@@ -184,6 +187,11 @@ class PolicyPanel(Static):
             for key, value in pol.opts.items():
                 default = value == entry.options[key].default
                 text.append(f"  {key} = {value}\n", style="dim" if default else "")
+        if self.layers and max(self.layers) > min(self.layers):  # layers differ: show how
+            top = max(self.layers)
+            text.append("KV per layer ", style="bold")
+            text.append("".join(self.BARS[round(b / top * 8)] for b in self.layers) + "\n")
+            text.append(f"  {fmt_bytes(min(self.layers))} – {fmt_bytes(top)}\n", style="dim")
         return text.rstrip() or text
 
 

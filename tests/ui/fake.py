@@ -146,6 +146,11 @@ class FakeRuntime:
     def context(self) -> ContextInfo:
         return ContextInfo(read=self.read, retained=self._retained(), window=self.window)
 
+    def layer_bytes(self) -> list[int]:
+        """Four layers; under `lighttransfer` the last two are lazy (a quarter the bytes)."""
+        per = self._kv_bytes() // 4
+        return [per, per, per // 4, per // 4] if self.policy.startswith("lighttransfer") else [per] * 4
+
     def to_json(self) -> dict:
         return {"model": self.model_id, "policy": self.policy, "system": self.system,
                 "messages": [dict(m) for m in self.messages]}

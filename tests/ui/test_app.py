@@ -457,3 +457,20 @@ def test_anchor_warns_that_exact_retrieval_suffers(tmp_path):
             await settle(pilot, app)
             assert warned(app) == [f"Policy: {WARNING}"]
     run(main())
+
+
+def test_policy_panel_shows_kv_per_layer_when_layers_differ(tmp_path, doc):
+    """Issue 5: under `lighttransfer` the gauge shows per-layer memory (lazy layers short);
+    a policy that treats every layer alike shows no per-layer line."""
+    async def main():
+        app = make_app(tmp_path, FakeRuntime(policy="full"))
+        async with app.run_test(size=(120, 40)) as pilot:
+            await settle(pilot, app)
+            await submit(pilot, app, f"/load {doc}")
+            await settle(pilot, app)
+            assert "KV per layer" not in str(app.query_one(PolicyPanel).render())
+            await submit(pilot, app, "/policy lighttransfer")
+            await settle(pilot, app)
+            shown = str(app.query_one(PolicyPanel).render())
+            assert "KV per layer ██▂▂" in shown, shown
+    run(main())
