@@ -49,6 +49,7 @@ class OffloadSpill:
     def __init__(self, info, layer: int, recall: int, channels: int, every: int, channels_file: str = "",
                  pool: int = 1):
         self.info, self.layer, self.k, self.every, self.pool = info, layer, recall, every, pool
+        self._text_order = None  # [Hkv, n] host rows in text order (pool > 1), until the host changes
         self.ch = find_channels(info, channels, channels_file, "offload")[layer]  # [Hkv, r]
         self.cuda = info.device.type == "cuda"
         h, d, dt = info.n_kv_heads, info.head_dim, info.dtype
@@ -96,6 +97,7 @@ class OffloadSpill:
         self.hpos[:, self.n:end] = conv.cpu()
         self.labels[:, self.n:end] = lab
         self.n = end
+        self._text_order = None
         if self.cuda:
             self._copied = torch.cuda.Event()
             self._copied.record()
@@ -153,7 +155,9 @@ class OffloadSpill:
             self._copied.synchronize()
         s = labels.scores(q, self.labels[:, :n], self.ch)  # [Hkv, n]
         if self.pool > 1:  # pool along the text, not along host rows (eviction order)
-            text_order = self.hpos[:, :n].argsort(1).to(s.device)
+            if self._text_order is None:  # NOTE: host rows change only in _put
+                self._text_order = self.hpos[:, :n].argsort(1).to(s.device)
+            text_order = self._text_order
             s = torch.empty_like(s).scatter_(1, text_order, max_pool(s.gather(1, text_order), self.pool))
         idx = labels.top(s, self.k).cpu()  # [Hkv, m] host rows
         conv = self.hpos[:, :n].gather(1, idx)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from app.runtime.engine import Runtime
+from test_policies_conformance import _ids
 from tiny import tiny_pair, tiny_policy_files
 
 pytestmark = [pytest.mark.cuda,
@@ -35,13 +36,6 @@ def files(tmp_path_factory):
 def _rt(spec, device):
     m, t = tiny_pair(0)
     return Runtime.from_model(m.to(device), t, policy=spec, model_id="tiny", chunk_size=CHUNK)
-
-
-def _ids(n=200, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, 260, (n,), generator=g)
-    ids[::17] = ord(".") + 4
-    return ids.tolist()
 
 
 @pytest.mark.parametrize("spec", SPECS)

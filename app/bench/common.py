@@ -77,6 +77,23 @@ def decode_steps(ad: Adapter, cache: KVCache, logits: torch.Tensor, n: int) -> N
     cache.track_peak()  # decode only appends: the end is the peak
 
 
+def timed_prefill_decode(ad: Adapter, cache: KVCache, ids: torch.Tensor, chunk: int, n: int) -> tuple[float, float]:
+    """Prefill ids, one untimed decode step (it compiles Triton kernels, ~1 s), then n timed
+    steps. -> (prefill seconds, decode seconds)."""
+    dev = ad.info.device
+    sync(dev)
+    t0 = time.perf_counter()
+    logits = prefill_ids(ad, cache, ids, chunk)
+    sync(dev)
+    prefill_s = time.perf_counter() - t0
+    decode_steps(ad, cache, logits, 1)
+    sync(dev)
+    t1 = time.perf_counter()
+    decode_steps(ad, cache, logits, n)
+    sync(dev)
+    return prefill_s, time.perf_counter() - t1
+
+
 def random_ids(n: int, vocab: int, seed: int = 0, device="cpu") -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(100, max(101, vocab - 100), (n,), generator=g).to(device)

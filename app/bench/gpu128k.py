@@ -17,7 +17,7 @@ import torch
 
 from policies import KVCache
 
-from .common import Bar, decode_steps, prefill_ids, random_ids, sync, table, write_json
+from .common import Bar, random_ids, sync, table, timed_prefill_decode, write_json
 
 POLICIES = ("full", "locret:budget=16384,chunk=2048", "locret:budget=16384,chunk=2048+kivi",
             "locret:budget=16384,chunk=2048+kivi+offload", "offload")
@@ -166,22 +166,12 @@ def run(shape="llama3-8b", context=131072, decode=128, cap_gib=24.0, weights="bf
             torch.cuda.reset_peak_memory_stats()
         try:
             cache = KVCache(real, ad.info)
-            sync(device)
-            t0 = time.perf_counter()
-            logits = prefill_ids(ad, cache, ids, 2048)
-            sync(device)
-            prefill_s = time.perf_counter() - t0
-            decode_steps(ad, cache, logits, 1)  # NOTE: untimed: the first step compiles Triton kernels
-            sync(device)
-            t1 = time.perf_counter()
-            decode_steps(ad, cache, logits, n_dec)
-            sync(device)
-            t2 = time.perf_counter()
+            prefill_s, decode_s = timed_prefill_decode(ad, cache, ids, 2048, n_dec)
             tiers = cache.bytes_by_tier()
             floor = (wbytes + tiers["gpu"]) / bw
-            row.update(prefill_tok_s=context / prefill_s, decode_tok_s=n_dec / (t2 - t1),
+            row.update(prefill_tok_s=context / prefill_s, decode_tok_s=n_dec / decode_s,
                        kv_gpu_gib=tiers["gpu"] / 2**30, kv_host_gib=tiers["host"] / 2**30,
-                       floor_tok_s=1 / floor, of_floor=(n_dec / (t2 - t1)) * floor)
+                       floor_tok_s=1 / floor, of_floor=(n_dec / decode_s) * floor)
         except torch.OutOfMemoryError as e:
             row["error"] = f"out of memory (clean): {str(e).splitlines()[0][:100]}"
         except Exception as e:  # one policy's failure must not lose the others' rows

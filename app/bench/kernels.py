@@ -11,7 +11,6 @@ too slow to time: the kernel rows are left out unless TRITON_INTERPRET=1).
 from __future__ import annotations
 
 import statistics
-import tempfile
 import time
 
 import torch
@@ -19,6 +18,7 @@ import torch
 from policies import Chunk, KVCache, ModelInfo
 
 from .common import Bar, sync, table, write_json
+from .gpu128k import random_channels_file
 
 LAYOUT = dict(n_q_heads=32, n_kv_heads=8, head_dim=128)
 ROWS = ("full", "kivi:bits=2", "kivi:bits=2 (reference)", "kivi:bits=4", "kivi:bits=4 (reference)",
@@ -32,19 +32,11 @@ def _info(device, dtype, layers: int) -> ModelInfo:
                      model_id="kernels-bench", hidden_size=4096, **LAYOUT)
 
 
-def _channels(info) -> str:
-    from offload.calibrate import save
-    from policies.files import model_key
-    d = tempfile.mkdtemp(prefix="vramchat-kernels-")
-    stat = torch.rand(info.n_layers, info.n_kv_heads, info.head_dim, generator=torch.Generator().manual_seed(0))
-    return str(save(f"{d}/ch.safetensors", stat, 16, model_key(info), [info.model_id], 0, "random (bench)"))
-
-
 def _layer(name: str, info, length: int, chunk: int):
     """(layer cache of the last layer, filled with `length` random tokens)."""
     spec = name.split(" ")[0]
     if spec.startswith("doublesparse"):
-        spec += f",channels_file={_channels(info)}"
+        spec += f",channels_file={random_channels_file(info)}"
     cache = KVCache(spec, info)
     layer = cache.layers[-1]
     if name.endswith("(reference)"):

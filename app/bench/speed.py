@@ -9,25 +9,14 @@ import torch
 
 from policies import KVCache
 
-from .common import Bar, decode_steps, plot, prefill_ids, random_ids, sync, table, write_json
+from .common import Bar, plot, random_ids, sync, table, timed_prefill_decode, write_json
 
 DEFAULT_POLICIES = ("full", "kivi", "locret:budget=1024", "locret:budget=1024+kivi")
 
 
 def _ours(ad, spec, ids, chunk, decode):
-    cache = KVCache(spec, ad.info)
-    sync(ad.info.device)
-    t0 = time.perf_counter()
-    logits = prefill_ids(ad, cache, ids, chunk)
-    sync(ad.info.device)
-    prefill_s = time.perf_counter() - t0
-    decode_steps(ad, cache, logits, 1)  # NOTE: untimed: the first step compiles Triton kernels (~1 s)
-    sync(ad.info.device)
-    t1 = time.perf_counter()
-    decode_steps(ad, cache, logits, decode)
-    sync(ad.info.device)
-    t2 = time.perf_counter()
-    return len(ids) / prefill_s, decode / (t2 - t1)
+    pre, dec = timed_prefill_decode(ad, KVCache(spec, ad.info), ids, chunk, decode)
+    return len(ids) / pre, decode / dec
 
 
 def _hf(ad, ids, decode, quantized: int | None):
