@@ -231,6 +231,8 @@ class LayerCache:
         if self.spill is not None:
             self.spill.take(self, _complement(idx, self.length))
         pos = self.positions().gather(1, idx)
+        if getattr(self.selector, "full_precision", False) and not isinstance(self.store, FullStore):
+            self._to_full_precision()
         self.store.keep(idx, delta)
         if self.reader is not None:
             self.reader.keep(self, idx)
@@ -238,6 +240,15 @@ class LayerCache:
         if self.scores is not None:
             self.scores = self.scores.gather(1, idx)
         self.base = new_base
+
+    def _to_full_precision(self) -> None:
+        """Swap the store for a FullStore holding its tokens (dequantized where they were
+        quantized): for a selector that keeps few tokens in a layer for good (lighttransfer's
+        lazy layers) and asks for them at full precision (`selector.full_precision`)."""
+        k, v = self.store.dense()
+        store = FullStore(self.info)
+        store.load(k, v)
+        self.store = store
 
     def rebase(self, new_base: int) -> None:
         """Shift every stored token by (new_base - base) positions."""

@@ -19,8 +19,12 @@ an eviction). So at most half the layers (lazy=0.5) ever grow with the context.
 
 Positions: a lazy layer's kept tokens are right-aligned to the frame by `KVCache.end_chunk`
 (the window keeps its true positions, the sinks sit just before it); full layers keep theirs.
-Any store composes (e.g. `lighttransfer+kivi` quantizes every layer); the per-layer bytes
-are `KVCache.layers[i].nbytes()`.
+Stores. A lazy layer asks for full precision (`full_precision`): at its first truncation
+`LayerCache` swaps a quantized store for a `FullStore`, so `lighttransfer+kivi` quantizes
+the non-lazy layers only (2 bits would save little on sinks + window and cost quality
+where the layer reads the most). NOTE: tokens a lazy layer had quantized before the
+verdict (its first ~window tokens) stay dequantized; those after it are exact. Per-layer
+bytes are `KVCache.layers[i].nbytes()`.
 """
 from __future__ import annotations
 
@@ -71,6 +75,10 @@ class LightTransferSelector:
     @property
     def lazy(self) -> bool:
         return self.layer in self.shared.lazy
+
+    @property
+    def full_precision(self) -> bool:
+        return self.lazy
 
     def score(self, cache, chunk, k, v):
         return None

@@ -2,7 +2,8 @@
 import torch
 
 from policies import ModelInfo, rope
-from policies.base import FullStore, _complement
+from policies.base import FullStore, LayerCache, _complement
+from policies.kivi import KiviStore
 
 
 def _info(h=2, d=16):
@@ -52,3 +53,35 @@ def test_rotation_composes_like_rope():
 def test_complement():
     idx = torch.tensor([[0, 3, 4], [1, 2, 5]])
     assert _complement(idx, 6).tolist() == [[1, 2, 5], [0, 3, 4]]
+
+
+class _Lazy:
+    """A selector that asks for full precision once it evicts."""
+    evicts, full_precision = True, True
+
+
+def test_full_precision_selector_swaps_quantized_store_exactly():
+    info = _info(d=16)
+    ref, layer = FullStore(info), LayerCache(info, 0, _Lazy(), KiviStore(info, bits=2, group=16, residual=32))
+    g = torch.Generator().manual_seed(0)
+    for n in (70, 50):  # the first 64 keys get quantized (two G-aligned flushes of 32)
+        k = torch.randn(info.n_kv_heads, n, info.head_dim, generator=g)
+        v = torch.randn(info.n_kv_heads, n, info.head_dim, generator=g)
+        layer.store.attend(torch.zeros(info.n_q_heads, n, info.head_dim), k, v, 1.0)
+        layer.store.append(k, v)
+        ref.append(k, v)
+        layer.seen += n
+    dk, dv = layer.store.dense()  # dequantized where quantized
+    idx = torch.cat((torch.arange(4), torch.arange(80, 120))).expand(info.n_kv_heads, -1)
+    layer.evict(idx, 0)
+    assert isinstance(layer.store, FullStore) and layer.length == 44
+    want = FullStore(info)
+    want.load(dk, dv)
+    want.keep(idx, torch.arange(44)[None, :] - idx)
+    torch.testing.assert_close(layer.store.dense()[0], want.dense()[0], rtol=0, atol=0)
+    torch.testing.assert_close(layer.store.dense()[1], want.dense()[1], rtol=0, atol=0)
+    # tokens 70..119 were still at full precision (the chunk not yet laid out): bit-exact
+    ref.keep(idx, torch.arange(44)[None, :] - idx)
+    for got, exact in zip(layer.store.dense(), ref.dense()):
+        torch.testing.assert_close(got[:, 4:], exact[:, 4:], rtol=0, atol=0)
+    assert not torch.equal(layer.store.dense()[1][:, :4], ref.dense()[1][:, :4])  # sinks were 2-bit

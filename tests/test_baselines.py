@@ -10,6 +10,8 @@ from app.runtime.engine import Runtime
 from policies import Chunk, SpecError, parse_spec
 from policies.anchor import WARNING, anchor_ids
 from policies.ffnskip import calibrate, resolve_cold, save_calibration
+from policies.base import FullStore
+from policies.kivi import KiviStore
 from policies.lighttransfer import LazyPlan
 from tiny import tiny_pair
 
@@ -149,11 +151,19 @@ def test_lighttransfer_lazy_layers_stream_full_layers_keep_all():
     assert r.new_tokens >= 0
 
 
-def test_lighttransfer_with_kivi():
+def test_lighttransfer_with_kivi_quantizes_only_full_layers():
     rt = _rt("lighttransfer:sinks=4,window=40+kivi:group=16,residual=32")
     _feed(rt, _ids(200), final_last=False)
-    assert any(k == "codes" for _, k in rt.cache.nbytes())
-    assert sorted(l.length for l in rt.cache.layers) == [44, 44, 200]
+    lazy = rt.cache.layers[0].selector.shared.lazy
+    assert len(lazy) == 2
+    for l in rt.cache.layers:
+        kinds = {k for _, k in l.nbytes()}
+        if l.layer in lazy:  # streaming layer: full precision, sinks + window
+            assert isinstance(l.store, FullStore) and "codes" not in kinds and l.length == 44
+        else:
+            assert isinstance(l.store, KiviStore) and "codes" in kinds and l.length == 200
+    r = rt.ask("hello?", max_new_tokens=3)
+    assert r.new_tokens >= 0
 
 
 def test_ffnskip_prefill_never_skips_and_warmup_is_dense():

@@ -1,5 +1,6 @@
 """The bench suites run end to end on a tiny model; measured memory agrees with the
 analytic expectation."""
+import importlib.util
 import json
 
 import pytest
@@ -109,3 +110,39 @@ def test_copy_fidelity_measures_what_each_policy_reads(tiny_files):
     assert alone["kv_host_bytes"] == 0 and alone["kv_gpu_bytes"] < full["kv_gpu_bytes"] and off["kv_host_bytes"] > 0
     assert alone["nll"] != pytest.approx(full["nll"], rel=1e-4)
     assert off["nll"] != pytest.approx(alone["nll"], rel=1e-4)
+
+
+def test_kl_part_measures_extras_and_perplexity_against_full():
+    """`full` against itself: KL 0 and equal perplexities; a lossy store (2-bit) and a lossless
+    one (kivi with a residual as long as the context) measured in the same part."""
+    from app.bench import baselines
+    from app.runtime.engine import Runtime
+    from tiny import tiny_pair
+    m, t = tiny_pair(0, max_position_embeddings=4096)
+    rt = Runtime.from_model(m, t, model_id="tiny", chunk_size=128)
+    rows = baselines.run(rt, names=["full", "streaming"], budget=64, chunk=128, kl_tokens=256, kl_next=8, threads=1,
+                         parts=("kl",), kl_extra=("kivi:group=16,residual=2048", "kivi:group=16,residual=16"),
+                         peer_bits=(2,), peer_group=16, progress=None)
+    by = {r["policy"]: r for r in rows}
+    peers = ["hf QuantizedCache quanto 2-bit G=16 R=128 axis=0", "hf QuantizedCache quanto 2-bit G=16 R=128 axis=-1"]
+    if importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.quanto") is None:
+        peers = peers[:1]  # a row saying why and how to install it
+        assert by[peers[0]]["kind"] == "skipped" and ".[bench]" in by[peers[0]]["why"]
+    else:
+        assert all(by[p]["kl_nats"] > 0 and by[p]["ppl_full"] == by["full"]["ppl_full"] for p in peers)
+    assert list(by) == ["full", "streaming:sinks=4,window=60,chunk=128", "kivi:group=16,residual=2048",
+                        "kivi:group=16,residual=16", "kivi:bits=2,group=16 (one-pass prefill)"] + peers
+    assert by["kivi:bits=2,group=16 (one-pass prefill)"]["kl_nats"] > 0
+    assert by["full"]["kl_nats"] == 0 and by["full"]["ppl_spec"] == by["full"]["ppl_full"] > 1
+    assert by["kivi:group=16,residual=2048"]["kl_nats"] == pytest.approx(0, abs=1e-6)
+    lossy = by["kivi:group=16,residual=16"]
+    assert lossy["kl_nats"] > 1e-4 and lossy["ppl_spec"] != lossy["ppl_full"]
+    assert lossy["kv_peak_bytes"] < by["full"]["kv_peak_bytes"]
+
+
+def test_quality_refuses_unknown_parts_before_loading():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "main.py", "bench", "quality", "--parts", "kl,nope"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "unknown part(s) nope" in out.stderr and "random-heads" in out.stderr

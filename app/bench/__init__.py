@@ -29,6 +29,9 @@ def add_parser(sub) -> None:
                    help="speed: transformers baselines to run, any of generate,quantized, or none "
                         "(quantized = QuantizedCache with quanto, very slow on CPU)")
     p.add_argument("--trials", type=int, default=None, help="quality: trials per cell")
+    p.add_argument("--parts", default=None,
+                   help="quality: comma-separated parts, any of kl,lazy,passkey,ffnskip,random-heads,needles,copy "
+                        "(default: all)")
     p.add_argument("--turns", type=int, default=100,
                    help="soak: turns per policy against one document (its length: first of --lengths, default 8192)")
     g = p.add_argument_group("gpu128k")
@@ -49,6 +52,15 @@ def run(args) -> int:
     out = Path(args.out)
     pols = _list(args.policies)
     lengths = _list(args.lengths, int, ",")
+    parts = _list(args.parts, str, ",")
+    if args.suite == "quality":
+        from .quality import PARTS
+        parts = parts or PARTS
+        unknown = sorted(set(parts) - set(PARTS))
+        if unknown:  # before the model loads
+            raise SystemExit(f"bench quality: unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    elif parts:
+        raise SystemExit(f"bench {args.suite}: --parts is for the quality suite")
     t0 = time.perf_counter()
     if args.suite == "gpu128k":
         from . import gpu128k
@@ -78,7 +90,7 @@ def run(args) -> int:
                      doc_tokens=lengths[0] if lengths else 8192, out_dir=out)
         else:
             from . import quality
-            quality.run(rt, out_dir=out, trials=args.trials, **kw)
+            quality.run(rt, out_dir=out, trials=args.trials, parts=parts, **kw)
     print(f"\n{args.suite}: {time.perf_counter() - t0:,.0f} s on {torch.get_num_threads()} threads; "
           f"JSON and plots in {out}/")
     return 0

@@ -73,6 +73,43 @@ def teacher_forced(rt, spec: str, ids: list[int], n_prefill: int, n_next: int):
     return torch.stack(rows), t1 - t0, t2 - t1, rt.cache.peak_bytes
 
 
+def hf_quantized(rt, ids: list[int], n_prefill: int, n_next: int, bits: int, axis: int, group: int = 32,
+                 residual: int = 128):
+    """The peer of `kivi`: transformers' own `QuantizedCache` (quanto backend), same group
+    and residual, axis 0 (transformers' default) or -1 for keys and values; one-pass
+    prefill, then teacher-forced. -> (log-probs [n_next, V], prefill s, decode s)."""
+    from transformers.cache_utils import QuantizedCache
+    model = rt.adapter.model
+    model.set_attn_implementation("sdpa")
+    try:
+        cache = QuantizedCache("quanto", model.config, nbits=bits, axis_key=axis, axis_value=axis,
+                               q_group_size=group, residual_length=residual)
+        x = torch.tensor(ids[:n_prefill + n_next], device=rt.device)[None]
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = model(x[:, :n_prefill], past_key_values=cache, use_cache=True)
+            rows = [out.logits[0, -1].float().log_softmax(-1)]
+            t1 = time.perf_counter()
+            for i in range(n_prefill, n_prefill + n_next - 1):
+                out = model(x[:, i:i + 1], past_key_values=cache, use_cache=True)
+                rows.append(out.logits[0, -1].float().log_softmax(-1))
+        return torch.stack(rows), t1 - t0, time.perf_counter() - t1
+    finally:
+        model.set_attn_implementation("vramchat")
+
+
+def _kl_row(policy, ref, lp, target, n, tp, td, threads, **extra) -> dict:
+    kl = float((ref.exp() * (ref - lp)).sum(-1).mean())
+    return {"kind": "kl", "policy": policy, "tokens": n, "next": lp.shape[0], "kl_nats": round(kl, 5),
+            "ppl_full": round(_ppl(ref, target), 3), "ppl_spec": round(_ppl(lp, target), 3), **extra,
+            "prefill_tok_s": round(n / tp, 1), "decode_tok_s": round((lp.shape[0] - 1) / td, 2), "threads": threads}
+
+
+def _ppl(lp: torch.Tensor, target: torch.Tensor) -> float:
+    """Perplexity of target [n, 1] under log-probs lp [n, V]."""
+    return float(torch.exp(-lp.float().gather(1, target).mean()))
+
+
 def answer(rt, spec: str, q: str, max_new: int):
     rt._reset_cache(spec)
     rt.conv.messages.clear()
@@ -95,8 +132,11 @@ def _usable(rt, spec: str, rows: list, progress) -> bool:
 
 def run(rt=None, names=None, budget: int = 1024, chunk: int = 512, lengths=(4096, 12288), trials: int = 2,
         kl_tokens: int = 2048, kl_next: int = 32, questions: int = 10, ffn_spec: str = "ffnskip",
-        threads: int = 2, parts=("kl", "lazy", "passkey", "ffnskip"), progress=print) -> list[dict]:
-    """Rows of measurements (see the module docstring); `progress(row)` as each one lands."""
+        threads: int = 2, parts=("kl", "lazy", "passkey", "ffnskip"), kl_extra=(), peer_bits=(),
+        peer_group: int = 32, progress=print) -> list[dict]:
+    """Rows of measurements (see the module docstring); `progress(row)` as each one lands.
+    `kl_extra`: more specs (e.g. stores, readers) measured in the KL part only; `peer_bits`:
+    `kivi` at these bits against transformers' `QuantizedCache` in the KL part."""
     torch.set_num_threads(threads)
     if rt is None:
         from app.runtime.engine import Runtime
@@ -113,23 +153,41 @@ def run(rt=None, names=None, budget: int = 1024, chunk: int = 512, lengths=(4096
     prose = rt.tokens(PROSE.read_text()[:40 * kl_tokens])
     if "kl" in parts:
         ref = None
-        for name in ["full"] + [n for n in names if n != "full"]:
-            lp, tp, td, peak = teacher_forced(rt, specs[name], prose, kl_tokens, kl_next)
+        target = torch.tensor(prose[kl_tokens:kl_tokens + kl_next])[:, None]
+        extra = [s for s in kl_extra if _usable(rt, s, rows, progress)]
+        for spec in ["full"] + [specs[n] for n in names if n != "full"] + extra:
+            lp, tp, td, peak = teacher_forced(rt, spec, prose, kl_tokens, kl_next)
             ref = lp if ref is None else ref
-            kl = float((ref.exp() * (ref - lp)).sum(-1).mean())
-            emit({"kind": "kl", "policy": specs[name], "tokens": kl_tokens, "next": kl_next, "kl_nats": round(kl, 5),
-                  "kv_peak_bytes": peak, "prefill_tok_s": round(kl_tokens / tp, 1),
-                  "decode_tok_s": round((kl_next - 1) / td, 2), "threads": threads})
+            emit(_kl_row(spec, ref, lp, target, kl_tokens, tp, td, threads, kv_peak_bytes=peak))
+        for bits in peer_bits:  # kivi vs transformers' QuantizedCache, both with a one-pass prefill
+            chunk0, rt.chunk_size = rt.chunk_size, kl_tokens
+            try:
+                lp, tp, td, peak = teacher_forced(rt, f"kivi:bits={bits},group={peer_group}", prose, kl_tokens,
+                                                  kl_next)
+            finally:
+                rt.chunk_size = chunk0
+            emit(_kl_row(f"kivi:bits={bits},group={peer_group} (one-pass prefill)", ref, lp, target, kl_tokens, tp, td, threads,
+                         kv_peak_bytes=peak))
+            for axis in (0, -1):
+                name = f"hf QuantizedCache quanto {bits}-bit G={peer_group} R=128 axis={axis}"
+                try:
+                    lp, tp, td = hf_quantized(rt, prose, kl_tokens, kl_next, bits, axis, group=peer_group)
+                except ImportError as e:
+                    emit({"kind": "skipped", "policy": name, "why": f"{e} (pip install -e .[bench])"})
+                    break
+                emit(_kl_row(name, ref, lp, target, kl_tokens, tp, td, threads))
     if "lazy" in parts and "lighttransfer" in names:
-        rt._reset_cache(specs["lighttransfer"])
-        rt._prefill(prose[:kl_tokens])
-        plan = rt.cache.layers[0].selector.shared
-        per = [sum(l.nbytes().values()) for l in rt.cache.layers]
-        full_per = kl_tokens * rt.adapter.info.kv_bytes_per_token()
-        emit({"kind": "lazy", "policy": specs["lighttransfer"], "tokens": kl_tokens,
-              "lazy_layers": sorted(plan.lazy), "ratios": {i: round(r, 3) for i, r in sorted(plan.ratios.items())},
-              "layer_bytes": per, "kv_bytes": sum(per), "full_kv_bytes_used": full_per * len(per),
-              "saved": round(1 - sum(per) / (full_per * len(per)), 3)})
+        for spec in (specs["lighttransfer"], specs["lighttransfer"] + "+kivi"):  # kivi: non-lazy layers only
+            rt._reset_cache(spec)
+            rt._prefill(prose[:kl_tokens])
+            plan = rt.cache.layers[0].selector.shared
+            per = [sum(l.nbytes().values()) for l in rt.cache.layers]
+            full_per = kl_tokens * rt.adapter.info.kv_bytes_per_token()
+            emit({"kind": "lazy", "policy": spec, "tokens": kl_tokens,
+                  "lazy_layers": sorted(plan.lazy), "ratios": {i: round(r, 3) for i, r in sorted(plan.ratios.items())},
+                  "layer_stores": [type(l.store).__name__ for l in rt.cache.layers],
+                  "layer_bytes": per, "kv_bytes": sum(per), "full_kv_bytes_used": full_per * len(per),
+                  "saved": round(1 - sum(per) / (full_per * len(per)), 3)})
     if "passkey" in parts:
         for name in names:
             for n in lengths:

@@ -1,7 +1,8 @@
 """`bench quality`: what each policy costs in answers, on the default model and real prose.
 
 - `kl`: teacher-forced next-token KL divergence from `full` (and perplexity) after a
-  2K-token prefix of real prose, with each policy's peak KV bytes;
+  2K-token prefix of real prose, with each policy's peak KV bytes; `kivi` at 2 and 4 bits
+  against transformers' `QuantizedCache` (quanto), both with a one-pass prefill;
 - `passkey`: a pass key hidden at depths 0.1..0.9 of a real-prose haystack (licence
   texts, never trained on), inside the model's 8K window and beyond it, every evicting
   policy at the same budget and chunking; `locret` also against random heads;
@@ -12,9 +13,13 @@
   `locret` and `locret+offload` on a 16K-token one, budget as given;
 - `ffnskip`: short factual questions `full` answers correctly, answered again with FFN
   skipping, with the skip ratio.
-Defaults fit in ~15 minutes on a 2-core CPU; `--trials` and `--lengths` scale it.
+Defaults (pass key at 4K and 9K, 2 trials) fit in 15 minutes on a 2-core CPU; `--trials`
+and `--lengths` scale it, `--parts` picks parts; the time of each part is printed and kept.
 """
 from __future__ import annotations
+
+import sys
+import time
 
 from . import baselines, locret, recall
 from .common import plot, table, write_json
@@ -39,28 +44,40 @@ def copy_rows(rt, budget: int, trials: int, full_tokens: int = 5632, doc_tokens:
     return out
 
 
-def run(rt, out_dir=None, trials=None, lengths=None, policies=None, budget: int = 1024, chunk: int = 512):
+PARTS = ("kl", "lazy", "passkey", "ffnskip", "random-heads", "needles", "copy")
+
+
+def run(rt, out_dir=None, trials=None, lengths=None, policies=None, budget: int = 1024, chunk: int = 512,
+        parts=PARTS):
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise ValueError(f"bench quality: unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     trials = trials or 2
-    lengths = lengths or (4096, 10240)
+    lengths = lengths or (4096, 9216)
     rows: list[dict] = []
+    seconds: dict[str, float] = {}
 
     def show(row):
-        print({k: v for k, v in row.items() if k not in ("answers", "ratios", "layer_bytes")}, flush=True)
+        print({k: v for k, v in row.items() if k not in ("answers", "ratios", "layer_bytes", "layer_stores")},
+              flush=True)
+
+    def timed(part, fn):
+        if part in parts:
+            t0 = time.perf_counter()
+            rows.extend(fn())
+            seconds[part] = round(time.perf_counter() - t0, 1)
+            print(f"[{part}: {seconds[part]:,.0f} s]", file=sys.stderr, flush=True)
 
     names = list(policies) if policies else None
-    rows += baselines.run(rt, names=names, budget=budget, chunk=chunk, lengths=lengths, trials=trials,
-                          parts=("kl", "lazy", "passkey", "ffnskip"), progress=show)
-    for spec in KL_EXTRA:
-        row = recall.kl_ppl(rt, spec, ctx=2048, n_eval=32)
-        row.update(kind="kl", policy=spec, kl_nats=round(row.pop("kl_mean"), 5))
-        rows.append(row)
-        show(row)
-    rows += [dict(r, kind="passkey-random-heads") for r in
-             locret.run(rt, lengths=lengths[-1:], trials=trials, budget=budget, chunk=chunk, scorers=("random",),
-                        progress=show)]
-    rows += [dict(r, kind="needles") for r in recall.needles(rt, doc_tokens=8192, budget=budget)]
+    for part in ("kl", "lazy", "passkey", "ffnskip"):
+        timed(part, lambda: baselines.run(rt, names=names, budget=budget, chunk=chunk, lengths=lengths, trials=trials,
+                                          parts=(part,), kl_extra=KL_EXTRA, peer_bits=(2, 4),
+                                          progress=show))
+    timed("random-heads", lambda: [dict(r, kind="passkey-random-heads") for r in locret.run(
+        rt, lengths=lengths[-1:], trials=trials, budget=budget, chunk=chunk, scorers=("random",), progress=show)])
+    timed("needles", lambda: [dict(r, kind="needles") for r in recall.needles(rt, doc_tokens=8192, budget=budget)])
     # NOTE: one depth at the default 2 trials (16K prefills are the suite's slowest part)
-    rows += [dict(r, kind="copy") for r in copy_rows(rt, budget, max(1, trials - 1), progress=show)]
+    timed("copy", lambda: [dict(r, kind="copy") for r in copy_rows(rt, budget, max(1, trials - 1), progress=show)])
     for kind, cols in (("kl", ["policy", "kl_nats", "ppl_full", "ppl_spec", "kv_peak_bytes"]),
                        ("passkey", ["policy", "tokens", "trials", "correct", "accuracy"]),
                        ("passkey-random-heads", ["policy", "length", "trials", "correct", "accuracy"]),
@@ -71,8 +88,10 @@ def run(rt, out_dir=None, trials=None, lengths=None, policies=None, budget: int 
         part = [r for r in rows if r.get("kind") == kind]
         if part:
             print(f"\n{kind}\n" + table(part, [c for c in cols if any(c in r for r in part)]))
+    print("\nseconds per part: " + ", ".join(f"{k} {v:,.0f}" for k, v in seconds.items()))
     if out_dir is not None:
-        write_json(out_dir, "quality", rows, {"model": rt.model_id, "budget": budget, "chunk": chunk})
+        write_json(out_dir, "quality", rows, {"model": rt.model_id, "budget": budget, "chunk": chunk,
+                                              "seconds": seconds})
         longest = max(lengths)
         peak = {r["policy"]: r["kv_peak_bytes"] for r in rows if r.get("kind") == "kl" and "kv_peak_bytes" in r}
         pts = [{"policy": r["policy"].split(":")[0], "kv_peak_bytes": peak[r["policy"]], "accuracy": r["accuracy"]}
