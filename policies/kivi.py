@@ -60,7 +60,7 @@ class KiviStore:
     tier = "gpu"
     BLOCK = 256
 
-    def __init__(self, info: ModelInfo, bits: int = 2, group: int = 32, residual: int = 128):
+    def __init__(self, info: ModelInfo, bits: int = 2, group: int = 32, residual: int = 128, fit: str = "mse"):
         h, d = info.n_kv_heads, info.head_dim
         if d % group:
             raise SpecError(f"option `group` of policy `kivi`: {group} must divide head_dim {d}")
@@ -68,7 +68,7 @@ class KiviStore:
             raise SpecError(f"option `bits` of policy `kivi`: head_dim {d} is not a multiple of "
                             f"{per_word(bits)} codes per int32 word at {bits} bits")
         _check({"bits": bits, "group": group, "residual": residual})
-        self.info, self.bits, self.group, self.residual = info, bits, group, residual
+        self.info, self.bits, self.group, self.residual, self.fit = info, bits, group, residual, fit
         self.lossless = info.window > 0 and residual >= info.window
         self.length = 0
         self.nq = 0  # quantized keys, a multiple of G
@@ -139,7 +139,7 @@ class KiviStore:
             else:
                 pos = torch.arange(self.nq, self.nq + m, device=kp.device) + self.shift
                 kf = rope.rotate(kp[:, :m].float(), -pos, self.info.inv_freq)
-            codes, sc, zr = quantize_keys(kf, self.bits, g, dt)
+            codes, sc, zr = quantize_keys(kf, self.bits, g, dt, self.fit)
             end = self.nq + m
             self.kc = _grow(self.kc, end, self.nq, self.BLOCK)
             rows = -(-self.kc.shape[1] // g)  # one scale row per G rows of codes capacity
@@ -161,7 +161,7 @@ class KiviStore:
         s = vp.shape[1]
         m = max(0, s - res)
         if m:
-            codes, sc, zr = quantize_values(vp[:, :m], self.bits, g, dt)
+            codes, sc, zr = quantize_values(vp[:, :m], self.bits, g, dt, self.fit)
             end = self.nv + m
             self.vc = _grow(self.vc, end, self.nv, self.BLOCK)
             self.vs = _grow(self.vs, end, self.nv, self.BLOCK, limit=self.vc.shape[1])
@@ -299,6 +299,8 @@ def _check(opts) -> None:
     "bits": Opt(int, 2, "bits per code", choices=(2, 4)),
     "group": Opt(int, 32, "tokens per key group / channels per value group", min=1),
     "residual": Opt(int, 128, "newest tokens kept in full precision (a multiple of group)", min=1),
+    "fit": Opt(str, "mse", "each group's range: mse (the least squared error of six, default) or minmax "
+                           "(the paper's)", choices=("mse", "minmax")),
 }, "2/4-bit keys (per channel) and values (per token) with a full-precision residual (KIVI)",
     check=_check)
 def build(policy, info, layer):

@@ -46,24 +46,45 @@ def test_quantizers_round_trip(bits, dtype):
     x = (torch.randn(H, 96, D, generator=g) * torch.rand(D, generator=g) * 4).to(dtype)
     x[0, :32, 5] = 1.25  # a constant group must stay finite and exact
     ulp = torch.finfo(dtype).eps * x.float().abs().amax()
-    codes, s, z = quantize_keys(x.float(), bits, 32, dtype)
+    codes, s, z = quantize_keys(x.float(), bits, 32, dtype, "minmax")
     assert codes.dtype == torch.int32 and codes.shape == (H, 96, D * bits // 32)
     err = (dequantize_keys(codes, s, z, bits, 32) - x.float()).abs()
     bound = s.float().repeat_interleave(32, 1) / 2 + 2 * ulp
     assert (err <= bound).all() and err[0, :32, 5].max() <= 2 * ulp
     assert err.max() > 0.01  # it really quantizes
-    codes, s, z = quantize_values(x.float(), bits, 32, dtype)
+    codes, s, z = quantize_values(x.float(), bits, 32, dtype, "minmax")
     err = (dequantize_values(codes, s, z, bits, 32) - x.float()).abs()
     assert (err <= s.float().repeat_interleave(32, 2) / 2 + 2 * ulp).all()
     c = torch.randint(0, 2**bits, (3, 5, 64), generator=g)
     assert torch.equal(unpack(pack(c, bits), bits), c)
 
 
-def test_requantizing_a_dequantized_group_is_exact():
+@pytest.mark.parametrize("fit", ["mse", "minmax"])
+def test_requantizing_a_dequantized_group_is_exact(fit):
     x = torch.randn(H, 64, D) * 3
-    c, s, z = quantize_keys(x, 2, 32, torch.float16)
-    c2, s2, z2 = quantize_keys(dequantize_keys(c, s, z, 2, 32), 2, 32, torch.float16)
+    x[0, 3, :] = 40.0  # an outlier token: mse narrows those groups' range
+    c, s, z = quantize_keys(x, 2, 32, torch.float16, fit)
+    c2, s2, z2 = quantize_keys(dequantize_keys(c, s, z, 2, 32), 2, 32, torch.float16, fit)
     assert torch.equal(c, c2) and torch.equal(s, s2) and torch.equal(z, z2)
+    c, s, z = quantize_values(x, 2, 32, torch.float16, fit)
+    c2, s2, z2 = quantize_values(dequantize_values(c, s, z, 2, 32), 2, 32, torch.float16, fit)
+    assert torch.equal(c, c2) and torch.equal(s, s2) and torch.equal(z, z2)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_mse_fit_never_worse_than_minmax_per_group_and_better_with_outliers(bits):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(H, 128, D, generator=g) * torch.rand(D, generator=g) * 3
+    x[:, ::29] *= 8  # heavy-tailed: a few large entries per group
+    err = {}
+    for fit in ("minmax", "mse"):
+        c, s, z = quantize_keys(x, bits, 32, torch.float32, fit)
+        err[fit] = ((dequantize_keys(c, s, z, bits, 32) - x) ** 2).reshape(H, 4, 32, D).sum(2)  # per group
+    assert (err["mse"] <= err["minmax"] * (1 + 1e-6)).all()
+    gain = {2: 0.8, 4: 0.995}[bits]  # 4 levels gain the most from a narrower range
+    assert err["mse"].sum() < gain * err["minmax"].sum(), (err["mse"].sum(), err["minmax"].sum())
+    with pytest.raises(ValueError, match="fit must be"):
+        quantize_keys(x, bits, 32, torch.float32, "nope")
 
 
 def test_store_frame_quantizes_better_than_post_rope():
@@ -251,3 +272,22 @@ def test_options_are_validated_by_name():
         KiviStore(info(), 2, 24, 48)  # 24 does not divide head_dim 64
     with pytest.raises(SpecError, match="bits"):
         KiviStore(info(d=40, inv=INV[:20]), 2, 8, 64)  # 40 channels do not fill 16-code words
+
+
+def test_fit_option_reaches_the_store():
+    assert parse_spec("kivi:fit=minmax")["store"].opts["fit"] == "minmax"
+    assert parse_spec("kivi")["store"].opts["fit"] == "mse"
+    with pytest.raises(SpecError, match="fit"):
+        parse_spec("kivi:fit=best")
+    g = torch.Generator().manual_seed(4)
+    pre = pre_keys(256, g, torch.randn(D, generator=g) * 3)
+    pre[:, 0] *= 6  # an attention-sink-like first token
+    post = rope.rotate(pre, torch.arange(256), INV)
+    vals = torch.randn(H, 256, D, generator=g)
+    err = {}
+    for fit in ("minmax", "mse"):
+        st = KiviStore(info(), 2, 32, 32, fit)
+        st.load(post, vals)
+        k, v = st.dense()
+        err[fit] = (rel(k[:, : st.nq], post[:, : st.nq]), rel(v[:, : st.nv], vals[:, : st.nv]))
+    assert err["mse"][0] < 0.9 * err["minmax"][0] and err["mse"][1] < 0.9 * err["minmax"][1], err

@@ -1,4 +1,4 @@
-"""KIVI quantizers: asymmetric min/max codes, bit-packed along channels, in plain torch.
+"""KIVI quantizers: asymmetric codes on a per-group grid, bit-packed along channels, in torch.
 
 Keys are quantized per channel (a group is G consecutive *tokens* of one channel), values
 per token (a group is G consecutive *channels* of one token). Both pack their codes along
@@ -43,17 +43,48 @@ def _grid(lo: torch.Tensor, hi: torch.Tensor, bits: int, dtype: torch.dtype):
     return scale, lo.to(dtype)
 
 
+SHRINK = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)  # range factors `fit="mse"` tries
+
+
+def _fit(xg: torch.Tensor, dim: int, bits: int, dtype: torch.dtype, fit: str):
+    """Stored (scale, zero) per group along `dim` of xg. fit="minmax": the group's range
+    (KIVI as published). fit="mse": of the ranges [mid - a(mid - min), mid + a(max - mid)],
+    a in SHRINK, the one with the least squared error after rounding (values past the
+    range clamp to the end codes). At 2 bits four levels spread over an outlier's range
+    leave most of the group on one or two codes; a narrower range costs the outlier a little
+    and the rest a lot less. NOTE: the extremes always clamp onto the end codes, so a
+    dequantized group's range is its grid, a = 1 reproduces it with no error, and
+    re-quantizing a dequantized group is exact under either fit."""
+    lo, hi = xg.amin(dim), xg.amax(dim)
+    if fit == "minmax":
+        return _grid(lo, hi, bits, dtype)
+    if fit != "mse":
+        raise ValueError(f"fit must be 'mse' or 'minmax', not {fit!r}")
+    mid = (lo + hi) / 2
+    best = None
+    for a in SHRINK:
+        sc, zr = _grid(lo, hi, bits, dtype) if a == 1 else _grid(mid - a * (mid - lo), mid + a * (hi - mid), bits, dtype)
+        s, z = sc.float().unsqueeze(dim), zr.float().unsqueeze(dim)
+        err = ((_codes(xg, s, z, bits) * s + z - xg) ** 2).sum(dim)
+        if best is None:
+            best = [err, sc, zr]
+            continue
+        take = err < best[0]  # strictly: ties keep the wider range
+        best = [torch.where(take, err, best[0]), torch.where(take, sc, best[1]), torch.where(take, zr, best[2])]
+    return best[1], best[2]
+
+
 def _codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     q = torch.floor((x - zero.float()) / scale.float() + 0.5)
     return q.clamp_(0, 2**bits - 1)
 
 
-def quantize_keys(x: torch.Tensor, bits: int, group: int, dtype: torch.dtype):
+def quantize_keys(x: torch.Tensor, bits: int, group: int, dtype: torch.dtype, fit: str = "mse"):
     """Per-channel keys x [H, N, D] (N a multiple of group) -> (codes [H, N, D/PK] int32,
-    scale [H, N/G, D], zero [H, N/G, D]) with scale/zero in `dtype`."""
+    scale [H, N/G, D], zero [H, N/G, D]) with scale/zero in `dtype`; `fit` see `_fit`."""
     h, n, d = x.shape
     xg = x.float().reshape(h, n // group, group, d)
-    scale, zero = _grid(xg.amin(2), xg.amax(2), bits, dtype)  # [H, N/G, D]
+    scale, zero = _fit(xg, 2, bits, dtype, fit)  # [H, N/G, D]
     codes = _codes(xg, scale[:, :, None], zero[:, :, None], bits).reshape(h, n, d)
     return pack(codes, bits), scale, zero
 
@@ -66,11 +97,11 @@ def dequantize_keys(codes, scale, zero, bits: int, group: int) -> torch.Tensor:
     return c * s + z
 
 
-def quantize_values(x: torch.Tensor, bits: int, group: int, dtype: torch.dtype):
+def quantize_values(x: torch.Tensor, bits: int, group: int, dtype: torch.dtype, fit: str = "mse"):
     """Per-token values x [H, N, D] -> (codes [H, N, D/PK] int32, scale/zero [H, N, D/G])."""
     h, n, d = x.shape
     xg = x.float().reshape(h, n, d // group, group)
-    scale, zero = _grid(xg.amin(3), xg.amax(3), bits, dtype)  # [H, N, D/G]
+    scale, zero = _fit(xg, 3, bits, dtype, fit)  # [H, N, D/G]
     codes = _codes(xg, scale[..., None], zero[..., None], bits).reshape(h, n, d)
     return pack(codes, bits), scale, zero
 
