@@ -110,6 +110,10 @@ def test_copy_fidelity_measures_what_each_policy_reads(tiny_files):
     assert alone["kv_host_bytes"] == 0 and alone["kv_gpu_bytes"] < full["kv_gpu_bytes"] and off["kv_host_bytes"] > 0
     assert alone["nll"] != pytest.approx(full["nll"], rel=1e-4)
     assert off["nll"] != pytest.approx(alone["nll"], rel=1e-4)
+    # one causal chunk reads what token-by-token decoding reads (full and locret)
+    for spec, one in ((specs[0], full), (loc, alone)):
+        step = recall.copy_fidelity(rt, spec, doc_tokens=900, passage_tokens=60, stepwise=True)
+        assert step["correct"] == one["correct"] and step["nll"] == pytest.approx(one["nll"], rel=1e-4)
 
 
 def test_kl_part_measures_extras_and_perplexity_against_full():
@@ -146,3 +150,24 @@ def test_quality_refuses_unknown_parts_before_loading():
     out = subprocess.run([sys.executable, "main.py", "bench", "quality", "--parts", "kl,nope"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "unknown part(s) nope" in out.stderr and "random-heads" in out.stderr
+
+
+def test_passkey_skips_longer_lengths_after_answering_none(monkeypatch):
+    from app.bench import baselines
+    from app.runtime.engine import Runtime
+    from tiny import tiny_pair
+    m, t = tiny_pair(0, max_position_embeddings=4096)
+    rt = Runtime.from_model(m, t, model_id="tiny", chunk_size=128)
+    asked = []
+
+    def fake(rt, spec, n, depth, seed, max_new=12):
+        asked.append((spec.split(":")[0], n))
+        return spec == "full" and n == 300 and depth < 0.5  # full: one of two at 300, none at 600
+    monkeypatch.setattr(baselines, "passkey", fake)
+    rows = baselines.run(rt, names=["full", "streaming"], budget=64, chunk=128, lengths=(600, 300, 900),
+                         trials=2, threads=1, parts=("passkey",), skip_failed=True, progress=None)
+    got = [(r["policy"].split(":")[0], r["tokens"], r.get("correct"), r.get("skipped")) for r in rows]
+    assert got == [("full", 300, 1, None), ("full", 600, 0, None), ("full", 900, None, "not run: 0/2 at 600 tokens"),
+                   ("streaming", 300, 0, None), ("streaming", 600, None, "not run: 0/2 at 300 tokens"),
+                   ("streaming", 900, None, "not run: 0/2 at 300 tokens")]
+    assert asked == [("full", 300)] * 2 + [("full", 600)] * 2 + [("streaming", 300)] * 2

@@ -24,6 +24,7 @@ from app.runtime.convert import convert
 from offload import labels
 from offload.calibrate import find_channels
 from policies import Chunk, KVCache, SpecError, rope
+from policies.base import FullStore
 
 from .common import prefill_ids
 
@@ -199,13 +200,22 @@ def _copy_doc(rt, doc_tokens: int, depth: float, passage_tokens: int):
 
 
 @torch.inference_mode()
-def copy_fidelity(rt, spec: str, doc_tokens: int = 16384, depth: float = 0.3, passage_tokens: int = 300) -> dict:
+def _plain(cache) -> bool:
+    """Decoding token by token reads what one causal chunk reads: full-precision stores, no
+    recall (spill), no sparse reader, no FFN skipping (they act while decoding only)."""
+    return cache.ffn is None and all(type(l.store) is FullStore and l.spill is None and l.reader is None
+                                     for l in cache.layers)
+
+
+def copy_fidelity(rt, spec: str, doc_tokens: int = 16384, depth: float = 0.3, passage_tokens: int = 300,
+                  stepwise: bool = False) -> dict:
     """Copy fidelity (issue 7): a document whose passage at `depth` the question asks to be
     reproduced; the passage is teacher-forced as the answer and each token counts as right
     when the model's greedy choice at that step is that token. The document is read as a
     document turn and the question as the next (so `offload` recalls with the question's
     queries, as in a chat). -> row with accuracy over the passage's tokens and their mean
-    negative log-likelihood (nats)."""
+    negative log-likelihood (nats). Where decoding cannot differ from one chunk (`_plain`)
+    the passage goes through in one forward unless `stepwise`."""
     body, passage = _copy_doc(rt, doc_tokens, depth, passage_tokens)
     words = passage.split()
     q = COPY_QUESTION.format(head=" ".join(words[:6]), tail=" ".join(words[-6:]))
@@ -219,11 +229,19 @@ def copy_fidelity(rt, spec: str, doc_tokens: int = 16384, depth: float = 0.3, pa
     logits, _ = rt._sync(target)
     answer = rt.tokens(passage)
     right, nll = 0, 0.0
-    for tok in answer:
-        right += int(logits.argmax()) == tok
-        nll -= float(torch.log_softmax(logits.float(), -1)[tok])
-        c = Chunk(torch.tensor([tok], device=rt.device), rt.cache.next_position, "decode")
-        logits = rt.adapter.forward(c.input_ids, rt.cache, c)
+    if stepwise or not _plain(rt.cache):
+        steps = []
+        for tok in answer:
+            steps.append(logits)
+            c = Chunk(torch.tensor([tok], device=rt.device), rt.cache.next_position, "decode")
+            logits = rt.adapter.forward(c.input_ids, rt.cache, c)
+        logits = torch.stack(steps)
+    else:  # nothing differs between decoding and one causal chunk: teacher-force in one pass
+        c = Chunk(torch.tensor(answer[:-1], device=rt.device), rt.cache.next_position, "prefill")
+        logits = torch.cat((logits[None], rt.adapter.forward(c.input_ids, rt.cache, c, all_logits=True)))
+    tgt = torch.tensor(answer, device=logits.device)
+    right = int((logits.argmax(-1) == tgt).sum())
+    nll = -float(torch.log_softmax(logits.float(), -1).gather(1, tgt[:, None]).sum())
     kv = rt.cache.bytes_by_tier()
     rt.clear()
     return {"measure": "copy", "spec": spec, "doc_tokens": doc_tokens, "depth": depth, "tokens": len(answer),
