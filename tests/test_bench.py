@@ -152,7 +152,7 @@ def test_quality_refuses_unknown_parts_before_loading():
     assert out.returncode != 0 and "unknown part(s) nope" in out.stderr and "random-heads" in out.stderr
 
 
-def test_passkey_skips_longer_lengths_after_answering_none(monkeypatch):
+def test_passkey_skips_longer_lengths_after_a_miss_except_full(monkeypatch):
     from app.bench import baselines
     from app.runtime.engine import Runtime
     from tiny import tiny_pair
@@ -162,12 +162,20 @@ def test_passkey_skips_longer_lengths_after_answering_none(monkeypatch):
 
     def fake(rt, spec, n, depth, seed, max_new=12):
         asked.append((spec.split(":")[0], n))
-        return spec == "full" and n == 300 and depth < 0.5  # full: one of two at 300, none at 600
+        return n == 300 or (spec.startswith("locret") and depth < 0.5)  # all at 300; beyond, locret 1/2
     monkeypatch.setattr(baselines, "passkey", fake)
-    rows = baselines.run(rt, names=["full", "streaming"], budget=64, chunk=128, lengths=(600, 300, 900),
-                         trials=2, threads=1, parts=("passkey",), skip_failed=True, progress=None)
+    kw = dict(budget=64, chunk=128, lengths=(600, 300, 900), trials=2, threads=1, parts=("passkey",),
+              progress=None)
+    monkeypatch.setattr(baselines, "policies_at", lambda b, c: {"full": "full", "streaming": "streaming",
+                                                                "locret": "locret:heads=x"})
+    monkeypatch.setattr(baselines, "_usable", lambda *a: True)
+    rows = baselines.run(rt, names=["full", "streaming", "locret"], skip_missed=True, **kw)
     got = [(r["policy"].split(":")[0], r["tokens"], r.get("correct"), r.get("skipped")) for r in rows]
-    assert got == [("full", 300, 1, None), ("full", 600, 0, None), ("full", 900, None, "not run: 0/2 at 600 tokens"),
-                   ("streaming", 300, 0, None), ("streaming", 600, None, "not run: 0/2 at 300 tokens"),
-                   ("streaming", 900, None, "not run: 0/2 at 300 tokens")]
-    assert asked == [("full", 300)] * 2 + [("full", 600)] * 2 + [("streaming", 300)] * 2
+    assert got == [("full", 300, 2, None), ("full", 600, 0, None), ("full", 900, 0, None),
+                   ("streaming", 300, 2, None), ("streaming", 600, 0, None),
+                   ("streaming", 900, None, "not run: 0/2 at 600 tokens"),
+                   ("locret", 300, 2, None), ("locret", 600, 1, None), ("locret", 900, None, "not run: 1/2 at 600 tokens")]
+    assert len(asked) == 14
+    asked.clear()
+    baselines.run(rt, names=["full", "streaming", "locret"], skip_missed=False, **kw)
+    assert len(asked) == 18  # every cell

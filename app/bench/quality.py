@@ -5,8 +5,9 @@
   against transformers' `QuantizedCache` (quanto), both with a one-pass prefill;
 - `passkey`: a pass key hidden at depths 0.1..0.9 of a real-prose haystack (licence
   texts, never trained on), inside the model's 8K window and beyond it, every evicting
-  policy at the same budget and chunking (one that answers none inside the window is not
-  run beyond it; its row says so); `locret` also against random heads;
+  policy at the same budget and chunking; with the default policies, one that misses a
+  pass key inside the window is not run beyond it (its row says so; `full`, the reference,
+  always is; `--policies` runs every cell); `locret` also against random heads;
 - `needles`: three distinct facts in one document asked in turn, `locret` vs
   `locret+offload`;
 - `copy`: a ~300-token passage at 20-40 % depth reproduced under teacher forcing
@@ -72,7 +73,7 @@ def run(rt, out_dir=None, trials=None, lengths=None, policies=None, budget: int 
     names = list(policies) if policies else None
     for part in ("kl", "lazy", "passkey", "ffnskip"):
         timed(part, lambda: baselines.run(rt, names=names, budget=budget, chunk=chunk, lengths=lengths, trials=trials,
-                                          parts=(part,), kl_extra=KL_EXTRA, peer_bits=(2, 4), skip_failed=True,
+                                          parts=(part,), kl_extra=KL_EXTRA, peer_bits=(2, 4), skip_missed=policies is None,
                                           progress=show))
     timed("random-heads", lambda: [dict(r, kind="passkey-random-heads") for r in locret.run(
         rt, lengths=lengths[-1:], trials=trials, budget=budget, chunk=chunk, scorers=("random",), progress=show)])
