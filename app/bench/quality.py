@@ -94,11 +94,22 @@ def run(rt, out_dir=None, trials=None, lengths=None, policies=None, budget: int 
     if out_dir is not None:
         write_json(out_dir, "quality", rows, {"model": rt.model_id, "budget": budget, "chunk": chunk,
                                               "seconds": seconds})
-        longest = max(lengths)
-        peak = {r["policy"]: r["kv_peak_bytes"] for r in rows if r.get("kind") == "kl" and "kv_peak_bytes" in r}
-        pts = [{"policy": r["policy"].split(":")[0], "kv_peak_bytes": peak[r["policy"]], "accuracy": r["accuracy"]}
-               for r in rows if r.get("kind") == "passkey" and r["tokens"] == longest and r["policy"] in peak
-               and "accuracy" in r]
-        plot(out_dir / "quality_accuracy_vs_bytes.png", pts, "kv_peak_bytes", "accuracy", "policy",
-             f"pass key at {longest} tokens vs KV bytes")
+        plots(rows, out_dir, trials)
     return rows
+
+
+def plots(rows: list[dict], out_dir, trials: int) -> None:
+    """Pass-key accuracy vs KV bytes (at the shortest length, where every policy runs)
+    and vs document length, per policy."""
+    peak = {r["policy"]: r["kv_peak_bytes"] for r in rows if r.get("kind") == "kl" and "kv_peak_bytes" in r}
+    pk = [r for r in rows if r.get("kind") == "passkey" and "accuracy" in r]
+    if not pk:
+        return
+    n0 = min(r["tokens"] for r in pk)
+    pts = [{"policy": r["policy"].split(":")[0], "KV peak (MB)": peak[r["policy"]] / 1e6,
+            "accuracy": r["accuracy"]} for r in pk if r["tokens"] == n0 and r["policy"] in peak]
+    plot(out_dir / "quality_accuracy_vs_bytes.png", pts, "KV peak (MB)", "accuracy", "policy",
+         f"pass key at {n0} tokens vs KV bytes (KL part, 2K tokens)")
+    pts = [{"policy": r["policy"].split(":")[0], "tokens": r["tokens"], "accuracy": r["accuracy"]} for r in pk]
+    plot(out_dir / "quality_accuracy_vs_length.png", pts, "tokens", "accuracy", "policy",
+         f"pass key accuracy vs document length ({trials} trials per point)")
