@@ -3,7 +3,9 @@
 A layer's cache has up to five slots, filled from the spec (see `registry`):
 
 - **selector** decides which tokens stay (`full` keeps all; `locret`, `streaming`, ...
-  evict after each prefill chunk). It may score tokens as they arrive.
+  evict after each prefill chunk). It may score tokens as they arrive, and may ask for
+  its layer's tokens at full precision (`full_precision`: lighttransfer's lazy layers);
+  the layer then swaps a quantized store for a `FullStore` at its next eviction.
 - **store** decides how kept tokens are held (full precision here; `kivi` quantized).
 - **spill** receives evicted tokens (absent: they are dropped; `offload`: host + recall).
   `take(layer, idx)` runs before the store drops idx; `recall(layer, q, chunk)` returns
