@@ -37,7 +37,7 @@ def test_memory_measured_equals_expected(ad, tmp_path):
 
 
 def test_speed_runs_with_baselines(ad, tmp_path):
-    # (transformers' QuantizedCache runs too, in `bench speed`; on CPU quanto takes minutes)
+    # (transformers' QuantizedCache is the other baseline; it needs the bench extra, optimum-quanto)
     rows = speed.run(ad, policies=("full", "kivi:group=16"), lengths=(256,), chunk=128, decode=3,
                      baselines=("hf generate",), out_dir=tmp_path)
     names = [r["policy"] for r in rows]

@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="bench-out", help="folder for JSON and PNG output")
     p.add_argument("--baselines", default="generate,quantized",
                    help="speed: transformers baselines to run, any of generate,quantized, or none "
-                        "(quantized = QuantizedCache with quanto, very slow on CPU)")
+                        "(quantized = transformers' QuantizedCache, 4-bit, quanto backend: pip install -e .[bench])")
     p.add_argument("--trials", type=int, default=None, help="quality: trials per cell")
     p.add_argument("--parts", default=None,
                    help="quality: comma-separated parts, any of kl,lazy,passkey,ffnskip,random-heads,needles,copy "

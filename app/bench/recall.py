@@ -199,7 +199,6 @@ def _copy_doc(rt, doc_tokens: int, depth: float, passage_tokens: int):
     return body, passage[:end].strip()
 
 
-@torch.inference_mode()
 def _plain(cache) -> bool:
     """Decoding token by token reads what one causal chunk reads: full-precision stores, no
     recall (spill), no sparse reader, no FFN skipping (they act while decoding only)."""
@@ -207,6 +206,7 @@ def _plain(cache) -> bool:
                                      for l in cache.layers)
 
 
+@torch.inference_mode()
 def copy_fidelity(rt, spec: str, doc_tokens: int = 16384, depth: float = 0.3, passage_tokens: int = 300,
                   stepwise: bool = False) -> dict:
     """Copy fidelity (issue 7): a document whose passage at `depth` the question asks to be
@@ -228,13 +228,11 @@ def copy_fidelity(rt, spec: str, doc_tokens: int = 16384, depth: float = 0.3, pa
     target = rt.conv.render(rt.tok, pending=[{"role": "user", "content": q}])
     logits, _ = rt._sync(target)
     answer = rt.tokens(passage)
-    right, nll = 0, 0.0
     if stepwise or not _plain(rt.cache):
-        steps = []
-        for tok in answer:
-            steps.append(logits)
+        steps = [logits]
+        for tok in answer[:-1]:
             c = Chunk(torch.tensor([tok], device=rt.device), rt.cache.next_position, "decode")
-            logits = rt.adapter.forward(c.input_ids, rt.cache, c)
+            steps.append(rt.adapter.forward(c.input_ids, rt.cache, c))
         logits = torch.stack(steps)
     else:  # nothing differs between decoding and one causal chunk: teacher-force in one pass
         c = Chunk(torch.tensor(answer[:-1], device=rt.device), rt.cache.next_position, "prefill")
