@@ -17,9 +17,8 @@ def rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torc
     HF's rotate_half convention: channel i pairs with channel i + rot/2.
     """
     rot = 2 * inv_freq.numel()
-    if delta.dim() == 1:
-        delta = delta.expand(x.shape[0], -1)
-    ang = delta.to(torch.float32)[..., None] * inv_freq.to(x.device, torch.float32)  # [H, T, rot/2]
+    # [H, T, rot/2], or [T, rot/2] broadcast over heads for a shared delta (cos/sin once)
+    ang = delta.to(torch.float32)[..., None] * inv_freq.to(x.device, torch.float32)
     cos, sin = ang.cos(), ang.sin()
     xr = x[..., :rot].float()
     x1, x2 = xr[..., : rot // 2], xr[..., rot // 2:]

@@ -29,10 +29,11 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """int32 words [..., W] -> codes [..., W * 32/bits] (int64)."""
+    """int32 words [..., W] -> codes [..., W * 32/bits] (int32)."""
     pk = per_word(bits)
-    shifts = torch.arange(pk, device=words.device, dtype=torch.int64) * bits
-    c = (words.to(torch.int64)[..., None] >> shifts) & (2**bits - 1)
+    shifts = torch.arange(pk, device=words.device, dtype=torch.int32) * bits
+    # NOTE: >> on int32 is arithmetic (a negative word fills with ones); the mask keeps the code
+    c = (words[..., None] >> shifts) & (2**bits - 1)
     return c.reshape(*words.shape[:-1], words.shape[-1] * pk)
 
 
@@ -92,9 +93,9 @@ def quantize_keys(x: torch.Tensor, bits: int, group: int, dtype: torch.dtype, fi
 def dequantize_keys(codes, scale, zero, bits: int, group: int) -> torch.Tensor:
     """(codes [H, N, D/PK], scale/zero [H, N/G, D]) -> float32 [H, N, D]."""
     c = unpack(codes, bits).float()
-    s = scale.float().repeat_interleave(group, 1)
-    z = zero.float().repeat_interleave(group, 1)
-    return c * s + z
+    h, n, d = c.shape
+    c = c.view(h, n // group, group, d)  # scale/zero broadcast over each group's tokens
+    return (c * scale.float()[:, :, None] + zero.float()[:, :, None]).view(h, n, d)
 
 
 def quantize_values(x: torch.Tensor, bits: int, group: int, dtype: torch.dtype, fit: str = "mse"):
@@ -109,4 +110,6 @@ def quantize_values(x: torch.Tensor, bits: int, group: int, dtype: torch.dtype, 
 def dequantize_values(codes, scale, zero, bits: int, group: int) -> torch.Tensor:
     """(codes [H, N, D/PK], scale/zero [H, N, D/G]) -> float32 [H, N, D]."""
     c = unpack(codes, bits).float()
-    return c * scale.float().repeat_interleave(group, 2) + zero.float().repeat_interleave(group, 2)
+    h, n, d = c.shape
+    c = c.view(h, n, d // group, group)  # scale/zero broadcast over each group's channels
+    return (c * scale.float()[..., None] + zero.float()[..., None]).view(h, n, d)
