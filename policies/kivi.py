@@ -209,9 +209,10 @@ class KiviStore:
     def attend(self, q, k, v, scale, extra=None):
         """q [Hq, Tq, D] over stored tokens + `extra` (k, v) + new k/v [H, Tq, D]."""
         self._settle()
-        if self.kernel and q.shape[1] == 1 and extra is None:
+        if q.shape[1] == 1 and extra is None:
             self._stage(k, v)
-            return kivi_attn.decode(q, self._view(1, 1), scale)
+            fused = kivi_attn.decode if self.kernel else kivi_attn.decode_torch
+            return fused(q, self._view(1, 1), scale)
         return kivi_attn.reference(q, self._view(), scale, k, v, extra)
 
     def append(self, k, v) -> None:

@@ -73,6 +73,22 @@ def reference(q, view: QuantView, scale: float, k=None, v=None, extra=None) -> t
     return attend(q, keys, vals, scale)
 
 
+def decode_torch(q: torch.Tensor, view: QuantView, scale: float) -> torch.Tensor:
+    """`decode` in plain torch (the CPU path): q [Hq, 1, D] over the whole view -> [Hq, 1, D].
+    The new token must already sit in the residual. Unlike `reference` it never
+    concatenates the dequantized cache with the residual: logits of the two key parts are
+    joined (small), and the probabilities are split at nv for the two value parts."""
+    hq, _, d = q.shape
+    h = view.kr.shape[0]
+    nv = view.vc.shape[1]
+    qg = q.reshape(h, hq // h, d).float()  # query head j reads KV head j // group
+    logits = torch.cat((qg @ quant_keys(view).transpose(1, 2), qg @ view.kr.float().transpose(1, 2)), -1)
+    p = (logits * scale).softmax(-1)  # [H, g, L]
+    vq = dequantize_values(view.vc, view.vs, view.vz, view.bits, view.group)
+    out = p[..., :nv] @ vq + p[..., nv:] @ view.vr.float()
+    return out.reshape(hq, 1, d).to(q.dtype)
+
+
 _TABLES: dict = {}
 
 
