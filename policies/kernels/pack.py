@@ -44,7 +44,18 @@ def _grid(lo: torch.Tensor, hi: torch.Tensor, bits: int, dtype: torch.dtype):
     return scale, lo.to(dtype)
 
 
-SHRINK = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)  # range factors `fit="mse"` tries
+SHRINK = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)  # range factors `fit="mse"` tries (1 first)
+
+
+_SHRINK_ON: dict = {}
+
+
+def _shrink(device) -> torch.Tensor:
+    """SHRINK as a float32 tensor on `device`, made once (no host copy per decode step)."""
+    key = str(device)
+    if key not in _SHRINK_ON:
+        _SHRINK_ON[key] = torch.tensor(SHRINK, dtype=torch.float32, device=device)
+    return _SHRINK_ON[key]
 
 
 def _fit(xg: torch.Tensor, dim: int, bits: int, dtype: torch.dtype, fit: str):
@@ -61,18 +72,19 @@ def _fit(xg: torch.Tensor, dim: int, bits: int, dtype: torch.dtype, fit: str):
         return _grid(lo, hi, bits, dtype)
     if fit != "mse":
         raise ValueError(f"fit must be 'mse' or 'minmax', not {fit!r}")
-    mid = (lo + hi) / 2
-    best = None
-    for a in SHRINK:
-        sc, zr = _grid(lo, hi, bits, dtype) if a == 1 else _grid(mid - a * (mid - lo), mid + a * (hi - mid), bits, dtype)
-        s, z = sc.float().unsqueeze(dim), zr.float().unsqueeze(dim)
-        err = ((_codes(xg, s, z, bits) * s + z - xg) ** 2).sum(dim)
-        if best is None:
-            best = [err, sc, zr]
-            continue
-        take = err < best[0]  # strictly: ties keep the wider range
-        best = [torch.where(take, err, best[0]), torch.where(take, sc, best[1]), torch.where(take, zr, best[2])]
-    return best[1], best[2]
+    # every candidate range at once (a trailing axis of len(SHRINK)): a fixed number of
+    # tensor ops whatever the candidates, which matters on CUDA where values are quantized
+    # one token per decode step
+    a = _shrink(xg.device)
+    mid = ((lo + hi) / 2).unsqueeze(-1)
+    lo_a, hi_a = mid - a * (mid - lo.unsqueeze(-1)), mid + a * (hi.unsqueeze(-1) - mid)
+    lo_a[..., 0], hi_a[..., 0] = lo, hi  # SHRINK[0] == 1: the min/max grid, bit for bit
+    sc, zr = _grid(lo_a, hi_a, bits, dtype)  # [..., A]
+    s, z = sc.float().unsqueeze(dim), zr.float().unsqueeze(dim)
+    xa = xg.unsqueeze(-1)
+    err = ((_codes(xa, s, z, bits) * s + z - xa) ** 2).sum(dim)  # [..., A]
+    pick = err.argmin(-1, keepdim=True)  # the first of equal errors: ties keep the wider range
+    return sc.gather(-1, pick).squeeze(-1), zr.gather(-1, pick).squeeze(-1)
 
 
 def _codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
