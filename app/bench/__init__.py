@@ -54,11 +54,12 @@ def run(args) -> int:
     lengths = _list(args.lengths, int, ",")
     parts = _list(args.parts, str, ",")
     if args.suite == "quality":
-        from .quality import PARTS
+        from .quality import PARTS, check_parts
         parts = parts or PARTS
-        unknown = sorted(set(parts) - set(PARTS))
-        if unknown:  # before the model loads
-            raise SystemExit(f"bench quality: unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+        try:
+            check_parts(parts)  # before the model loads
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
     elif parts:
         raise SystemExit(f"bench {args.suite}: --parts is for the quality suite")
     t0 = time.perf_counter()

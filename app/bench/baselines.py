@@ -24,6 +24,7 @@ import torch
 
 from policies import Chunk
 
+from .common import hf_attention
 from .locret import trial
 
 PROSE = Path(__file__).resolve().parents[2] / "data" / "train" / "python_topics.txt"
@@ -79,9 +80,7 @@ def hf_quantized(rt, ids: list[int], n_prefill: int, n_next: int, bits: int, axi
     and residual, axis 0 (transformers' default) or -1 for keys and values; one-pass
     prefill, then teacher-forced. -> (log-probs [n_next, V], prefill s, decode s)."""
     from transformers.cache_utils import QuantizedCache
-    model = rt.adapter.model
-    model.set_attn_implementation("sdpa")
-    try:
+    with hf_attention(rt.adapter.model) as model:
         cache = QuantizedCache("quanto", model.config, nbits=bits, axis_key=axis, axis_value=axis,
                                q_group_size=group, residual_length=residual)
         x = torch.tensor(ids[:n_prefill + n_next], device=rt.device)[None]
@@ -94,8 +93,6 @@ def hf_quantized(rt, ids: list[int], n_prefill: int, n_next: int, bits: int, axi
                 out = model(x[:, i:i + 1], past_key_values=cache, use_cache=True)
                 rows.append(out.logits[0, -1].float().log_softmax(-1))
         return torch.stack(rows), t1 - t0, time.perf_counter() - t1
-    finally:
-        model.set_attn_implementation("vramchat")
 
 
 def _kl_row(policy, ref, lp, target, n, tp, td, threads, **extra) -> dict:

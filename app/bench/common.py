@@ -7,12 +7,13 @@ import platform
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 import torch
 
-from app.runtime.adapter import Adapter
+from app.runtime.adapter import ATTN_NAME, Adapter
 from policies import Chunk, KVCache
 
 
@@ -92,6 +93,16 @@ def timed_prefill_decode(ad: Adapter, cache: KVCache, ids: torch.Tensor, chunk: 
     decode_steps(ad, cache, logits, n)
     sync(dev)
     return prefill_s, time.perf_counter() - t1
+
+
+@contextmanager
+def hf_attention(model):
+    """transformers' own SDPA attention for a baseline run, ours again afterwards."""
+    model.set_attn_implementation("sdpa")
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(ATTN_NAME)
 
 
 def random_ids(n: int, vocab: int, seed: int = 0, device="cpu") -> torch.Tensor:

@@ -49,11 +49,16 @@ def copy_rows(rt, budget: int, trials: int, full_tokens: int = 5632, doc_tokens:
 PARTS = ("kl", "lazy", "passkey", "ffnskip", "random-heads", "needles", "copy")
 
 
-def run(rt, out_dir=None, trials=None, lengths=None, policies=None, budget: int = 1024, chunk: int = 512,
-        parts=PARTS):
+def check_parts(parts) -> None:
+    """Refuse an unknown part by name, with the list to choose from."""
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise ValueError(f"bench quality: unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+
+
+def run(rt, out_dir=None, trials=None, lengths=None, policies=None, budget: int = 1024, chunk: int = 512,
+        parts=PARTS):
+    check_parts(parts)
     trials = trials or 2
     lengths = lengths or (4096, 9216)
     rows: list[dict] = []

@@ -9,7 +9,7 @@ import torch
 
 from policies import KVCache
 
-from .common import Bar, plot, random_ids, sync, table, timed_prefill_decode, write_json
+from .common import Bar, hf_attention, plot, random_ids, sync, table, timed_prefill_decode, write_json
 
 DEFAULT_POLICIES = ("full", "kivi", "locret:budget=1024", "locret:budget=1024+kivi")
 
@@ -21,9 +21,7 @@ def _ours(ad, spec, ids, chunk, decode):
 
 def _hf(ad, ids, decode, quantized: int | None):
     """transformers generate; prefill = time of a 1-token generate, decode from the rest."""
-    model = ad.model
-    model.set_attn_implementation("sdpa")
-    try:
+    with hf_attention(ad.model) as model:
         kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
         if quantized:
             kw.update(cache_implementation="quantized",
@@ -40,8 +38,6 @@ def _hf(ad, ids, decode, quantized: int | None):
             t2 = time.perf_counter()
         pre = t1 - t0
         return len(ids) / pre, decode / max((t2 - t1) - pre, 1e-9)
-    finally:
-        model.set_attn_implementation("vramchat")
 
 
 BASELINES = ("hf generate", "hf QuantizedCache 4-bit")
