@@ -1,8 +1,9 @@
 """`train-heads`: train Locret retaining heads for a model, backbone frozen.
 
 Training documents are built from any prose given: a window of real text with several
-facts inserted (many kinds, varied phrasing), rendered through the model's chat template
-as a user message ending in a question about one fact, and the assistant's answer. The
+facts inserted (many kinds, varied phrasing) and, optionally, fact-shaped distractors that
+no question asks about, rendered through the model's chat template as a user message
+ending in a question about one fact, the assistant's answer, then a turn per other fact. The
 label of every context token at layer i, KV head j is the max pre-softmax logit QKᵀ/√d
 that the question/answer queries pay it (true positions, uncompressed context), max also
 over the query heads of that KV group (REFERENCES §1). Labels and the heads' inputs (the
@@ -86,6 +87,37 @@ _FACTS = [
 ]
 
 
+# Fact-shaped sentences that no question asks about: numbered headings, dates, versions,
+# references, counts. Their own pools of subjects, names and places, so no question's
+# entity or answer value appears in them. Why: heads trained on documents where every
+# fact-shaped sentence is asked about learn "anything with a date or number is important",
+# and at 32K ~4 % of a real text outscores a needle (BENCHMARKS.md, "Why 32K fails").
+_D_SUBJECTS = ["the committee", "the survey", "the second edition", "the old mill", "the museum",
+               "the village school", "the ferry service", "the choir", "the bakery", "the research group"]
+_D_NAMES = ["Abel", "Beatrix", "Cyril", "Delphine", "Emil", "Flora", "Gideon", "Hester", "Ivo", "Judith"]
+_D_PLACES = ["Bergen", "Cordoba", "Dundee", "Graz", "Kyoto", "Lyon", "Porto", "Tartu", "Utrecht", "Zagreb"]
+_D_HEADINGS = ["Overview", "Definitions", "Background", "Methods", "Results", "Discussion", "Installation",
+               "Configuration", "Troubleshooting", "Acknowledgements", "Further reading", "Change log"]
+_DISTRACTORS = [
+    "{n}. {h}", "Section {n}.{m}: {h}", "Part {n}, {h}",
+    "{s} met on {day} in {p}.", "Revised on {day} by {a}.", "Version {n}.{m}.{k} came out on {day}.",
+    "See page {num} of the {year} edition.", "About {pct} percent of {s} agreed in {year}.",
+    "Reference {code} was filed on {day}.", "{a} joined {s} in {year} and left in {year2}.",
+    "{s} moved from {p} to {p2} in {year}.", "Order {num} left {p} on {day} with {n} parcels.",
+]
+
+
+def _distractor(rng):
+    s = rng.choice(_DISTRACTORS).format(
+        n=rng.randint(1, 19), m=rng.randint(0, 9), k=rng.randint(0, 30), h=rng.choice(_D_HEADINGS),
+        s=rng.choice(_D_SUBJECTS), a=rng.choice(_D_NAMES), p=rng.choice(_D_PLACES), p2=rng.choice(_D_PLACES),
+        day=f"{rng.randint(1, 28)} {rng.choice(_MONTHS)} {rng.randint(1850, 2040)}",
+        num=rng.randint(100, 9999), pct=rng.randint(2, 98), year=rng.randint(1850, 2040),
+        year2=rng.randint(1850, 2040),
+        code="-".join(_value(rng, "code") for _ in range(2)))
+    return s[0].upper() + s[1:]
+
+
 def _statement(rng, fam):
     kind, stmts, q, a = fam
     e, x = rng.choice(_THINGS), _value(rng, kind)
@@ -94,8 +126,10 @@ def _statement(rng, fam):
     return s[0].upper() + s[1:], q.format(e=e, x=x), a[0].upper() + a[1:]
 
 
-def build_document(rng: random.Random, text: str, n_chars: int, n_facts: int = 4):
-    """-> (text window with facts inserted, [(question, answer)] one per fact, shuffled)."""
+def build_document(rng: random.Random, text: str, n_chars: int, n_facts: int = 4, n_distractors: int = 0):
+    """-> (text window with facts and distractors inserted, [(question, answer)] one per
+    fact, shuffled). NOTE: distractors draw from `rng` after everything else, so the same
+    seed gives the same facts, questions and order with any n_distractors."""
     start = rng.randrange(0, max(1, len(text) - n_chars))
     window = text[start:start + n_chars]
     paras = [p for p in window.split("\n\n") if p.strip()] or [window]
@@ -104,6 +138,8 @@ def build_document(rng: random.Random, text: str, n_chars: int, n_facts: int = 4
         paras.insert(rng.randrange(1, len(paras) + 1), s)
     qa = [(q, a) for _, q, a in facts]
     rng.shuffle(qa)
+    for _ in range(n_distractors):
+        paras.insert(rng.randrange(1, len(paras) + 1), _distractor(rng))
     return "\n\n".join(paras), qa
 
 
@@ -111,13 +147,13 @@ def _tokens(tok, text):
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def make_example(tok, rng, text, n_tokens):
+def make_example(tok, rng, text, n_tokens, n_distractors=0):
     """-> (ids [T] LongTensor, n_ctx): the document as a user message ending in a question
     about one inserted fact, the answer, then one more user turn + answer per other fact;
     the tail (every question and answer) starts at n_ctx. Asking about every fact makes the
     labels say what a question could need (retention is query-agnostic), not what the one
-    question asked happened to."""
-    body, qa = build_document(rng, text, int(n_tokens * rng.uniform(1.6, 3.2)), rng.randint(2, 6))
+    question asked happened to; the distractors, asked about by none, say what it does not."""
+    body, qa = build_document(rng, text, int(n_tokens * rng.uniform(1.6, 3.2)), rng.randint(2, 6), n_distractors)
     msgs = [{"role": "user", "content": body + "\n\n" + qa[0][0]}, {"role": "assistant", "content": qa[0][1]}]
     for q, a in qa[1:]:
         msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
@@ -239,7 +275,7 @@ def _load_text(files):
 
 def train_heads(model, out_dir, data_files=(), steps=1200, docs=128, val_docs=8, doc_tokens=1024,
                 d_r=128, lr=2e-3, warmup=60, seed=0, threads=2, progress=None, command="",
-                label_mode="shared") -> dict:
+                label_mode="shared", distractors=0) -> dict:
     """Train heads for `model` (a Runtime, or a model id / path / None for the default).
 
     progress(stage, done, total) with stage "collect" or "train". Writes OUT/heads.safetensors
@@ -255,6 +291,12 @@ def train_heads(model, out_dir, data_files=(), steps=1200, docs=128, val_docs=8,
     out = Path(out_dir)
     (out / ".features").mkdir(parents=True, exist_ok=True)
     text, prov = _load_text(data_files)
+    built = {"docs": docs, "doc_tokens": doc_tokens, "distractors": distractors, "seed": seed, "files": prov}
+    made = out / ".features" / "documents.json"
+    if made.is_file() and json.loads(made.read_text()) != built:
+        raise ValueError(f"{out}/.features holds documents built with {made.read_text()}; this run builds "
+                         f"{json.dumps(built)}: give another --out (cached features would be mixed)")
+    made.write_text(json.dumps(built))
     split = int(len(text) * 0.9)  # held-out documents come from the last 10 % of the text
     from safetensors.torch import load_file, save_file
     data = []
@@ -265,7 +307,7 @@ def train_heads(model, out_dir, data_files=(), steps=1200, docs=128, val_docs=8,
         else:
             rng = random.Random(seed * 100003 + j)
             src = text[:split] if j < docs else text[split:]
-            ids, n_ctx = make_example(rt.tok, rng, src, doc_tokens)
+            ids, n_ctx = make_example(rt.tok, rng, src, doc_tokens, distractors)
             h, lab = features(adapter, ids, n_ctx)
             d = {"hidden": h, "labels": lab}
             save_file(d, str(f))
@@ -299,13 +341,16 @@ def train_heads(model, out_dir, data_files=(), steps=1200, docs=128, val_docs=8,
         "model": rt.model_id, "model_key": model_key(info), "config_hash": _config_hash(adapter.model),
         "command": command, "wall_time_s": round(time.time() - t0, 1), "threads": threads,
         "hyper_parameters": {"steps": steps, "docs": docs, "val_docs": val_docs, "doc_tokens": doc_tokens,
-                             "d_r": d_r, "lr": lr, "warmup": warmup, "schedule": "linear warmup, linear decay",
+                             "distractors": distractors, "d_r": d_r, "lr": lr, "warmup": warmup,
+                             "schedule": "linear warmup, linear decay",
                              "optimizer": "AdamW(0.9, 0.95), wd 0.01", "grad_clip": 0.5,
                              "loss": "SmoothL1 + 2.5e-3 * adjacent MSE", "seed": seed,
                              "input": "post-input_layernorm hidden state", "act": heads.act_name},
         "data": {"files": prov, "held_out": "documents built from the last 10% of the text",
                  "labels": "max pre-softmax logit from the queries of a question/answer pair per inserted "
                            "fact, max over GQA group",
+                 "distractors": f"{distractors} fact-shaped sentences per document from templates no question "
+                                "asks about" if distractors else "none",
                  "targets": label_mode + (": z-scored per layer and head, max over layers and heads"
                                           if label_mode == "shared" else ": per layer")},
         "validation": {"before": before, "after": after},
@@ -386,6 +431,8 @@ def add_parser(sub):
     p.add_argument("--width", type=int, default=128, help="hidden width of each head")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--distractors", type=int, default=0,
+                   help="fact-shaped sentences per training document that no question asks about (default 0)")
     p.add_argument("--labels", choices=TARGETS, default="shared",
                    help="regression target: shared (max over layers of z-scored labels, default) or layer (Locret's)")
     p.add_argument("--import", dest="import_ckpt", default=None,
@@ -409,7 +456,7 @@ def run(args) -> int:
 
     card = train_heads(args.model, args.out, args.data, steps=args.steps, docs=args.docs,
                        doc_tokens=args.doc_tokens, d_r=args.width, lr=args.lr, threads=args.threads,
-                       label_mode=args.labels,
+                       label_mode=args.labels, distractors=args.distractors,
                        progress=progress, command="python main.py " + " ".join(sys.argv[1:]))
     v = card["validation"]["after"]
     print(f"wrote {args.out}/heads.safetensors in {card['wall_time_s']:.0f} s; held-out loss {v['loss']}, "

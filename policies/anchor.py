@@ -51,6 +51,7 @@ def _forms(tokenizer, seps) -> frozenset:
 class AnchorSelector:
     evicts = True
     needs_scores = True  # anchor flags ride in cache.scores; a converted cache has none
+    static_decode = True  # a token's flag depends on its id only
 
     def __init__(self, opts: dict, info):
         self.budget, self.sinks, self.local = opts["budget"], opts["sinks"], opts["local"]

@@ -16,6 +16,8 @@ try:  # NOTE: torch >= 2.5; without it CUDA falls back to the mask path below
     # decoded token on a 32-layer model); chunked prefill and decode change the length at
     # every call. Flash attention takes any length at no set-up cost and does GQA.
     _CUDA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    # a masked fixed span (attend_window): flash takes no mask; memory-efficient does
+    _WINDOW_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 except ImportError:  # pragma: no cover
     sdpa_kernel = None
 
@@ -54,6 +56,28 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
     mask = causal_mask(q.shape[1], k.shape[1], q.device)
     return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=scale,
                                           enable_gqa=gqa)[0]
+
+
+def attend_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  valid: torch.Tensor) -> torch.Tensor:
+    """One decode token q [Hq, 1, D] over a fixed span k/v [Hkv, n, D] of which only the
+    keys where valid [n] (bool) is set count. Fixed shapes: what a captured CUDA graph
+    replays while the span fills up. Returns [Hq, 1, D] in q's dtype.
+
+    The query heads of a KV group attend as that head's G queries (no K/V expansion).
+    """
+    hq, _, d = q.shape
+    hkv, n, _ = k.shape
+    qg = q.reshape(hkv, hq // hkv, d)
+    if q.device.type == "cuda" and sdpa_kernel is not None:
+        bias = torch.zeros(n, dtype=q.dtype, device=q.device).masked_fill_(~valid, float("-inf"))
+        with sdpa_kernel(_WINDOW_BACKENDS):
+            out = F.scaled_dot_product_attention(qg[None], k[None], v[None], attn_mask=bias.expand(1, 1, 1, n),
+                                                 scale=scale)[0]
+        return out.reshape(hq, 1, d)
+    s = torch.matmul(qg, k.transpose(1, 2)).float() * scale  # [Hkv, G, n]
+    s = s.masked_fill(~valid, float("-inf"))
+    return torch.matmul(s.softmax(-1).to(v.dtype), v).reshape(hq, 1, d)
 
 
 def attend_with_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):

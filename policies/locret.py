@@ -246,6 +246,7 @@ class LocretSelector:
     evicts = True
     needs_hidden = True
     needs_scores = True
+    static_decode = True  # a decode token's score depends on its own hidden state only
 
     def __init__(self, opts: dict, info: ModelInfo, layer: int):
         self.budget, self.stabilizers, self.local = opts["budget"], opts["stabilizers"], opts["local"]

@@ -13,6 +13,7 @@ from .registry import Opt, register
 
 class StreamingSelector:
     evicts = True
+    static_decode = True  # scores nothing
 
     def __init__(self, opts: dict, info):
         self.sinks, self.window = opts["sinks"], opts["window"]

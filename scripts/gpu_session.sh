@@ -22,6 +22,12 @@ case "${1:-check}" in
     step 200 pytest python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_kivi_kernel.py -k "cuda or kernel or gpu" -rs
     step 150 kernels python3 main.py bench kernels --out "$OUT"
     step 200 g32k python3 main.py bench gpu128k --context 32768 --decode 32 --out "$OUT/g32k" ;;
+  graphs)
+    step 200 pytest python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_decode.py -rs -x
+    step 150 g32k python3 main.py bench gpu128k --context 32768 --decode 64 --policies "full $P" --out "$OUT/g32k"
+    step 200 g128k python3 main.py bench gpu128k --policies "full $P" --out "$OUT" ;;
+  prefill4b)
+    step 280 g128k4b python3 main.py bench gpu128k --weights 4bit --cap-gib 24 --decode 32 --policies "full $P" --out "$OUT/4b" ;;
   probe)
     step 300 probe python3 scripts/probe_attn.py ;;
   bf16)
@@ -30,5 +36,5 @@ case "${1:-check}" in
   4bit)
     step 200 g128k4b12 python3 main.py bench gpu128k --weights 4bit --cap-gib 12 --decode 32 --policies "$P+kivi" --out "$OUT"
     step 300 g128k4b24 python3 main.py bench gpu128k --weights 4bit --cap-gib 24 --decode 32 --policies "$P $P+kivi+offload" --out "$OUT/24" ;;
-  *) echo "parts: check probe bf16 4bit"; exit 2 ;;
+  *) echo "parts: check graphs prefill4b probe bf16 4bit"; exit 2 ;;
 esac

@@ -14,6 +14,7 @@ import psutil
 import torch
 
 from app.runtime.adapter import ATTN_NAME, Adapter
+from app.runtime.decode import Decoder
 from policies import Chunk, KVCache
 
 
@@ -69,30 +70,37 @@ def prefill_ids(ad: Adapter, cache: KVCache, ids: torch.Tensor, chunk: int, deco
     return logits
 
 
-def decode_steps(ad: Adapter, cache: KVCache, logits: torch.Tensor, n: int) -> None:
-    """n greedy decode steps (the content does not matter for speed or memory)."""
-    for _ in range(n):
-        tok = logits.argmax().view(1)
-        c = Chunk(tok, cache.next_position, "decode")
-        logits = ad.forward(tok, cache, c)
+def decode_steps(ad: Adapter, cache: KVCache, logits: torch.Tensor, n: int, dec: Decoder | None = None):
+    """n greedy decode steps (the content does not matter for speed or memory), through
+    `dec` or a Decoder of its own (closed here). -> the last logits."""
+    own = dec is None
+    dec = dec or Decoder(ad, cache)
+    try:
+        for _ in range(n):
+            logits = dec.step(logits.argmax().view(1))
+    finally:
+        if own:
+            dec.close()
     cache.track_peak()  # decode only appends: the end is the peak
+    return logits
 
 
-def timed_prefill_decode(ad: Adapter, cache: KVCache, ids: torch.Tensor, chunk: int, n: int) -> tuple[float, float]:
-    """Prefill ids, one untimed decode step (it compiles Triton kernels, ~1 s), then n timed
-    steps. -> (prefill seconds, decode seconds)."""
+def timed_prefill_decode(ad: Adapter, cache: KVCache, ids: torch.Tensor, chunk: int, n: int):
+    """Prefill ids, one untimed decode step (it compiles Triton kernels, ~1 s, or captures
+    the CUDA graph), then n timed steps. -> (prefill seconds, decode seconds, decode mode)."""
     dev = ad.info.device
     sync(dev)
     t0 = time.perf_counter()
     logits = prefill_ids(ad, cache, ids, chunk)
     sync(dev)
     prefill_s = time.perf_counter() - t0
-    decode_steps(ad, cache, logits, 1)
-    sync(dev)
-    t1 = time.perf_counter()
-    decode_steps(ad, cache, logits, n)
-    sync(dev)
-    return prefill_s, time.perf_counter() - t1
+    with Decoder(ad, cache) as dec:
+        logits = decode_steps(ad, cache, logits, 1, dec)
+        sync(dev)
+        t1 = time.perf_counter()
+        decode_steps(ad, cache, logits, n, dec)
+        sync(dev)
+        return prefill_s, time.perf_counter() - t1, dec.mode
 
 
 @contextmanager

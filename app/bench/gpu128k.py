@@ -166,7 +166,7 @@ def run(shape="llama3-8b", context=131072, decode=128, cap_gib=24.0, weights="bf
             torch.cuda.reset_peak_memory_stats()
         try:
             cache = KVCache(real, ad.info)
-            prefill_s, decode_s = timed_prefill_decode(ad, cache, ids, 2048, n_dec)
+            prefill_s, decode_s, row["decode_mode"] = timed_prefill_decode(ad, cache, ids, 2048, n_dec)
             tiers = cache.bytes_by_tier()
             floor = (wbytes + tiers["gpu"]) / bw
             row.update(prefill_tok_s=context / prefill_s, decode_tok_s=n_dec / decode_s,
@@ -185,7 +185,7 @@ def run(shape="llama3-8b", context=131072, decode=128, cap_gib=24.0, weights="bf
         rows.append(row)
         bar.step(spec)
     cols = ["policy", "weights", "cap_gib", "peak_vram_gib", "kv_gpu_gib", "kv_host_gib", "prefill_tok_s",
-            "decode_tok_s", "floor_tok_s", "of_floor", "error"]
+            "decode_tok_s", "floor_tok_s", "of_floor", "decode_mode", "error"]
     print(table(rows, [c for c in cols if any(c in r for r in rows)]))
     if out_dir is not None:
         write_json(out_dir, f"gpu128k-{weights}-{int(cap_gib)}g", rows,

@@ -15,8 +15,8 @@ DEFAULT_POLICIES = ("full", "kivi", "locret:budget=1024", "locret:budget=1024+ki
 
 
 def _ours(ad, spec, ids, chunk, decode):
-    pre, dec = timed_prefill_decode(ad, KVCache(spec, ad.info), ids, chunk, decode)
-    return len(ids) / pre, decode / dec
+    pre, dec, mode = timed_prefill_decode(ad, KVCache(spec, ad.info), ids, chunk, decode)
+    return len(ids) / pre, decode / dec, mode
 
 
 def _hf(ad, ids, decode, quantized: int | None):
@@ -61,7 +61,7 @@ def run(rt_or_adapter, policies=DEFAULT_POLICIES, lengths=(1024, 4096), chunk: i
                 elif name.startswith("hf QuantizedCache"):
                     pre, dec = _hf(ad, ids, decode, 4)
                 else:
-                    pre, dec = _ours(ad, name, ids, chunk, decode)
+                    pre, dec, row["decode_mode"] = _ours(ad, name, ids, chunk, decode)
                 row.update(prefill_tok_s=pre, decode_tok_s=dec)
                 if name == "full":
                     ref = row
@@ -72,7 +72,8 @@ def run(rt_or_adapter, policies=DEFAULT_POLICIES, lengths=(1024, 4096), chunk: i
                 row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
             rows.append(row)
             bar.step(f"{name} @ {n}")
-    cols = ["policy", "context", "prefill_tok_s", "decode_tok_s", "prefill_vs_full", "decode_vs_full", "error"]
+    cols = ["policy", "context", "prefill_tok_s", "decode_tok_s", "prefill_vs_full", "decode_vs_full",
+            "decode_mode", "error"]
     print(table(rows, [c for c in cols if any(c in r for r in rows)]))
     if out_dir is not None:
         write_json(out_dir, "speed", rows, {"chunk": chunk, "decode": decode, "model": ad.model_id})

@@ -2,8 +2,8 @@
 
 We run the model's own modules (projections, norms, RoPE, MLP) but own attention: a
 registered attention function hands each layer's post-RoPE q/k/v to that layer's
-`LayerCache`, which stores, evicts and attends by its policy stack. A registered mask
-function returns None (our caches build their own causal masks), and no transformers
+`LayerCache`, which stores, evicts and attends by its policy stack. No mask function is
+registered, so transformers builds no mask (our caches build their own), and no transformers
 `Cache` object is passed at all: the model is called with explicit `position_ids`, and
 our `KVCache` rides along in the forward kwargs to the attention function.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
 
 from policies import Chunk, KVCache, ModelInfo, SpecError
 
@@ -29,12 +28,11 @@ def _vramchat_attention(module, query, key, value, attention_mask, scaling=None,
     return out.transpose(0, 1)[None], None
 
 
-def _no_mask(*args, **kwargs):
-    return None
-
-
+# NOTE: no mask function is registered: for an attention name without one, transformers
+# skips mask creation entirely (mask None). Registering one that returns None is not the
+# same: transformers then first checks position_ids for packed sequences with a
+# host-device sync (`.all()` on a GPU tensor) on every forward, which stalls eager decode.
 AttentionInterface.register(ATTN_NAME, _vramchat_attention)
-AttentionMaskInterface.register(ATTN_NAME, _no_mask)
 
 
 class Adapter:
@@ -115,6 +113,14 @@ class Adapter:
         float32 logits [T, V] (all_logits) or [V] for the last token."""
         n = ids.shape[-1]
         pos = torch.arange(cache.next_position, cache.next_position + n, device=ids.device)
+        logits = self.run(ids, pos, cache, chunk, all_logits, capture_hidden)
+        cache.next_position += n
+        return logits
+
+    def run(self, ids, pos, cache: KVCache, chunk: Chunk, all_logits: bool = False,
+            capture_hidden: bool | None = None) -> torch.Tensor:
+        """The model over ids [T] at RoPE positions pos [T] (a device tensor: a fixed-shape
+        decode step computes it on the device); the caller moves `next_position`."""
         if capture_hidden is None:
             capture_hidden = cache.needs_hidden
         self._capture = chunk.hidden if capture_hidden else None
@@ -132,7 +138,6 @@ class Adapter:
             self._capture = self._ffn = None
             self._ffn_in.clear()
             chunk.hidden = {}
-        cache.next_position += n
         logits = out.logits[0].float()
         return logits if all_logits else logits[-1]
 

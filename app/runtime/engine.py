@@ -17,6 +17,7 @@ from policies import Chunk, parse_spec
 
 from . import documents, loader, memory
 from .adapter import Adapter
+from .decode import Decoder
 from .sampling import sample, stop_token_ids
 from .session import Conversation, common_prefix
 from .types import (ContextInfo, ConversionResult, DocumentInfo, MemoryReport, Sampling, Stopped,
@@ -228,31 +229,31 @@ class Runtime:
                 gen.manual_seed(sampling.seed)
             out: list[int] = []
             text, finish, t_first = "", "length", None
-            while len(out) < max_new_tokens:
-                if stop is not None and stop.is_set():
-                    finish = "stopped"
-                    break
-                tok = sample(logits, sampling, gen)
-                if tok in self.stop_ids:
-                    finish = "stop"
-                    break
-                out.append(tok)
-                piece, text = self._detok(out, text)
-                if t_first is None:
-                    t_first = time.perf_counter()
-                if piece and on_token is not None:
-                    on_token(piece)
-                chunk = Chunk(torch.tensor([tok], device=self.device), self.cache.next_position, "decode")
-                try:
-                    logits = self.adapter.forward(chunk.input_ids, self.cache, chunk)
-                except BaseException as e:
-                    if not _is_oom(e):
-                        raise
-                    self._free()
-                    finish = "oom"
-                    out.pop()  # that token never reached the cache
-                    text = self.tok.decode(out, skip_special_tokens=True)
-                    break
+            with Decoder(self.adapter, self.cache) as dec:
+                while len(out) < max_new_tokens:
+                    if stop is not None and stop.is_set():
+                        finish = "stopped"
+                        break
+                    tok = sample(logits, sampling, gen)
+                    if tok in self.stop_ids:
+                        finish = "stop"
+                        break
+                    out.append(tok)
+                    piece, text = self._detok(out, text)
+                    if t_first is None:
+                        t_first = time.perf_counter()
+                    if piece and on_token is not None:
+                        on_token(piece)
+                    try:
+                        logits = dec.step(tok)
+                    except BaseException as e:
+                        if not _is_oom(e):
+                            raise
+                        self._free()
+                        finish = "oom"
+                        out.pop()  # that token never reached the cache
+                        text = self.tok.decode(out, skip_special_tokens=True)
+                        break
             self.cache.track_peak()  # NOTE: decode only appends, so the end is the peak
             t_end = time.perf_counter()
             text = self.tok.decode(out, skip_special_tokens=True)
@@ -264,7 +265,8 @@ class Runtime:
                 ttft_s=(t_first or t_end) - t0, prefill_tok_s=n_prompt / t_prefill if t_prefill > 0 else 0.0,
                 decode_tok_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0, policy=self.policy,
                 stopped=finish in ("stopped", "oom"), finish=finish,
-                ffn_skip_ratio=self.cache.ffn.ratio() if self.cache.ffn is not None else None)
+                ffn_skip_ratio=self.cache.ffn.ratio() if self.cache.ffn is not None else None,
+                decode_mode=dec.mode)
             self.conv.messages.append({"role": "assistant", "content": text, "partial": res.stopped,
                                        "stats": res.to_json()})
             if finish == "oom":

@@ -47,6 +47,7 @@ class TurnResult:
     stopped: bool = False  # the user stopped it: the answer is partial
     finish: str = "stop"  # "stop" (EOS / stop token), "length", "stopped"
     ffn_skip_ratio: Optional[float] = None
+    decode_mode: str = "eager"  # "cuda graph", "fixed shapes" or "eager (why)": app/runtime/decode.py
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -1,0 +1,133 @@
+"""Fixed-shape decode (StaticStep windows, what the CUDA graph replays) against eager decode.
+
+On the CPU the fixed-shape step runs uncaptured; CUDA captures the same step
+(`tests/test_cuda.py`). The cache must keep exactly the same tokens at the same indices,
+with values and logits equal to float tolerance.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import app.runtime.engine as engine
+from app.runtime.decode import Decoder
+from app.runtime.engine import Runtime
+from policies.attention import attend, attend_window
+from policies.locret import RetainingHeads, model_key, save_heads
+from tiny import tiny_pair
+
+
+def _rt(spec, seed=0):
+    m, t = tiny_pair(seed)
+    return Runtime.from_model(m, t, policy=spec, model_id="tiny", chunk_size=16)
+
+
+@pytest.fixture(scope="module")
+def heads(tmp_path_factory):
+    rt = _rt("full")
+    info = rt.adapter.info
+    torch.manual_seed(3)
+    f = tmp_path_factory.mktemp("heads") / "heads.safetensors"
+    save_heads(RetainingHeads(info.n_layers, info.hidden_size, 16, info.n_kv_heads), f, model_key(info), ["tiny"])
+    return f
+
+
+def _ids(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, 260, (n,), generator=g).tolist()
+
+
+def _state(cache):
+    out = {"next": cache.next_position}
+    for i, l in enumerate(cache.layers):
+        out[i] = (l.length, l.seen, l.base, l.store.k[:, :l.length].clone(), l.store.v[:, :l.length].clone(),
+                  None if l.pos is None else l.pos.clone(), None if l.scores is None else l.scores.clone())
+    return out
+
+
+def _assert_same_state(a, b):
+    assert a["next"] == b["next"]
+    for i in a:
+        if i == "next":
+            continue
+        la, lb = a[i], b[i]
+        assert la[:3] == lb[:3], f"layer {i}: length/seen/base"
+        for x, y in zip(la[3:], lb[3:]):
+            if x is None or y is None:
+                assert x is None and y is None
+            else:
+                exact = not x.is_floating_point()  # conversation indices; K/V and scores: the
+                # span attention reads is longer (masked), so BLAS may sum in another order
+                torch.testing.assert_close(x, y, rtol=0 if exact else 1e-5, atol=0 if exact else 1e-5,
+                                           msg=lambda m: f"layer {i}: {m}")
+
+
+@pytest.mark.parametrize("spec", ["full", "locret:budget=48,stabilizers=8,local=4", "streaming:sinks=4,window=40",
+                                  "anchor:budget=48,local=8"])
+def test_fixed_shape_windows_equal_eager(spec, heads):
+    """Teacher-forced decode across several windows (room 5, 13 steps) after a prefill that
+    evicted: same logits, and the cache keeps exactly what eager decode keeps."""
+    spec = spec.replace("locret:", f"locret:heads={heads},")
+    ref, rt = _rt(spec), _rt(spec)
+    ids = _ids(120)
+    la, lb = ref._prefill(ids), rt._prefill(ids)
+    toks = _ids(13, seed=1)
+    with Decoder(ref.adapter, ref.cache, fixed=False) as eager, Decoder(rt.adapter, rt.cache, fixed=True,
+                                                                         room=5) as fixed:
+        assert eager.mode == "eager" and fixed.mode == "fixed shapes"
+        for t in toks:
+            la, lb = eager.step(t), fixed.step(torch.tensor(t))
+            torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-5)
+    _assert_same_state(_state(ref.cache), _state(rt.cache))
+    # the next turn's prefill (which evicts the decoded tokens like any other) agrees too
+    more = _ids(40, seed=2)
+    torch.testing.assert_close(rt._prefill(more), ref._prefill(more), rtol=1e-5, atol=1e-5)
+    _assert_same_state(_state(ref.cache), _state(rt.cache))
+
+
+def test_close_commits_only_steps_taken():
+    rt = _rt("full")
+    rt._prefill(_ids(30))
+    dec = Decoder(rt.adapter, rt.cache, fixed=True, room=8)
+    for t in _ids(3, seed=4):
+        dec.step(t)
+    assert rt.cache.seen == 30 and rt.cache.next_position == 30  # nothing committed mid-window
+    dec.close()
+    dec.close()
+    assert rt.cache.seen == 33 and rt.cache.next_position == 33 and rt.cache.length == 33
+
+
+@pytest.mark.parametrize("spec,why", [("kivi:group=16", "KiviStore"), ("ffnskip", "ffnskip"),
+                                      ("h2o", "H2OSelector")])
+def test_caches_that_cannot_fix_shapes_say_why(spec, why):
+    rt = _rt(spec)
+    assert why in rt.cache.static_reason()
+    with pytest.raises(ValueError, match="cannot decode with fixed shapes"):
+        Decoder(rt.adapter, rt.cache, fixed=True)
+    assert Decoder(rt.adapter, rt.cache).mode == "eager"  # the CPU default
+
+
+def test_runtime_answers_the_same_with_fixed_shapes(monkeypatch, heads):
+    """Runtime.ask through fixed-shape windows (room 4: the answer crosses several) gives the
+    eager answer, and the second turn (prefill after a decoded answer) still agrees."""
+    spec = f"locret:heads={heads},budget=48,stabilizers=8,local=4"
+    ref, rt = _rt(spec), _rt(spec)
+    ra = ref.ask("tell me something long", max_new_tokens=11)
+    monkeypatch.setattr(engine, "Decoder", functools.partial(Decoder, fixed=True, room=4))
+    rb = rt.ask("tell me something long", max_new_tokens=11)
+    assert rb.decode_mode == "fixed shapes" and ra.decode_mode == "eager"
+    assert rb.answer == ra.answer and rb.new_tokens == ra.new_tokens
+    assert rt.cache.seen == ref.cache.seen
+    assert rt.ask("and again?", max_new_tokens=6).answer == ref.ask("and again?", max_new_tokens=6).answer
+
+
+@pytest.mark.parametrize("n_valid", [1, 7, 33])
+def test_attend_window_equals_attend_over_the_valid_prefix(n_valid):
+    g = torch.Generator().manual_seed(n_valid)
+    q = torch.randn(6, 1, 16, generator=g)
+    k, v = torch.randn(2, 40, 16, generator=g), torch.randn(2, 40, 16, generator=g)
+    valid = torch.arange(40) < n_valid
+    out = attend_window(q, k, v, 0.25, valid)
+    torch.testing.assert_close(out, attend(q, k[:, :n_valid], v[:, :n_valid], 0.25), rtol=1e-5, atol=1e-6)
