@@ -433,8 +433,12 @@ class KVCache:
         start = [l.length for l in self.layers]
         end = [-(-(s + room) // 64) * 64 for s in start]  # aligned spans for the fused kernels
         scores = []
-        for layer, e in zip(self.layers, end):
+        for layer, s, e in zip(self.layers, start, end):
             layer.store._reserve(e)
+            # NOTE: the masked tail still enters P @ V with weight 0, and 0 x NaN is NaN:
+            # memory the allocator hands back may hold any bits, so clear it
+            layer.store.k[:, s:e].zero_()
+            layer.store.v[:, s:e].zero_()
             wants = layer.scores is not None or getattr(layer.selector, "needs_scores", False)
             scores.append(torch.zeros(self.info.n_kv_heads, room, dtype=torch.float32, device=dev)
                           if wants else None)

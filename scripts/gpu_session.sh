@@ -26,6 +26,12 @@ case "${1:-check}" in
     step 200 pytest python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_decode.py -rs -x
     step 150 g32k python3 main.py bench gpu128k --context 32768 --decode 64 --policies "full $P" --out "$OUT/g32k"
     step 200 g128k python3 main.py bench gpu128k --policies "full $P" --out "$OUT" ;;
+  short)  # graph decode + prefill against full at the longest length full fits, under 10 minutes
+    step 75 pytest python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "graph" -rs
+    step 110 g32k python3 main.py bench gpu128k --context 32768 --decode 64 --policies "full $P" --out "$OUT/g32k"
+    step 100 g128k python3 main.py bench gpu128k --policies "$P" --out "$OUT"
+    step 100 g128k4b python3 main.py bench gpu128k --weights 4bit --cap-gib 24 --decode 32 \
+      --policies "locret:budget=4096,chunk=2048" --out "$OUT/4b" ;;
   prefill4b)
     step 280 g128k4b python3 main.py bench gpu128k --weights 4bit --cap-gib 24 --decode 32 --policies "full $P" --out "$OUT/4b" ;;
   probe)
