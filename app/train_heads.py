@@ -87,11 +87,13 @@ _FACTS = [
 ]
 
 
-# Fact-shaped sentences that no question asks about: numbered headings, dates, versions,
-# references, counts. Their own pools of subjects, names and places, so no question's
-# entity or answer value appears in them. Why: heads trained on documents where every
-# fact-shaped sentence is asked about learn "anything with a date or number is important",
-# and at 32K ~4 % of a real text outscores a needle (BENCHMARKS.md, "Why 32K fails").
+# Fact-shaped sentences that no question asks about (`--distractors`, off by default):
+# numbered headings, dates, versions, references, counts, from their own pools of subjects,
+# names and places, so no question's entity appears in them. The hypothesis: heads trained
+# where every fact-shaped sentence is asked about learn "anything with a date or number is
+# important" (at 32K ~4 % of a licence text outscores a needle). Measured, it hurts: 2, 6
+# or 12 per document took pass key from 9/10 to 4-5/10 at 16K and 3/10 to 1/10 at 32K;
+# a needle is itself an unasked fact-shaped sentence to a query-agnostic scorer.
 _D_SUBJECTS = ["the committee", "the survey", "the second edition", "the old mill", "the museum",
                "the village school", "the ferry service", "the choir", "the bakery", "the research group"]
 _D_NAMES = ["Abel", "Beatrix", "Cyril", "Delphine", "Emil", "Flora", "Gideon", "Hester", "Ivo", "Judith"]
@@ -273,7 +275,7 @@ def _load_text(files):
     return "\n\n".join(texts), prov
 
 
-def train_heads(model, out_dir, data_files=(), steps=1200, docs=128, val_docs=8, doc_tokens=1024,
+def train_heads(model, out_dir, data_files=(), steps=1200, docs=128, val_docs=8, doc_tokens=2048,
                 d_r=128, lr=2e-3, warmup=60, seed=0, threads=2, progress=None, command="",
                 label_mode="shared", distractors=0) -> dict:
     """Train heads for `model` (a Runtime, or a model id / path / None for the default).
@@ -427,7 +429,8 @@ def add_parser(sub):
     p.add_argument("--data", nargs="*", default=[], help="prose text files (default: data/train/python_topics.txt)")
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--docs", type=int, default=128, help="training documents")
-    p.add_argument("--doc-tokens", type=int, default=1024)
+    p.add_argument("--doc-tokens", type=int, default=2048,
+                   help="prose tokens per training document (2048: the shipped heads; with 1024 the 32K pass key fell to 3/10)")
     p.add_argument("--width", type=int, default=128, help="hidden width of each head")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=2)
