@@ -64,6 +64,7 @@ class HostStore(FullStore):
 
     tier = "host"
     lossless = True
+    static_decode = False  # its buffers live on the host; each layer is streamed in per step
 
     def __init__(self, info, layer: int):
         super().__init__(info)

@@ -30,7 +30,8 @@ from typing import Any
 import torch
 
 from . import rope
-from .attention import attend, attend_window
+from . import static
+from .attention import attend
 from .registry import Policy, REGISTRY, SpecError, parse_spec
 
 
@@ -69,30 +70,11 @@ class Chunk:
     phase: str = "prefill"  # or "decode"
     final: bool = True  # last chunk of this prefill: selectors do not evict after it
     hidden: dict = field(default_factory=dict)  # layer -> normed layer input [T, hidden]
-    static: "StaticStep | None" = None  # a fixed-shape decode step (see StaticStep)
+    static: "static.StaticStep | None" = None  # a fixed-shape decode step (policies/static.py)
 
     @property
     def n(self) -> int:
         return self.input_ids.shape[-1]
-
-
-@dataclass
-class StaticStep:
-    """A window of decode steps with fixed shapes, so one step can be captured as a CUDA
-    graph and replayed (`app/runtime/decode.py`).
-
-    When the window opens every layer's store has room for `room` more tokens. Step s
-    (the device tensor `step`, set before each replay) writes its K/V, and its score, at
-    index `start[layer] + s`, and attends over the fixed span `0 .. end[layer]` with the
-    not-yet-written tail masked off. Nothing else changes until `KVCache.close_static`
-    commits the steps taken: lengths, conversation indices, scores, `next_position`.
-    """
-
-    step: torch.Tensor  # [1] int64 on the device: steps taken in this window
-    start: list[int]  # per layer: the store's length when the window opened
-    end: list[int]  # per layer: the span attention reads (start + room, rounded up)
-    room: int  # steps this window holds
-    scores: list  # per layer: [Hkv, room] float32 scores of the steps, or None
 
 
 class FullStore:
@@ -104,6 +86,7 @@ class FullStore:
 
     tier = "gpu"
     lossless = True
+    static_decode = True  # buffers a fixed-shape decode window can write into (policies/static.py)
     BLOCK = 256
 
     def __init__(self, info: ModelInfo):
@@ -223,7 +206,7 @@ class LayerCache:
     def forward(self, q, k, v, scale, chunk: Chunk):
         """q [Hq, T, D], k/v [Hkv, T, D] post-RoPE at chunk positions -> out [Hq, T, D]."""
         if chunk.static is not None:
-            return self._forward_static(q, k, v, scale, chunk)
+            return static.forward(self, q, k, v, scale, chunk)
         s = self.selector.score(self, chunk, k, v)
         extra = self.spill.recall(self, q, chunk) if self.spill is not None else None
         if hasattr(self.selector, "attend"):
@@ -243,30 +226,6 @@ class LayerCache:
             self.scores = s if self.scores is None else torch.cat((self.scores, s), 1)
         self.seen += k.shape[1]
         return out
-
-    def _forward_static(self, q, k, v, scale, chunk: Chunk):
-        """One decode token in a StaticStep window: fixed shapes, no host sync, nothing
-        committed (the same tokens, scores and output as `forward`; tested)."""
-        st = chunk.static
-        at = st.step + st.start[self.layer]
-        self.store.k.index_copy_(1, at, k)
-        self.store.v.index_copy_(1, at, v)
-        s = self.selector.score(self, chunk, k, v)
-        if s is not None:
-            st.scores[self.layer].index_copy_(1, st.step, s)
-        n = st.end[self.layer]
-        valid = torch.arange(n, device=at.device) <= at
-        return attend_window(q, self.store.k[:, :n], self.store.v[:, :n], scale, valid)
-
-    def static_reason(self) -> str:
-        """Why this layer cannot decode in a StaticStep window ("" if it can)."""
-        if type(self.store) is not FullStore:
-            return f"store `{type(self.store).__name__}` decodes its own way"
-        if self.spill is not None or self.reader is not None:
-            return "a spill or reader acts per decode step"
-        if not getattr(self.selector, "static_decode", False):
-            return f"selector `{type(self.selector).__name__}` updates state per decode step"
-        return ""
 
     def select(self, chunk: Chunk) -> torch.Tensor | None:
         """Indices [Hkv, b] (sorted per head) the selector keeps now, or None."""
@@ -414,52 +373,6 @@ class KVCache:
         for l in self.layers:
             l.scores = torch.cat((l.scores[:, :s0], one.expand(l.scores.shape[0], -1)), 1)
         self._shared = n
-
-    # ---- fixed-shape decode (StaticStep) -------------------------------------------
-    def static_reason(self) -> str:
-        """Why this cache cannot decode in StaticStep windows ("" if it can)."""
-        if self.ffn is not None:
-            return "`ffnskip` decides per token which layers run their FFN"
-        for layer in self.layers:
-            why = layer.static_reason()
-            if why:
-                return why
-        return ""
-
-    @torch.inference_mode()
-    def open_static(self, room: int) -> StaticStep:
-        """Make room for `room` decode tokens in every layer; -> the window's StaticStep."""
-        dev = self.info.device
-        start = [l.length for l in self.layers]
-        end = [-(-(s + room) // 64) * 64 for s in start]  # aligned spans for the fused kernels
-        scores = []
-        for layer, s, e in zip(self.layers, start, end):
-            layer.store._reserve(e)
-            # NOTE: the masked tail still enters P @ V with weight 0, and 0 x NaN is NaN:
-            # memory the allocator hands back may hold any bits, so clear it
-            layer.store.k[:, s:e].zero_()
-            layer.store.v[:, s:e].zero_()
-            wants = layer.scores is not None or getattr(layer.selector, "needs_scores", False)
-            scores.append(torch.zeros(self.info.n_kv_heads, room, dtype=torch.float32, device=dev)
-                          if wants else None)
-        return StaticStep(torch.zeros(1, dtype=torch.long, device=dev), start, end, room, scores)
-
-    @torch.inference_mode()
-    def close_static(self, st: StaticStep, n: int) -> None:
-        """Commit the first n steps of window st to every layer (as `forward` would have)."""
-        for layer, sc in zip(self.layers, st.scores):
-            if n == 0:
-                break
-            layer.store.length += n
-            if layer.pos is not None:
-                new = torch.arange(layer.seen, layer.seen + n, device=layer.pos.device)
-                layer.pos = torch.cat((layer.pos, new.expand(layer.pos.shape[0], -1)), 1)
-            if sc is not None:
-                sc = sc[:, :n].clone()
-                layer.scores = sc if layer.scores is None else torch.cat((layer.scores, sc), 1)
-            layer.seen += n
-        self.next_position += n
-        self.track_peak()
 
     def warnings(self) -> list[str]:
         """What the policy's parts say a person should know (e.g. `anchor` on a model not

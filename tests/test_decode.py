@@ -14,6 +14,7 @@ import torch
 import app.runtime.engine as engine
 from app.runtime.decode import Decoder
 from app.runtime.engine import Runtime
+from policies import static
 from policies.attention import _splits, attend, attend_window
 from policies.locret import RetainingHeads, model_key, save_heads
 from tiny import tiny_pair
@@ -105,10 +106,10 @@ def test_close_commits_only_steps_taken():
 
 
 @pytest.mark.parametrize("spec,why", [("kivi:group=16", "KiviStore"), ("ffnskip", "ffnskip"),
-                                      ("h2o", "H2OSelector")])
+                                      ("h2o", "H2OSelector"), ("offload", "HostStore")])
 def test_caches_that_cannot_fix_shapes_say_why(spec, why):
     rt = _rt(spec)
-    assert why in rt.cache.static_reason()
+    assert why in static.reason(rt.cache)
     with pytest.raises(ValueError, match="cannot decode with fixed shapes"):
         Decoder(rt.adapter, rt.cache, fixed=True)
     assert Decoder(rt.adapter, rt.cache).mode == "eager"  # the CPU default

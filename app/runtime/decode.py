@@ -2,9 +2,9 @@
 
 A decode step of an 8B model is ~1,500 small kernels; launched one by one from Python
 they cost far more than the GPU work (measured on an H100: 30 tok/s where the bandwidth
-floor allows ~150). So where the cache allows it (`KVCache.static_reason` is empty:
+floor allows ~150). So where the cache allows it (`policies.static.reason` is empty:
 full-precision stores, no spill, reader or ffn, a selector whose decode scores are pure)
-steps run in windows of `ROOM` tokens with fixed shapes (`policies.base.StaticStep`):
+steps run in windows of `ROOM` tokens with fixed shapes (`policies/static.py`):
 the first step of a window is captured as a CUDA graph and every step replays it.
 Other caches, and the CPU, decode eagerly, one forward per token (`mode` says which and
 why). The fixed-shape step also runs without a graph: that is how CI tests it.
@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from policies import Chunk, KVCache
+from policies import Chunk, KVCache, static
 
 ROOM = 256  # decode steps per window: the span attention reads grows by at most this
 
@@ -34,7 +34,7 @@ class Decoder:
     def __init__(self, adapter, cache: KVCache, fixed: bool | None = None, room: int = ROOM):
         self.adapter, self.cache, self.room = adapter, cache, room
         dev = adapter.info.device
-        why = cache.static_reason()
+        why = static.reason(cache)
         if fixed is None:
             fixed = dev.type == "cuda" and not why
         if fixed and why:
@@ -84,12 +84,12 @@ class Decoder:
         if self._st is not None:
             st, n = self._st, self._done
             self._st, self._done, self._graph, self._out = None, 0, None, None
-            self.cache.close_static(st, n)
+            static.close_window(self.cache, st, n)
 
     # ---- fixed shapes -------------------------------------------------------------
     def _open(self) -> None:
         self.close()
-        self._st = self.cache.open_static(self.room)
+        self._st = static.open_window(self.cache, self.room)
         self._pos0.fill_(self.cache.next_position)
         self._chunk = Chunk(self._ids, self.cache.next_position, "decode", static=self._st)
         if self.graphs:
