@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from app.runtime.types import VramchatError
 from policies import KVCache, rope
 from policies.base import Chunk
 from policies.locret import RetainingHeads, model_key, save_heads
@@ -296,7 +297,7 @@ def train_heads(model, out_dir, data_files=(), steps=1200, docs=128, val_docs=8,
     built = {"docs": docs, "doc_tokens": doc_tokens, "distractors": distractors, "seed": seed, "files": prov}
     made = out / ".features" / "documents.json"
     if made.is_file() and json.loads(made.read_text()) != built:
-        raise ValueError(f"{out}/.features holds documents built with {made.read_text()}; this run builds "
+        raise VramchatError(f"{out}/.features holds documents built with {made.read_text()}; this run builds "
                          f"{json.dumps(built)}: give another --out (cached features would be mixed)")
     made.write_text(json.dumps(built))
     split = int(len(text) * 0.9)  # held-out documents come from the last 10 % of the text

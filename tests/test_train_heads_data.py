@@ -42,12 +42,13 @@ def test_distractors_leave_the_question_answer_tail_unchanged():
 
 def test_features_of_other_documents_are_not_reused(tmp_path):
     from app.runtime.engine import Runtime
+    from app.runtime.types import VramchatError
     from app.train_heads import train_heads
     from tiny import tiny_pair
     rt = Runtime.from_model(*tiny_pair(0), model_id="tiny", chunk_size=16)
     kw = dict(steps=2, docs=1, val_docs=1, doc_tokens=120, d_r=8, warmup=1)
     card = train_heads(rt, tmp_path, distractors=2, **kw)
     assert card["hyper_parameters"]["distractors"] == 2 and "2 fact-shaped" in card["data"]["distractors"]
-    with pytest.raises(ValueError, match="distractors.: 2.*distractors.: 0.*another --out"):
+    with pytest.raises(VramchatError, match="distractors.: 2.*distractors.: 0.*another --out"):
         train_heads(rt, tmp_path, distractors=0, **kw)
     train_heads(rt, tmp_path, distractors=2, **kw)  # the same documents resume

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from policies import Chunk
+from app.runtime.decode import Decoder
 
 from .common import hf_attention
 from .locret import trial
@@ -52,11 +52,6 @@ def policies_at(budget: int, chunk: int) -> dict[str, str]:
     }
 
 
-def _decode(rt, tok: int) -> torch.Tensor:
-    ch = Chunk(torch.tensor([tok], device=rt.device), rt.cache.next_position, "decode")
-    return rt.adapter.forward(ch.input_ids, rt.cache, ch)
-
-
 def passkey(rt, spec: str, n: int, depth: float, seed: int, max_new: int = 12) -> bool:
     return trial(rt, spec, n, depth, seed, max_new=max_new)["correct"]
 
@@ -68,8 +63,9 @@ def teacher_forced(rt, spec: str, ids: list[int], n_prefill: int, n_next: int):
     logits = rt._prefill(ids[:n_prefill])
     t1 = time.perf_counter()
     rows = [logits.log_softmax(-1)]
-    for tok in ids[n_prefill:n_prefill + n_next - 1]:
-        rows.append(_decode(rt, tok).log_softmax(-1))
+    with Decoder(rt.adapter, rt.cache) as dec:
+        for tok in ids[n_prefill:n_prefill + n_next - 1]:
+            rows.append(dec.step(tok).log_softmax(-1))
     t2 = time.perf_counter()
     return torch.stack(rows), t1 - t0, t2 - t1, rt.cache.peak_bytes
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from policies import Chunk
+from app.runtime.decode import Decoder
 from policies.locret import RetainingHeads, model_key, save_heads
 
 HAYSTACK = Path(__file__).resolve().parents[2] / "data" / "haystack" / "licenses.txt"
@@ -90,13 +90,13 @@ def trial(rt, spec: str, n_tokens: int, depth: float, seed: int, scorer: str = "
     logits = r._prefill(ids)
     dt = time.perf_counter() - t0
     out = []
-    for _ in range(max_new):
-        tok = int(logits.argmax())
-        if tok in r.stop_ids:
-            break
-        out.append(tok)
-        ch = Chunk(torch.tensor([tok], device=r.device), r.cache.next_position, "decode")
-        logits = r.adapter.forward(ch.input_ids, r.cache, ch)
+    with Decoder(r.adapter, r.cache) as dec:
+        for _ in range(max_new):
+            tok = int(logits.argmax())
+            if tok in r.stop_ids:
+                break
+            out.append(tok)
+            logits = dec.step(tok)
     answer = r.tok.decode(out, skip_special_tokens=True)
     return {"correct": key in answer, "answer": answer.strip(), "tokens": len(ids),
             "prefill_tok_s": len(ids) / dt, "kv_peak_bytes": r.cache.peak_bytes}

@@ -21,6 +21,7 @@ import torch
 
 from app.calibrate import default_data, read_text
 from app.runtime.convert import convert
+from app.runtime.decode import Decoder
 from offload import labels
 from offload.calibrate import find_channels
 from policies import Chunk, KVCache, SpecError, rope
@@ -230,9 +231,8 @@ def copy_fidelity(rt, spec: str, doc_tokens: int = 16384, depth: float = 0.3, pa
     answer = rt.tokens(passage)
     if stepwise or not _plain(rt.cache):
         steps = [logits]
-        for tok in answer[:-1]:
-            c = Chunk(torch.tensor([tok], device=rt.device), rt.cache.next_position, "decode")
-            steps.append(rt.adapter.forward(c.input_ids, rt.cache, c))
+        with Decoder(rt.adapter, rt.cache) as dec:
+            steps += [dec.step(tok).clone() for tok in answer[:-1]]
         logits = torch.stack(steps)
     else:  # nothing differs between decoding and one causal chunk: teacher-force in one pass
         c = Chunk(torch.tensor(answer[:-1], device=rt.device), rt.cache.next_position, "prefill")

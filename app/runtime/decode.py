@@ -60,7 +60,9 @@ class Decoder:
 
     @torch.inference_mode()
     def step(self, token) -> torch.Tensor:
-        """token: an int or a one-element tensor on the device -> float32 logits [V]."""
+        """token: an int or a one-element tensor on the device -> float32 logits [V].
+        NOTE: with a CUDA graph the logits are the graph's output buffer: valid until the
+        next step (clone to keep them)."""
         if not self.fixed:
             ids = token.view(1) if torch.is_tensor(token) else torch.tensor([token], device=self.adapter.info.device)
             return self.adapter.forward(ids, self.cache, Chunk(ids, self.cache.next_position, "decode"))
