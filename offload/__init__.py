@@ -13,7 +13,7 @@ from .doublesparse import DoubleSparseReader
 from .host import HostStore
 from .spill import OffloadSpill
 
-_RECALL_OPTS = ("recall", "channels", "every", "pool", "channels_file")
+_RECALL_OPTS = ("recall", "channels", "every", "pool", "quote", "channels_file")
 
 
 def _place(slots) -> str:
@@ -42,6 +42,8 @@ def _check_offload(opts) -> None:
     "every": Opt(int, 0, "re-recall every N decode steps (0: only before answering)", min=0),
     "pool": Opt(int, 1, "recall spans: a host token scores the max within pool//2 of it in the text (odd)",
                 min=1),
+    "quote": Opt(int, 128, "tokens recalled in every head around text the question or answer repeats "
+                 "verbatim (at most recall/2; under 16: off)", min=0),
     "channels_file": Opt("path", "", "calibration file (default: the one shipped for this model)"),
 }, "host tier: alone, the whole cache in host memory streamed per layer; behind an evicting "
    "selector, evicted tokens go to the host and the best ones are recalled per question", place=_place,
@@ -50,7 +52,8 @@ def build_offload(policy, info, layer):
     if policy.slot == "store":
         return HostStore(info, layer)
     o = policy.opts
-    return OffloadSpill(info, layer, o["recall"], o["channels"], o["every"], o["channels_file"], o["pool"])
+    return OffloadSpill(info, layer, o["recall"], o["channels"], o["every"], o["channels_file"], o["pool"],
+                        o["quote"])
 
 
 def _check_ds(opts) -> None:

@@ -35,6 +35,7 @@ from policies.evict import max_pool
 
 from . import labels
 from .calibrate import find_channels
+from .quotes import Quotes
 
 
 def _host_empty(shape, dtype, pin: bool) -> torch.Tensor:
@@ -47,8 +48,12 @@ class OffloadSpill:
     BLOCK = 256
 
     def __init__(self, info, layer: int, recall: int, channels: int, every: int, channels_file: str = "",
-                 pool: int = 1):
+                 pool: int = 1, quote: int = 0):
         self.info, self.layer, self.k, self.every, self.pool = info, layer, recall, every, pool
+        self.quote = min(quote, recall // 2)  # span length; spans take at most half the buffer
+        self.quotes: Quotes | None = None  # shared by the cache's spills (link), if quote
+        self._qv = -1  # quotes.version this layer's buffer was filled for
+        self._owns_log = False  # reports the shared log's bytes
         self._text_order = None  # [Hkv, n] host rows in text order (pool > 1), until the host changes
         self.ch = find_channels(info, channels, channels_file, "offload")[layer]  # [Hkv, r]
         self.cuda = info.device.type == "cuda"
@@ -67,6 +72,20 @@ class OffloadSpill:
         self.steps = 0  # decode steps since the last prefill
         self.recalls = 0  # host scans so far (tests and benchmarks read it)
         self._copied = None  # CUDA event after the last device->host copy
+
+    @staticmethod
+    def link(spills: list["OffloadSpill"]) -> None:
+        """Called once by the cache with every layer's spill: one token log and one set of
+        quote spans for them all (offload/quotes.py)."""
+        if spills[0].quote >= 16:
+            q = Quotes(spills[0].quote, spills[0].k)
+            for sp in spills:
+                sp.quotes = q
+            spills[0]._owns_log = True
+
+    @property
+    def token_log(self) -> Quotes | None:
+        return self.quotes
 
     # ---- host tier ----------------------------------------------------------------------
     def _reserve(self, n: int) -> None:
@@ -122,19 +141,28 @@ class OffloadSpill:
         else:  # other channels: labels from the position-0 keys (the eviction frame is gone)
             lab = labels.take(k0.to(self.info.device), self.ch)
         self._put(k0, other.hv[:, :n], lab, other.hpos[:, :n])
+        if self.quotes is not None and other.quotes is not None:
+            self.quotes.adopt(other.quotes)
 
     # ---- recall -------------------------------------------------------------------------
     def recall(self, layer, q: torch.Tensor, chunk):
         """q [Hq, T, D] of this chunk -> (k, v) [Hkv, m, D] in the frame, or None."""
+        qt = self.quotes
+        if qt is not None:
+            qt.observe(layer.seen, chunk.input_ids, chunk.phase == "prefill", chunk.final)
         if chunk.phase != "decode":
             self.m = 0
             if not chunk.final:
                 return None
             self.steps = 0
+            if qt is not None:
+                qt.at_prefill_end()
             self._recall(layer, q)
         else:
             self.steps += 1
-            if self.every and self.steps % self.every == 0:
+            if qt is not None:
+                qt.at_step()
+            if (self.every and self.steps % self.every == 0) or (qt is not None and qt.version != self._qv):
                 self._recall(layer, q)
         if self.m == 0:
             return None
@@ -159,6 +187,11 @@ class OffloadSpill:
                 self._text_order = self.hpos[:, :n].argsort(1).to(s.device)
             text_order = self._text_order
             s = torch.empty_like(s).scatter_(1, text_order, max_pool(s.gather(1, text_order), self.pool))
+        if self.quotes is not None:  # quoted spans first, in every head; the scores fill the rest
+            self._qv = self.quotes.version
+            inside = self.quotes.mask(self.hpos[:, :n])
+            if inside is not None:
+                s = s.masked_fill(inside.to(s.device), float("inf"))
         idx = labels.top(s, self.k).cpu()  # [Hkv, m] host rows
         conv = self.hpos[:, :n].gather(1, idx)
         order = conv.argsort(1)  # NOTE: host rows are in eviction order, not conversation order
@@ -191,6 +224,8 @@ class OffloadSpill:
         if self.stage is not None:
             host["keys"] += self.stage[0].nbytes
             host["values"] += self.stage[1].nbytes
+        if self._owns_log:  # the cache's one token log
+            host["index"] += self.quotes.nbytes()
         out = {("host", k): v for k, v in host.items()}
         out[("gpu", "labels")] = self.labels.nbytes
         out[("gpu", "keys")] = self.buf_k.nbytes

@@ -298,6 +298,10 @@ class KVCache:
         if "selector" not in self.slots:
             self.slots["selector"] = Policy("full", "selector", {})
         self.layers = [self._build_layer(i) for i in range(info.n_layers)]
+        for slot in ("selector", "store", "spill", "reader"):  # parts that share state across layers
+            parts = [getattr(l, slot) for l in self.layers if getattr(l, slot) is not None]
+            if parts and hasattr(parts[0], "link"):
+                parts[0].link(parts)
         # the adapter captures each layer's normed input only for selectors that score it
         self.needs_hidden = any(getattr(l.selector, "needs_hidden", False) for l in self.layers)
         ffn = self.slots.get("ffn")  # model-level: one component, the adapter attaches it
@@ -373,6 +377,21 @@ class KVCache:
         for l in self.layers:
             l.scores = torch.cat((l.scores[:, :s0], one.expand(l.scores.shape[0], -1)), 1)
         self._shared = n
+
+    def give_tokens(self, get) -> bool:
+        """Parts that follow the conversation's token ids (`token_log`: offload's quotes) and
+        lack some of them, as after a live conversion from a cache that keeps none, take
+        them from get() -> list[int] (every token read so far). -> whether any took them."""
+        logs = {}
+        for l in self.layers:
+            for part in (l.selector, l.store, l.spill, l.reader):
+                log = getattr(part, "token_log", None)
+                if log is not None and log.n < self.seen:
+                    logs[id(log)] = log
+        if not logs:
+            return False
+        ids = get()
+        return any([log.fill(ids, self.seen) for log in logs.values()])
 
     def warnings(self) -> list[str]:
         """What the policy's parts say a person should know (e.g. `anchor` on a model not

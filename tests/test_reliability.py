@@ -255,7 +255,8 @@ def test_soak_turns_do_not_grow_the_cache(tmp_path, store):
     budget + local (the protected final chunk) + the answer = 164 tokens, and the
     device-tier KV bytes (the offload labels apart) never change after turn 2. For
     offload the host tier holds every evicted token: between evicted x bytes-per-token
-    and (1.125 x evicted + one block) x bytes-per-token (its growth step)."""
+    and (1.125 x evicted + one block) x bytes-per-token (its growth step), plus the token
+    log (8 B per token read, grown by 1/4)."""
     rt = _runtime()
     heads = _heads_file(rt, tmp_path / "heads.safetensors")
     if store == "+offload":
@@ -275,6 +276,9 @@ def test_soak_turns_do_not_grow_the_cache(tmp_path, store):
             per_tok = info.n_kv_heads * (2 * info.head_dim * info.dtype.itemsize + 8)  # K, V, position
             evicted = [l.seen - l.length for l in rt.cache.layers]
             host = rt.cache.bytes_by_tier()["host"]
+            log = rt.cache.layers[0].spill.quotes  # the token log quote following reads: 8 B a token read
+            assert log is not None and log.nbytes() <= 8 * max(4096, 1.25 * rt.cache.seen + 1)
+            host -= log.nbytes()
             block = rt.cache.layers[0].spill.BLOCK
             assert sum(evicted) * per_tok <= host <= sum(1.125 * e + block for e in evicted) * per_tok, i
             r = rt.cache.layers[0].spill.ch.shape[1]  # label channels per KV head

@@ -322,6 +322,7 @@ class Runtime:
                 return ConversionResult(old_spec, self.policy, before, after, True, False,
                                         f"re-read the conversation under `{self.policy}` ({why})")
             self.cache = new
+            self.cache.give_tokens(lambda: self.tokens(self.cached_text))
             self.cache.track_peak()
             del old
             self._free()

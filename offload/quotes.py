@@ -1,0 +1,219 @@
+"""Quote following for `offload`'s recall: where the text just read or written repeats the
+conversation verbatim, the span it repeats comes back whole, in every layer and head.
+
+Why. Label scores pick tokens per layer and per head, each head its own. That finds a
+needle, but a passage the answer quotes back is not a set of tokens a few heads want:
+measured on a 16K licence with a 250-token passage to copy (BENCHMARKS.md, Offload),
+per-head recall reached 0.54 of the tokens at best, while handing every head the exact
+passage reached 0.85 (`full` on a document that fits: 0.785). What the label scores lack
+is *where in the text* the answer is reading; the token ids say it exactly.
+
+How. One `Quotes` per cache (shared by every layer's spill) keeps the conversation's
+token ids by conversation index (host int64, 8 B a token: 1 MiB at 128K).
+- At the end of a prefill, its final chunk (the question): every `NGRAM`-token run of it that also
+  occurs earlier in the conversation marks a hit; hits within `span` tokens of each
+  other form a cluster; the largest clusters become spans (a question that quotes a
+  passage's first and last words gets both ends back).
+- Each decode step: the longest suffix (`MIN_RUN`..`MAX_RUN` tokens, within the answer) of
+  the text so far that occurs earlier marks where the answer is reading; while it keeps matching, a pointer
+  just advances (O(1) a step). When the reading point nears the end of its span, the span
+  moves ahead and the spills re-recall: about once per `span - ahead` tokens while an
+  answer quotes, never while it does not.
+A span covers [p - span/8, p + 7·span/8) around the reading point p: copying reads forward.
+Spans take at most half the recall buffer; the other half stays with the label scores.
+Only the host rows in a span come back (the kept tokens of it are in the store already).
+"""
+from __future__ import annotations
+
+import torch
+
+NGRAM = 6  # a run of the question this long found earlier counts as a quote
+MIN_RUN, MAX_RUN = 3, 16  # suffix lengths the decode step matches (longest wins)
+UNKNOWN = -1  # token id of conversation indices read before the log existed
+
+
+class Quotes:
+    """Token log + current spans of one cache; `changed` tells the spills to re-recall."""
+
+    def __init__(self, span: int, recall: int):
+        self.span = span
+        self.max_spans = max(1, (recall // 2) // span) if span else 0
+        self.ids = torch.empty(0, dtype=torch.long)
+        self.n = 0  # tokens logged (conversation indices 0..n-1)
+        self.spans: list[tuple[int, int]] = []  # [a, b) conversation index ranges
+        self.version = 0  # bumps when spans change
+        self.point = None  # conversation index the answer's last token repeats, if any
+        self._at = -1  # `seen` the current spans were computed for
+        self._answer = 0  # conversation index where the current answer began
+        self._from = 0  # conversation index where the last prefill's final chunk began
+
+    # ---- the log ------------------------------------------------------------------------
+    def observe(self, seen: int, ids: torch.Tensor, prefill: bool = True, final: bool = True) -> None:
+        """Log a chunk's ids [T] starting at conversation index `seen` (once per chunk: the
+        first layer logs it, the others find it logged)."""
+        t = ids.shape[-1]
+        if seen + t <= self.n:
+            return
+        if prefill and final:
+            self._from = seen  # the last chunk of a prefill: the question, where quotes come from
+        if seen > self.n:  # read before this log existed (a live conversion): unknown ids
+            self._grow(seen)
+            self.ids[self.n:seen] = UNKNOWN
+            self.n = seen
+        if seen < self.n:  # NOTE: conversation indices only grow within one cache
+            raise ValueError(f"token log at {self.n} asked to log from {seen}")
+        self._grow(seen + t)
+        self.ids[seen:seen + t] = ids.reshape(-1).to("cpu", torch.long)
+        self.n = seen + t
+
+    def adopt(self, other: "Quotes") -> None:
+        if other.n > self.n:
+            self._grow(other.n)
+            self.ids[: other.n] = other.ids[: other.n]
+            self.n = other.n
+
+    def fill(self, ids: list[int], seen: int) -> bool:
+        """Take the ids of the whole conversation read so far (`seen` tokens) where this log
+        lacks some (a cache converted from one that keeps no log). Only where the count
+        agrees with what was read; -> whether it took them."""
+        if self.n >= seen or len(ids) != seen:
+            return False
+        self._grow(seen)
+        self.ids[:seen] = torch.tensor(ids, dtype=torch.long)
+        self.n = seen
+        return True
+
+    def _grow(self, n: int) -> None:
+        if n > self.ids.shape[0]:
+            new = torch.empty(max(n, self.ids.shape[0] * 5 // 4, 4096), dtype=torch.long)
+            new[: self.n] = self.ids[: self.n]
+            self.ids = new
+
+    def nbytes(self) -> int:
+        return self.ids.nbytes
+
+    # ---- spans --------------------------------------------------------------------------
+    def at_prefill_end(self) -> None:
+        """The newest chunk was the last of a prefill: spans from what it quotes."""
+        if self._at == self.n or not self.span:
+            return
+        self._at, self.point, self._answer = self.n, None, self.n
+        hits = _ngram_hits(self.ids[: self.n], self._from)
+        new = []
+        if hits.numel() >= 2:
+            groups, cur = [], [int(hits[0])]
+            for p in hits[1:].tolist():
+                if p - cur[-1] <= self.span:
+                    cur.append(p)
+                else:
+                    groups.append(cur)
+                    cur = [p]
+            groups.append(cur)
+            groups.sort(key=lambda g: (len(g), g[-1]), reverse=True)  # most hits, then latest
+            # NOTE: a lone hit is mostly the chat template (". <|im_end|> ... assistant"),
+            # a quote of NGRAM + 1 tokens or more hits twice
+            new = [self._around(g[0] - NGRAM + 1) for g in groups[: self.max_spans] if len(g) >= 2]
+        self._set(new)
+
+    def at_step(self) -> bool:
+        """After the decode step that logged the newest token: follow the reading point.
+        -> True where the spans moved (the spills re-recall)."""
+        if self._at == self.n or not self.span:
+            return False
+        self._at = self.n
+        ids, n = self.ids, self.n
+        if self.point is not None and self.point + 1 < n - 1 and ids[self.point + 1] == ids[n - 1]:
+            self.point += 1  # still reading on
+        else:
+            ends = _suffix_hits(ids[:n], n - self._answer)  # runs within the answer only
+            if ends is not None:  # NOTE: this turn's question and answer are held, not recalled
+                ends = ends[ends < self._from]
+                ends = ends if ends.numel() else None
+            self.point = None if ends is None else int(ends[-1])
+            if ends is not None and not any(a <= int(p) < b - self.span // 8 for p in ends for a, b in self.spans):
+                self._set(self._from_points(ends))
+                return True
+            return False
+        a_b = next(((a, b) for a, b in self.spans if a <= self.point < b), None)
+        if a_b is None or self.point >= a_b[1] - self.span // 8:  # near the end: move ahead
+            rest = [s for s in self.spans if s != a_b]
+            self._set([self._around(self.point)] + rest[: self.max_spans - 1])
+            return True
+        return False
+
+    def _from_points(self, ends: torch.Tensor) -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = []
+        for p in reversed(ends.tolist()):  # the latest first
+            if len(out) == self.max_spans:
+                break
+            if not any(a <= p < b for a, b in out):
+                out.append(self._around(p))
+        return out
+
+    def _around(self, p: int) -> tuple[int, int]:
+        back = self.span // 8
+        return max(0, p - back), p - back + self.span
+
+    def _set(self, spans) -> None:
+        if spans != self.spans:
+            self.spans = spans
+            self.version += 1
+
+    def mask(self, conv: torch.Tensor) -> torch.Tensor | None:
+        """conv [Hkv, N] conversation indices -> bool mask of those inside a span, or None."""
+        if not self.spans:
+            return None
+        m = torch.zeros(conv.shape, dtype=torch.bool, device=conv.device)
+        for a, b in self.spans:
+            m |= (conv >= a) & (conv < b)
+        return m
+
+
+def _ngram_hits(ids: torch.Tensor, start: int) -> torch.Tensor:
+    """Sorted conversation indices p < start where ids[p-NGRAM+1..p] equals some NGRAM-run
+    of ids[start:] (runs with an unknown id never match)."""
+    if start < NGRAM or ids.shape[0] - start < NGRAM:
+        return torch.empty(0, dtype=torch.long)
+    h = _hashes(ids)  # h[j]: the run ending at j + NGRAM - 1
+    before, after = h[: start - NGRAM + 1], h[start:]
+    hit = torch.isin(before, after[after != _BAD]) & (before != _BAD)
+    return torch.nonzero(hit)[:, 0] + NGRAM - 1
+
+
+_BAD = torch.iinfo(torch.long).min
+
+
+def _hashes(ids: torch.Tensor) -> torch.Tensor:
+    """Polynomial hash of every NGRAM-run (int64, wrapping); _BAD where a run holds UNKNOWN."""
+    n = ids.shape[0] - NGRAM + 1
+    h = torch.zeros(n, dtype=torch.long)
+    bad = torch.zeros(n, dtype=torch.bool)
+    for j in range(NGRAM):
+        part = ids[j:j + n]
+        h = h * 1_000_003 + part
+        bad |= part == UNKNOWN
+    h[bad] = _BAD
+    return h
+
+
+def _suffix_hits(ids: torch.Tensor, longest: int = MAX_RUN) -> torch.Tensor | None:
+    """Indices p < n-1 (sorted) where the longest suffix of ids (MIN_RUN..min(MAX_RUN,
+    longest) tokens) also ends at p; None where not even MIN_RUN tokens repeat."""
+    n = ids.shape[0]
+    if n < MIN_RUN + 1 or longest < MIN_RUN or ids[-1] == UNKNOWN:
+        return None
+    m = ids[:-1] == ids[-1]  # m[p]: the last L tokens end at p too
+    best = None
+    for length in range(1, min(MAX_RUN, longest) + 1):
+        if length > 1:
+            tok = ids[n - length]
+            if tok == UNKNOWN:
+                break
+            nxt = torch.zeros_like(m)
+            nxt[length - 1:] = m[length - 1:] & (ids[: n - length] == tok)
+            m = nxt
+        if not m.any():
+            break
+        if length >= MIN_RUN:
+            best = torch.nonzero(m)[:, 0]
+    return best
