@@ -28,7 +28,11 @@ def scores(q: torch.Tensor, labels: torch.Tensor, ch: torch.Tensor, block: int =
     Several queries (a question's prefill) score a token by their maximum: a token matters
     if any of them would read it. Queries go in blocks so memory stays [Hkv, block, N].
     """
-    qs = group_queries(q, ch)  # [Hkv, Tq, r]
+    return grouped_scores(group_queries(q, ch), labels, block)
+
+
+def grouped_scores(qs: torch.Tensor, labels: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """`scores` from group queries qs [Hkv, Tq, r] (`group_queries`) -> [Hkv, N] float32."""
     lab = labels.float().transpose(1, 2)  # [Hkv, r, N]
     out = None
     for s in range(0, qs.shape[1], block):

@@ -54,6 +54,9 @@ class OffloadSpill:
         self.quotes: Quotes | None = None  # shared by the cache's spills (link), if quote
         self._qv = -1  # quotes.version this layer's buffer was filled for
         self._owns_log = False  # reports the shared log's bytes
+        self._ranked = None  # [Hkv, <=k] host rows by the last scoring, best first
+        self._ranked_n = 0  # host rows when it was made
+        self._qs = None  # [Hkv, Tq, r] group queries of the last scoring (kept where quotes are on)
         self._text_order = None  # [Hkv, n] host rows in text order (pool > 1), until the host changes
         self.ch = find_channels(info, channels, channels_file, "offload")[layer]  # [Hkv, r]
         self.cuda = info.device.type == "cuda"
@@ -162,8 +165,9 @@ class OffloadSpill:
             self.steps += 1
             if qt is not None:
                 qt.at_step()
-            if (self.every and self.steps % self.every == 0) or (qt is not None and qt.version != self._qv):
-                self._recall(layer, q)
+            every = bool(self.every and self.steps % self.every == 0)
+            if every or (qt is not None and qt.version != self._qv):
+                self._recall(layer, q, rescore=every)
         if self.m == 0:
             return None
         if layer.base != self.buf_base:  # the frame moved: every buffered key moves alike
@@ -172,8 +176,12 @@ class OffloadSpill:
             self.buf_base = layer.base
         return self.buf_k[:, : self.m], self.buf_v[:, : self.m]
 
-    def _recall(self, layer, q: torch.Tensor) -> None:
-        """Score every host token, copy the top k into the buffer, rotate them into place."""
+    def _recall(self, layer, q: torch.Tensor, rescore: bool = True) -> None:
+        """Score every host token, copy the top k into the buffer, rotate them into place.
+        rescore=False (the quote spans moved while decoding): rank with the queries of the
+        last scoring (the question's), not this step's one query; only the spans change.
+        Measured: the city needle is lost when one decode query re-ranks (BENCHMARKS.md,
+        Offload)."""
         n = self.n
         if n == 0 or self.k == 0:
             self.m = 0
@@ -181,18 +189,32 @@ class OffloadSpill:
         self.recalls += 1
         if self._copied is not None:
             self._copied.synchronize()
-        s = labels.scores(q, self.labels[:, :n], self.ch)  # [Hkv, n]
-        if self.pool > 1:  # pool along the text, not along host rows (eviction order)
-            if self._text_order is None:  # NOTE: host rows change only in _put
-                self._text_order = self.hpos[:, :n].argsort(1).to(s.device)
-            text_order = self._text_order
-            s = torch.empty_like(s).scatter_(1, text_order, max_pool(s.gather(1, text_order), self.pool))
-        if self.quotes is not None:  # quoted spans first, in every head; the scores fill the rest
+        if rescore or self._qs is None:
+            qs = labels.group_queries(q, self.ch)  # [Hkv, Tq, r]
+            if self.quotes is not None:  # quote moves re-rank with these (rows may come in between)
+                self._qs = qs
+        else:
+            qs = self._qs
+        if rescore or self._ranked is None or self._ranked_n != n:
+            s = labels.grouped_scores(qs, self.labels[:, :n])  # [Hkv, n]
+            if self.pool > 1:  # pool along the text, not along host rows (eviction order)
+                if self._text_order is None:  # NOTE: host rows change only in _put
+                    self._text_order = self.hpos[:, :n].argsort(1).to(s.device)
+                text_order = self._text_order
+                s = torch.empty_like(s).scatter_(1, text_order, max_pool(s.gather(1, text_order), self.pool))
+            self._ranked, self._ranked_n = s.topk(min(self.k, n), dim=1).indices, n  # [Hkv, k] best first
+        inside = None
+        if self.quotes is not None:
             self._qv = self.quotes.version
             inside = self.quotes.mask(self.hpos[:, :n])
-            if inside is not None:
-                s = s.masked_fill(inside.to(s.device), float("inf"))
-        idx = labels.top(s, self.k).cpu()  # [Hkv, m] host rows
+        if inside is None:
+            idx = self._ranked.sort(dim=1).values.cpu()
+        else:  # quoted spans first, in every head; the ranking fills the rest
+            k = self._ranked.shape[1]
+            rank = torch.full((self._ranked.shape[0], n), -1.0, device=self._ranked.device)
+            rank.scatter_(1, self._ranked, torch.arange(k, 0, -1, dtype=rank.dtype, device=rank.device).expand(
+                self._ranked.shape[0], -1))
+            idx = labels.top(rank.masked_fill(inside.to(rank.device), float("inf")), k).cpu()  # [Hkv, m] host rows
         conv = self.hpos[:, :n].gather(1, idx)
         order = conv.argsort(1)  # NOTE: host rows are in eviction order, not conversation order
         idx, conv = idx.gather(1, order), conv.gather(1, order)
@@ -227,7 +249,7 @@ class OffloadSpill:
         if self._owns_log:  # the cache's one token log
             host["index"] += self.quotes.nbytes()
         out = {("host", k): v for k, v in host.items()}
-        out[("gpu", "labels")] = self.labels.nbytes
+        out[("gpu", "labels")] = self.labels.nbytes + (self._qs.nbytes if self._qs is not None else 0)
         out[("gpu", "keys")] = self.buf_k.nbytes
         out[("gpu", "values")] = self.buf_v.nbytes
         return out

@@ -7,7 +7,7 @@ import torch
 
 import offload  # noqa: F401  (registers offload)
 from app.runtime.adapter import Adapter
-from offload import quotes as Q
+from offload import labels, quotes as Q
 from offload.quotes import Quotes
 from policies import Chunk
 from test_offload import KeepNewest, cache_with, calibrate_tiny, run_chunks
@@ -193,3 +193,39 @@ def test_spans_fit_half_the_buffer_and_quote_zero_is_off(chfile):
     assert sp.quote == 50 and sp.quotes.max_spans == 1
     assert all(l.spill.quotes is sp.quotes for l in c.layers)  # one log for the cache
     assert cache_with(ad, KeepNewest(40), {"recall": 20, "channels_file": chfile}).layers[0].spill.quotes is None
+
+
+class KeepNewestAlways(KeepNewest):
+    """Also evicts after the final chunk: host rows arrive after the question's recall."""
+
+    def keep(self, cache, chunk):
+        n = cache.length
+        return None if n <= self.budget else torch.arange(n - self.budget, n).expand(cache.info.n_kv_heads, -1)
+
+
+@pytest.mark.parametrize("every", [0, 3])
+def test_a_quote_move_ranks_with_the_questions_queries_not_one_decode_query(chfile, every):
+    """When the spans move mid-answer, the rest of the buffer is ranked with the question's
+    queries (one decode query lost a needle the question had found, BENCHMARKS.md), also
+    after host rows arrived since (the ranking is redone with those queries); `every`
+    re-scores with the decode query, as asked."""
+    doc = (torch.randperm(250, generator=torch.Generator().manual_seed(1))[:200] + 3).tolist()
+    ad = Adapter(tiny_llama(0), None)
+    ask = doc[50:59]
+    cache = cache_with(ad, KeepNewestAlways(40), {"recall": 32, "quote": 16, "every": every, "channels_file": chfile})
+    run_chunks(ad, cache, torch.tensor(doc + ask), [64, 128, 200, 209])
+    sp = cache.layers[1].spill
+    n_question = sp.n
+    moves = 0
+    for i, t in enumerate(doc[59:100]):
+        v = sp.quotes.version
+        c = Chunk(torch.tensor([t]), cache.next_position, "decode")
+        ad.forward(c.input_ids, cache, c)
+        cache.end_chunk(c)  # NOTE: evicts after decode steps too (this test selector)
+        moves += sp.quotes.version != v
+        # the question's 9 queries; with `every`, from its first re-scoring on, one step's query
+        assert sp._qs.shape[1] == (len(ask) if every == 0 or i + 1 < every else 1)
+        if sp._ranked_n == sp.n:
+            want = labels.grouped_scores(sp._qs, sp.labels[:, : sp.n]).topk(32, 1).indices
+            assert torch.equal(sp._ranked, want)
+    assert moves >= 2 and sp.n > n_question
