@@ -10,8 +10,8 @@ is *where in the text* the answer is reading; the token ids say it exactly.
 
 How. One `Quotes` per cache (shared by every layer's spill) keeps the conversation's
 token ids by conversation index (host int64, 8 B a token: 1 MiB at 128K).
-- At the end of a prefill, its final chunk (the question): every `NGRAM`-token run of it that also
-  occurs earlier in the conversation marks a hit; hits within `span` tokens of each
+- At the end of a prefill (the question's turn, whatever chunks it took): every
+  `NGRAM`-token run of it that also occurs earlier in the conversation marks a hit; hits within `span` tokens of each
   other form a cluster; the largest clusters become spans (a question that quotes a
   passage's first and last words gets both ends back).
 - Each decode step: the longest suffix (`MIN_RUN`..`MAX_RUN` tokens, within the answer) of
@@ -22,6 +22,8 @@ token ids by conversation index (host int64, 8 B a token: 1 MiB at 128K).
 A span covers [p - span/8, p + 7·span/8) around the reading point p: copying reads forward.
 Spans take at most half the recall buffer; the other half stays with the label scores.
 Only the host rows in a span come back (the kept tokens of it are in the store already).
+Text is quoted from earlier turns only: a passage pasted into the same message as the
+question that quotes it is not looked up (one prefill; its own runs are not hits).
 """
 from __future__ import annotations
 
@@ -45,7 +47,8 @@ class Quotes:
         self.point = None  # conversation index the answer's last token repeats, if any
         self._at = -1  # `seen` the current spans were computed for
         self._answer = 0  # conversation index where the current answer began
-        self._from = 0  # conversation index where the last prefill's final chunk began
+        self._from = 0  # conversation index where the last prefill began
+        self._reading = False  # inside a prefill of several chunks
 
     # ---- the log ------------------------------------------------------------------------
     def observe(self, seen: int, ids: torch.Tensor, prefill: bool = True, final: bool = True) -> None:
@@ -54,8 +57,9 @@ class Quotes:
         t = ids.shape[-1]
         if seen + t <= self.n:
             return
-        if prefill and final:
-            self._from = seen  # the last chunk of a prefill: the question, where quotes come from
+        if prefill and not self._reading:
+            self._from = seen  # the first chunk of a prefill (the question's turn)
+        self._reading = prefill and not final
         if seen > self.n:  # read before this log existed (a live conversion): unknown ids
             self._grow(seen)
             self.ids[self.n:seen] = UNKNOWN

@@ -168,11 +168,11 @@ def test_copying_recalls_the_source_span_in_every_head(chfile):
     hits = {}
     for quote in (0, 16):
         cache = cache_with(ad, KeepNewest(40), {"recall": 32, "quote": quote, "channels_file": chfile})
-        ids = torch.tensor(doc + ask)
-        run_chunks(ad, cache, ids, [64, 128, 200, len(ids)])
+        run_chunks(ad, cache, torch.tensor(doc + doc[:1]), [64, 128, 200, 201])  # the document's turn
+        run_chunks(ad, cache, torch.tensor(ask), [len(ask)])  # the question's turn
         sp = cache.layers[0].spill
         assert (sp.quotes is None) == (quote == 0)
-        assert sp.n == 200 - 40 + 0  # evicted at the non-final chunks: all but the newest 40
+        assert sp.n == 200 - 40  # evicted at the non-final chunks: all but the newest 40
         n, good = 0, 0
         for i, t in enumerate(answer):
             c = Chunk(torch.tensor([t]), cache.next_position, "decode")
@@ -213,7 +213,8 @@ def test_a_quote_move_ranks_with_the_questions_queries_not_one_decode_query(chfi
     ad = Adapter(tiny_llama(0), None)
     ask = doc[50:59]
     cache = cache_with(ad, KeepNewestAlways(40), {"recall": 32, "quote": 16, "every": every, "channels_file": chfile})
-    run_chunks(ad, cache, torch.tensor(doc + ask), [64, 128, 200, 209])
+    run_chunks(ad, cache, torch.tensor(doc), [64, 128, 200])
+    run_chunks(ad, cache, torch.tensor(ask), [len(ask)])
     sp = cache.layers[1].spill
     n_question = sp.n
     moves = 0
@@ -229,3 +230,26 @@ def test_a_quote_move_ranks_with_the_questions_queries_not_one_decode_query(chfi
             want = labels.grouped_scores(sp._qs, sp.labels[:, : sp.n]).topk(32, 1).indices
             assert torch.equal(sp._ranked, want)
     assert moves >= 2 and sp.n > n_question
+
+
+# ---- in the runtime: the log follows the conversation, also across a live conversion --------
+
+def test_runtime_log_matches_the_conversation_and_survives_a_conversion(tmp_path):
+    from test_reliability import _channels_file, _doc, _runtime
+    rt = _runtime()
+    ch = _channels_file(rt, tmp_path / "c.safetensors")
+    spec = f"streaming:sinks=4,window=60+offload:recall=64,channels_file={ch}"  # converts in place
+    doc = _doc(tmp_path / "doc.txt")
+    rt.load_document(str(doc))  # read under `full`: no log
+    res = rt.set_policy(spec)
+    assert not res.reprefilled and rt.cache.layers[0].spill.n > 0  # evicted into the host tier
+    log = rt.cache.layers[0].spill.quotes
+    assert log is not None and log.n == rt.cache.seen  # taken from the conversation's text
+    assert log.ids[: log.n].tolist() == rt.tokens(rt.cached_text)
+    words = doc.read_text().split()
+    rt.ask("Repeat: " + " ".join(words[100:112]), max_new_tokens=8)
+    assert log.n == rt.cache.seen  # every token fed to the model, answers included
+    prompt = rt.tokens(rt.cached_text[: rt._answer_start])  # (generated ids need not re-tokenize alike)
+    assert log.ids[: len(prompt)].tolist() == prompt and log.n > len(prompt)
+    assert log.spans and all(0 <= a < b <= log.n for a, b in log.spans)  # the quoted words were found
+    assert not (log.ids[: log.n] == Q.UNKNOWN).any()
