@@ -10,32 +10,35 @@ is *where in the text* the answer is reading; the token ids say it exactly.
 
 How. One `Quotes` per cache (shared by every layer's spill) keeps the conversation's
 token ids by conversation index (host int64, 8 B a token: 1 MiB at 128K).
-- At the end of a prefill (the question's turn, whatever chunks it took): every
-  `NGRAM`-token run of it that also occurs earlier in the conversation marks a hit; hits within `span` tokens of each
-  other form a cluster; the largest clusters become spans (a question that quotes a
-  passage's first and last words gets both ends back).
-- Each decode step: the longest suffix (`MIN_RUN`..`MAX_RUN` tokens, within the answer) of
-  the text so far that occurs earlier marks where the answer is reading; while it keeps matching, a pointer
-  just advances (O(1) a step). When the reading point nears the end of its span, the span
-  moves ahead and the spills re-recall: about once per `span - ahead` tokens while an
+- At the end of a prefill: each `NGRAM`-token run of the question (the prefill, at most its
+  last `QUESTION` tokens) that also occurs before it marks a hit; hits within `span`
+  tokens of each other form a cluster; the largest clusters of two hits or more become
+  spans (a question quoting a passage's first and last words gets both ends back).
+- Each decode step: the longest suffix (`MIN_RUN`..`MAX_RUN` tokens, within the answer)
+  that occurs before the question, in at most `MAX_ENDS` places, marks where the answer is
+  reading; while the answer keeps copying, that point just advances (O(1) a step). Once
+  it has kept matching for `CONFIRM` steps (a chance match breaks at once) and it is
+  outside its span or near the span's end, a span opens around it (the question's
+  other span stays) and the spills re-recall: about once per 7/8 of a span while an
   answer quotes, never while it does not.
-A span covers [p - span/8, p + 7·span/8) around the reading point p: copying reads forward.
-Spans take at most half the recall buffer; the other half stays with the label scores.
+A span covers [p - span/8, p + 7·span/8) around the point p: copying reads forward.
+Spans take at most half the recall buffer; the other half keeps the label ranking.
 Only the host rows in a span come back (the kept tokens of it are in the store already).
-Text is quoted from earlier turns only: a passage pasted into the same message as the
-question that quotes it is not looked up (one prefill; its own runs are not hits).
 """
 from __future__ import annotations
 
 import torch
 
 NGRAM = 6  # a run of the question this long found earlier counts as a quote
-MIN_RUN, MAX_RUN = 3, 16  # suffix lengths the decode step matches (longest wins)
+MIN_RUN, MAX_RUN = 6, 16  # suffix lengths of the answer the decode step matches (longest wins)
+MAX_ENDS = 16  # a run found in more places than this says nothing about where the answer reads
+CONFIRM = 3  # steps a found point must keep matching before the spans move to it
+QUESTION = 512  # a prefill's last tokens that count as the question
 UNKNOWN = -1  # token id of conversation indices read before the log existed
 
 
 class Quotes:
-    """Token log + current spans of one cache; `changed` tells the spills to re-recall."""
+    """Token log + current spans of one cache; a new `version` tells the spills to re-recall."""
 
     def __init__(self, span: int, recall: int):
         self.span = span
@@ -49,6 +52,8 @@ class Quotes:
         self._answer = 0  # conversation index where the current answer began
         self._from = 0  # conversation index where the last prefill began
         self._reading = False  # inside a prefill of several chunks
+        self._turn = 0  # where the question's tokens begin (hits and reading points lie before)
+        self._run = 0  # steps the point has kept matching since it was found
 
     # ---- the log ------------------------------------------------------------------------
     def observe(self, seen: int, ids: torch.Tensor, prefill: bool = True, final: bool = True) -> None:
@@ -101,8 +106,11 @@ class Quotes:
         """The newest chunk was the last of a prefill: spans from what it quotes."""
         if self._at == self.n or not self.span:
             return
-        self._at, self.point, self._answer = self.n, None, self.n
-        hits = _ngram_hits(self.ids[: self.n], self._from)
+        self._at, self.point, self._answer, self._run = self.n, None, self.n, 0
+        # the turn: this prefill, at most its last QUESTION tokens (a conversation re-read
+        # in one prefill, or a long pasted text, is looked up in everything before those)
+        self._turn = max(self._from, self.n - QUESTION)
+        hits = _ngram_hits(self.ids[: self.n], self._turn)
         new = []
         if hits.numel() >= 2:
             groups, cur = [], [int(hits[0])]
@@ -128,31 +136,25 @@ class Quotes:
         ids, n = self.ids, self.n
         if self.point is not None and self.point + 1 < n - 1 and ids[self.point + 1] == ids[n - 1]:
             self.point += 1  # still reading on
+            self._run += 1
         else:
+            self.point, self._run = None, 0
             ends = _suffix_hits(ids[:n], n - self._answer)  # runs within the answer only
-            if ends is not None:  # NOTE: this turn's question and answer are held, not recalled
-                ends = ends[ends < self._from]
-                ends = ends if ends.numel() else None
-            self.point = None if ends is None else int(ends[-1])
-            if ends is not None and not any(a <= int(p) < b - self.span // 8 for p in ends for a, b in self.spans):
-                self._set(self._from_points(ends))
-                return True
+            if ends is None:
+                return False
+            ends = ends[ends < self._turn].tolist()  # NOTE: the question itself is held, not recalled
+            if not ends or len(ends) > MAX_ENDS:  # not found, or too common to say where
+                return False
+            inside = [p for p in ends if any(a <= p < b for a, b in self.spans)]
+            self.point = inside[-1] if inside else ends[-1]  # the latest, within a span if one is
+        if self._run < CONFIRM:  # NOTE: a chance match breaks at once; a copy goes on
             return False
-        a_b = next(((a, b) for a, b in self.spans if a <= self.point < b), None)
-        if a_b is None or self.point >= a_b[1] - self.span // 8:  # near the end: move ahead
-            rest = [s for s in self.spans if s != a_b]
+        span = next(((a, b) for a, b in self.spans if a <= self.point < b), None)
+        if span is None or self.point >= span[1] - self.span // 8:  # outside, or near the end: move
+            rest = [s for s in self.spans if s != span]  # the other spans stay (the question's)
             self._set([self._around(self.point)] + rest[: self.max_spans - 1])
             return True
         return False
-
-    def _from_points(self, ends: torch.Tensor) -> list[tuple[int, int]]:
-        out: list[tuple[int, int]] = []
-        for p in reversed(ends.tolist()):  # the latest first
-            if len(out) == self.max_spans:
-                break
-            if not any(a <= p < b for a, b in out):
-                out.append(self._around(p))
-        return out
 
     def _around(self, p: int) -> tuple[int, int]:
         back = self.span // 8

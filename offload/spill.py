@@ -250,6 +250,8 @@ class OffloadSpill:
             host["index"] += self.quotes.nbytes()
         out = {("host", k): v for k, v in host.items()}
         out[("gpu", "labels")] = self.labels.nbytes + (self._qs.nbytes if self._qs is not None else 0)
+        if self._ranked is not None:  # the last label ranking, kept for quote moves
+            out[("gpu", "index")] = self._ranked.nbytes
         out[("gpu", "keys")] = self.buf_k.nbytes
         out[("gpu", "values")] = self.buf_v.nbytes
         return out

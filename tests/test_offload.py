@@ -209,7 +209,7 @@ def test_spill_bytes_are_exact_by_tier_and_kind(chfile):
     assert by[("host", "index")] == L * h * host_cap * 8
     assert by[("gpu", "labels")] == L * h * host_cap * r * 4
     assert by[("gpu", "keys")] == by[("gpu", "values")] == L * h * (store_cap + 20) * d * 4
-    assert by[("gpu", "index")] == L * h * 60 * 8  # conversation index of the 60 stored tokens
+    assert by[("gpu", "index")] == L * h * (60 + 20) * 8  # conversation index of the 60 stored tokens + ranking
     assert set(by) == {("host", "keys"), ("host", "values"), ("host", "index"), ("gpu", "labels"),
                        ("gpu", "keys"), ("gpu", "values"), ("gpu", "index")}
 
