@@ -42,7 +42,7 @@ class Quotes:
 
     def __init__(self, span: int, recall: int):
         self.span = span
-        self.max_spans = max(1, (recall // 2) // span) if span else 0
+        self.max_spans = max(1, (recall // 2) // span)
         self.ids = torch.empty(0, dtype=torch.long)
         self.n = 0  # tokens logged (conversation indices 0..n-1)
         self.spans: list[tuple[int, int]] = []  # [a, b) conversation index ranges
@@ -104,7 +104,7 @@ class Quotes:
     # ---- spans --------------------------------------------------------------------------
     def at_prefill_end(self) -> None:
         """The newest chunk was the last of a prefill: spans from what it quotes."""
-        if self._at == self.n or not self.span:
+        if self._at == self.n:
             return
         self._at, self.point, self._answer, self._run = self.n, None, self.n, 0
         # the turn: this prefill, at most its last QUESTION tokens (a conversation re-read
@@ -130,7 +130,7 @@ class Quotes:
     def at_step(self) -> bool:
         """After the decode step that logged the newest token: follow the reading point.
         -> True where the spans moved (the spills re-recall)."""
-        if self._at == self.n or not self.span:
+        if self._at == self.n:
             return False
         self._at = self.n
         ids, n = self.ids, self.n
@@ -177,7 +177,8 @@ class Quotes:
 
 def _ngram_hits(ids: torch.Tensor, start: int) -> torch.Tensor:
     """Sorted conversation indices p < start where ids[p-NGRAM+1..p] equals some NGRAM-run
-    of ids[start:] (runs with an unknown id never match)."""
+    of ids[start:] (runs with an unknown id never match). Runs are compared by a 64-bit
+    hash: a false hit needs a collision (tests compare with brute force)."""
     if start < NGRAM or ids.shape[0] - start < NGRAM:
         return torch.empty(0, dtype=torch.long)
     h = _hashes(ids)  # h[j]: the run ending at j + NGRAM - 1

@@ -92,11 +92,11 @@ def _question(doc, quotes):
     return out
 
 
-def _read(q, ids, start=0, chunk=64, final=True):
+def _read(q, ids, start=0, chunk=64):
     """Log ids as a prefill in chunks (the last one final)."""
     for s in range(0, len(ids), chunk):
         part = torch.tensor(ids[s:s + chunk])
-        q.observe(start + s, part, True, s + chunk >= len(ids) and final)
+        q.observe(start + s, part, True, s + chunk >= len(ids))
     q.at_prefill_end()
 
 
@@ -139,7 +139,7 @@ def test_an_answer_that_copies_is_followed_and_one_that_does_not_is_left_alone()
     v = q3.version
     for i, t in enumerate(_distinct(50, seed=3, lo=50000)):
         q3.observe(n + i, torch.tensor([t]), prefill=False)
-        assert not q3.at_step()
+        assert not q3.at_step() and q3.point is None  # nothing it says was said before
     assert q3.version == v and q3.point is None
 
 
@@ -188,7 +188,7 @@ def test_a_common_run_says_nothing_and_rare_moves_on_repetitive_text():
     _read(q3, [99], start=400)
     for i, t in enumerate(ones):
         q3.observe(401 + i, torch.tensor([t]), prefill=False)
-        assert not q3.at_step()
+        assert not q3.at_step() and q3.point is None  # too common: no reading point at all
 
 
 def test_a_question_over_several_chunks_is_looked_up_from_its_first_chunk():
@@ -247,6 +247,7 @@ def test_spans_fit_half_the_buffer_and_quote_zero_is_off(chfile):
     assert sp.quote == 50 and sp.quotes.max_spans == 1
     assert all(l.spill.quotes is sp.quotes for l in c.layers)  # one log for the cache
     assert cache_with(ad, KeepNewest(40), {"recall": 20, "channels_file": chfile}).layers[0].spill.quotes is None
+    assert cache_with(ad, KeepNewest(40), {"recall": 512, "quote": 0, "channels_file": chfile}).layers[0].spill.quotes is None
 
 
 class KeepNewestAlways(KeepNewest):
@@ -283,7 +284,6 @@ def test_a_quote_move_ranks_with_the_questions_queries_not_one_decode_query(chfi
         # the ranking is the top 32 by those queries over the host rows it saw
         want = labels.grouped_scores(sp._qs, sp.labels[:, : sp._ranked_n]).topk(32, 1).indices
         assert torch.equal(sp._ranked, want)
-        checked = True
     assert moves >= 2 and sp.n > n_question
 
 
