@@ -35,6 +35,7 @@ from policies.evict import max_pool
 
 from . import labels
 from .calibrate import find_channels
+from .host import copy_rows
 from .quotes import Quotes
 
 
@@ -114,8 +115,8 @@ class OffloadSpill:
             self._copied.synchronize()  # NOTE: _reserve may copy host rows still in flight
         self._reserve(self.n + e)
         end = self.n + e
-        self.hk[:, self.n:end].copy_(k0, non_blocking=self.cuda)
-        self.hv[:, self.n:end].copy_(v, non_blocking=self.cuda)
+        copy_rows(self.hk[:, self.n:end], k0.contiguous())
+        copy_rows(self.hv[:, self.n:end], v.contiguous())
         self.hpos[:, self.n:end] = conv.cpu()
         self.labels[:, self.n:end] = lab
         self.n = end
@@ -232,8 +233,8 @@ class OffloadSpill:
             torch.gather(self.hv[:, :n], 1, ix, out=sv)
         else:
             sk, sv = self.hk[:, :n].gather(1, ix), self.hv[:, :n].gather(1, ix)
-        self.buf_k[:, :m].copy_(sk, non_blocking=self.cuda)
-        self.buf_v[:, :m].copy_(sv, non_blocking=self.cuda)
+        copy_rows(self.buf_k[:, :m], sk)
+        copy_rows(self.buf_v[:, :m], sv)
         pos = torch.arange(layer.base - m, layer.base, device=self.buf_k.device)
         self.buf_k[:, :m] = rope.rotate(self.buf_k[:, :m], pos, self.info.inv_freq)
         self.m, self.buf_base, self.recalled = m, layer.base, conv

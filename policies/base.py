@@ -428,6 +428,15 @@ class KVCache:
             return self.length + n_new
         return min(self.length + n_new, budget + chunk + getattr(self.layers[0].selector, "local", 0))
 
+    def expect(self, n_new: int, chunk: int) -> None:
+        """Reading n_new more tokens: stores that grow expensively (`reserve_ahead`: pinned
+        host memory, where growing by an eighth at a time re-pins and re-copies ~9x the
+        final size) take the projected length at once."""
+        need = self.projected_length(n_new, chunk)
+        for l in self.layers:
+            if getattr(l.store, "reserve_ahead", False):
+                l.store._reserve(need)
+
     def bytes_per_token(self) -> float:
         """Cache bytes per retained token, all layers (a store may say; else full precision)."""
         return sum(getattr(l.store, "token_bytes", lambda: self.info.kv_bytes_per_token())()

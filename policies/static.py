@@ -19,6 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from .attention import attend_window
+from .kernels import triton_ok, window_attn
+
+KERNEL: bool | None = None  # the Triton window kernel: None = on CUDA where Triton runs; tests force it
 
 
 @dataclass
@@ -67,15 +70,22 @@ def forward(layer, q, k, v, scale, chunk):
     """One decode token of `layer` (a LayerCache) in chunk.static's window: q [Hq, 1, D],
     k/v [Hkv, 1, D] post-RoPE -> [Hq, 1, D]. Fixed shapes, no host sync, nothing committed."""
     st = chunk.static
-    at = st.step + st.start[layer.layer]
-    layer.store.k.index_copy_(1, at, k)
-    layer.store.v.index_copy_(1, at, v)
+    i, store = layer.layer, layer.store
+    kernel = KERNEL if KERNEL is not None else (q.is_cuda and triton_ok(q.device))
+    if kernel:
+        window_attn.write_rows(store.k, store.v, k, v, st.step, st.start[i])
+    else:
+        at = st.step + st.start[i]
+        store.k.index_copy_(1, at, k)
+        store.v.index_copy_(1, at, v)
     s = layer.selector.score(layer, chunk, k, v)
     if s is not None:
-        st.scores[layer.layer].index_copy_(1, st.step, s)
-    n = st.end[layer.layer]
-    valid = torch.arange(n, device=at.device) <= at
-    return attend_window(q, layer.store.k[:, :n], layer.store.v[:, :n], scale, valid)
+        st.scores[i].index_copy_(1, st.step, s)
+    n = st.end[i]
+    if kernel:
+        return window_attn.attend_window(q, store.k[:, :n], store.v[:, :n], scale, st.step, st.start[i])
+    valid = torch.arange(n, device=q.device) <= st.step + st.start[i]
+    return attend_window(q, store.k[:, :n], store.v[:, :n], scale, valid)
 
 
 @torch.inference_mode()

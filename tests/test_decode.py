@@ -16,6 +16,7 @@ from app.runtime.decode import Decoder
 from app.runtime.engine import Runtime
 from policies import static
 from policies.attention import _splits, attend, attend_window
+from policies.kernels import triton_ok
 from policies.locret import RetainingHeads, model_key, save_heads
 from tiny import tiny_pair
 
@@ -65,11 +66,18 @@ def _assert_same_state(a, b):
                                            msg=lambda m: f"layer {i}: {m}")
 
 
-@pytest.mark.parametrize("spec", ["full", "locret:budget=48,stabilizers=8,local=4", "streaming:sinks=4,window=40",
-                                  "anchor:budget=48,local=8"])
-def test_fixed_shape_windows_equal_eager(spec, heads):
+KERNEL = pytest.param(True, marks=pytest.mark.skipif(
+    not triton_ok("cpu"), reason="the window kernel on a CPU needs triton and TRITON_INTERPRET=1"))
+
+
+@pytest.mark.parametrize("spec,kernel", [("full", False), ("locret:budget=48,stabilizers=8,local=4", False),
+                                         ("streaming:sinks=4,window=40", False), ("anchor:budget=48,local=8", False),
+                                         ("full", KERNEL), ("locret:budget=48,stabilizers=8,local=4", KERNEL)])
+def test_fixed_shape_windows_equal_eager(spec, kernel, heads, monkeypatch):
     """Teacher-forced decode across several windows (room 5, 13 steps) after a prefill that
-    evicted: same logits, and the cache keeps exactly what eager decode keeps."""
+    evicted: same logits, and the cache keeps exactly what eager decode keeps. With
+    `kernel`, the window attends through the Triton kernel (what CUDA runs)."""
+    monkeypatch.setattr(static, "KERNEL", kernel)
     spec = spec.replace("locret:", f"locret:heads={heads},")
     ref, rt = _rt(spec), _rt(spec)
     ids = _ids(120)

@@ -231,6 +231,32 @@ def test_offload_alone_is_a_host_store_equal_to_full():
     assert cache.truncate(80)  # nothing evicted: turns can be undone
 
 
+def test_host_store_pins_the_projected_length_once(monkeypatch):
+    """A prefill tells the cache its length first (KVCache.expect): the host store takes it
+    in one allocation (growing by an eighth re-pins and re-copies ~9x the final size), and a
+    budgeted selector's store would not grow past its projection."""
+    from app.runtime.engine import Runtime
+    from offload.host import HostStore
+    from tiny import tiny_pair
+    grows = []
+    real = HostStore._reserve
+    monkeypatch.setattr(HostStore, "_reserve", lambda self, n: grows.append(n) or real(self, n))
+    rt = Runtime.from_model(*tiny_pair(0), policy="offload", model_id="tiny", chunk_size=16)
+    rt._prefill(_ids(300, 1))
+    store = rt.cache.layers[0].store
+    assert store.length == 300 and store.k.shape[1] == 512  # 300 rounded up to a block of 256, once
+    n_layers = rt.adapter.info.n_layers
+    assert grows[:n_layers] == [300] * n_layers and all(n <= 300 for n in grows)
+    assert rt.cache.projected_length(100, 16) == 400
+
+
+def test_copy_rows_per_head_equals_slice_copy():
+    from offload.host import copy_rows
+    src, dst = torch.randn(3, 40, 8), torch.zeros(3, 50, 8)
+    copy_rows(dst[:, 5:25], src[:, 10:30])
+    assert torch.equal(dst[:, 5:25], src[:, 10:30]) and not dst[:, :5].any() and not dst[:, 25:].any()
+
+
 def test_live_conversion_to_offload_keeps_decoding_the_same():
     from app.runtime.convert import convert
     ids, dec = _ids(70, 6), _ids(4, 7)

@@ -62,6 +62,7 @@ def prefill_ids(ad: Adapter, cache: KVCache, ids: torch.Tensor, chunk: int, deco
     n = ids.shape[0]
     plan = sel.plan(n, size) if hasattr(sel, "plan") else [min(size, n - s) for s in range(0, n, size)]
     done, logits = 0, None
+    cache.expect(n, plan[0] if plan else 0)
     for i, m in enumerate(plan):
         c = Chunk(ids[done:done + m], cache.next_position, "prefill", final=i == len(plan) - 1)
         logits = ad.forward(c.input_ids, cache, c)

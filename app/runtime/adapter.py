@@ -9,10 +9,14 @@ our `KVCache` rides along in the forward kwargs to the attention function.
 """
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 from transformers import AttentionInterface
 
 from policies import Chunk, KVCache, ModelInfo, SpecError
+from policies.kernels import fused, triton_ok
 
 ATTN_NAME = "vramchat"
 
@@ -34,6 +38,29 @@ def _vramchat_attention(module, query, key, value, attention_mask, scaling=None,
 # host-device sync (`.all()` on a GPU tensor) on every forward, which stalls eager decode.
 AttentionInterface.register(ATTN_NAME, _vramchat_attention)
 
+# Fused kernels for the decoder layer's small steps (policies/kernels/fused.py): "cuda" runs
+# them on CUDA tensors, "off" never, "always" on any device Triton runs on (tests, on a CPU
+# under TRITON_INTERPRET=1). Read at every call, so it can change between steps.
+FUSE = os.environ.get("VRAMCHAT_FUSED", "cuda")
+# norm classes whose forward is exactly `fused.rmsnorm_reference` (checked in transformers 5.23)
+_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"}
+# architectures whose module-level apply_rotary_pos_emb is `fused.rope_reference` (Phi-3's
+# handles partial rotary and keeps its own)
+_ROPE_ARCHS = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+def _fuse_on(x: torch.Tensor) -> bool:
+    return (FUSE == "always" or (FUSE == "cuda" and x.is_cuda)) and triton_ok(x.device)
+
+
+def _fused_rope(run):
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        if unsqueeze_dim == 1 and _fuse_on(q) and fused.rope_fits(q, k, cos):
+            return fused.rope(q, k, cos, sin)
+        return run(q, k, cos, sin, unsqueeze_dim)
+    apply_rotary_pos_emb.vramchat_fused = True
+    return apply_rotary_pos_emb
+
 
 class Adapter:
     """Wraps a loaded HF causal LM: model facts, forward with our cache, hooks."""
@@ -50,10 +77,35 @@ class Adapter:
         self._capture: dict | None = None
         for i, layer in enumerate(self.layers):
             layer.self_attn.register_forward_pre_hook(self._make_capture(i), with_kwargs=True)
+        self.fused = self._fuse()
         self._ffn = None  # the active cache's `ffn` component (ffnskip), during a forward
         self._ffn_in: dict = {}
         self._ffn_ok = all(self._wrap_mlp(i, layer) for i, layer in enumerate(self.layers))
         self.info = self._model_info()
+
+    def _fuse(self) -> dict:
+        """Route the model's RMSNorms and RoPE through one-kernel versions where `FUSE`
+        allows at call time (else the module's own code runs). -> what was routed."""
+        norms = 0
+        for mod in self.model.modules():
+            if type(mod).__name__ in _NORMS and hasattr(mod, "variance_epsilon"):
+                run, w, eps = mod.forward, mod.weight, mod.variance_epsilon
+
+                def norm_forward(h, run=run, w=w, eps=eps):
+                    if h.dtype == w.dtype and _fuse_on(h):
+                        return fused.rmsnorm(h, w, eps)
+                    return run(h)
+                mod.forward = norm_forward
+                norms += 1
+        rope = ""
+        if self.arch in _ROPE_ARCHS and len(self.layers):
+            mod = sys.modules[type(self.layers[0].self_attn).__module__]
+            fn = getattr(mod, "apply_rotary_pos_emb", None)
+            if fn is not None:
+                if not getattr(fn, "vramchat_fused", False):
+                    mod.apply_rotary_pos_emb = _fused_rope(fn)
+                rope = mod.__name__
+        return {"rmsnorm": norms, "rope": rope}
 
     def _wrap_mlp(self, i, layer) -> bool:
         """Route layer i's MLP through the ffn component while one is active. The hidden

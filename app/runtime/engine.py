@@ -109,6 +109,7 @@ class Runtime:
         x = torch.tensor(ids, dtype=torch.long, device=self.device)
         done, logits = 0, None
         plan = self._chunks(len(ids))
+        self.cache.expect(len(ids), plan[0] if plan else 0)
         for i, n in enumerate(plan):
             if stop is not None and stop.is_set():
                 raise Stopped(f"stopped after {done:,} of {len(ids):,} tokens")

@@ -16,7 +16,6 @@ the splits (flash-decoding). Triton is optional: `triton_ok()` says whether it c
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
@@ -25,11 +24,7 @@ from .. import rope
 from ..attention import attend
 from .pack import dequantize_keys, dequantize_values
 
-try:  # NOTE: CPU-only installs may lack triton, or have it without a GPU or interpreter.
-    import triton
-    import triton.language as tl
-except Exception:  # pragma: no cover - exercised on machines without triton
-    triton = None
+from . import tl, triton, triton_ok  # noqa: F401 (triton_ok: part of this module's interface)
 
 
 class QuantView(NamedTuple):
@@ -115,15 +110,6 @@ def _rope_tables(inv_freq: torch.Tensor, d: int, device):
     partner = torch.where(c < half, c + half, torch.where(c < 2 * half, c - half, c))
     sign = torch.where(c < half, -1.0, torch.where(c < 2 * half, 1.0, 0.0))
     return freq.to(device), partner.to(device, torch.int32), sign.to(device)
-
-
-def triton_ok(device) -> bool:
-    """Whether the Triton kernel can run on tensors of `device` here."""
-    if triton is None:
-        return False
-    if torch.device(device).type == "cuda":
-        return torch.cuda.is_available()
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 if triton is not None:

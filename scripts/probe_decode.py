@@ -1,0 +1,136 @@
+"""GPU probe (BENCHMARKS.md, GPU section): where one decode step's time goes.
+
+For an 8B Llama-3.1-shaped model (random bf16 weights, card capped at 24 GiB) and each
+policy given: prefill `--context` tokens, then
+1. the CUDA-graph decode step's time (mean of 64 replays) against the bandwidth floor;
+2. a torch profile of 3 fixed-shape steps run without the graph: GPU kernels per step,
+   their summed time, and the top kernels by time (the graph removes the launch cost,
+   not the kernels, so their sum is what a replay cannot beat);
+3. `--variants`: the same decode with the step's kernels as they were (torch attention
+   over the window, transformers' norms and RoPE: `torch`), with the Triton window
+   kernel (`window`), and with the fused norm and RoPE kernels too (`fused`): A/B in one run.
+
+Run: `python scripts/probe_decode.py --context 32768 --policies "full locret:budget=16384"`.
+"""
+import argparse
+import os
+import sys
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.getcwd())
+from app.bench import gpu128k  # noqa: E402
+from app.bench.common import prefill_ids  # noqa: E402
+import app.runtime.adapter as adapter_mod  # noqa: E402
+from app.runtime.adapter import Adapter  # noqa: E402
+from app.runtime.decode import Decoder  # noqa: E402
+from policies import KVCache, static  # noqa: E402
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def kind(name: str) -> str:
+    n = name.lower()
+    if any(s in n for s in ("gemv", "gemm", "cutlass", "sm90_xmma", "ampere", "nvjet", "cublas")):
+        return "matmul"
+    if any(s in n for s in ("flash", "fmha", "attention", "softmax")):
+        return "attention/softmax"
+    if "reduce" in n:
+        return "reduce"
+    if "triton" in n:
+        return "triton"
+    return "elementwise/copy/other"
+
+
+def profile_steps(dec: Decoder, token, n=3):
+    dec.step(token)  # opens the window
+    sync()
+    act = ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU
+    with profile(activities=[act]) as prof:
+        for _ in range(n):
+            dec.step(token)
+        sync()
+    by = defaultdict(lambda: [0, 0.0])
+    cats = defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if str(getattr(e, "device_type", "")).endswith("CUDA") or act == ProfilerActivity.CPU:
+            us = e.device_time if act == ProfilerActivity.CUDA else e.cpu_time
+            by[e.name][0] += 1
+            by[e.name][1] += us
+            c = cats[kind(e.name)]
+            c[0] += 1
+            c[1] += us
+    count = sum(v[0] for v in by.values()) / n
+    total = sum(v[1] for v in by.values()) / n / 1e3
+    print(f"  eager fixed-shape step: {count:.0f} kernels, {total:.2f} ms of kernel time per step")
+    for c, (k, us) in sorted(cats.items(), key=lambda kv: -kv[1][1]):
+        print(f"    {c:24s} {k / n:6.0f} kernels {us / n / 1e3:7.3f} ms")
+    for name, (k, us) in sorted(by.items(), key=lambda kv: -kv[1][1])[:25]:
+        print(f"    {us / n:9.1f} us {k / n:5.0f}x  {name[:110]}")
+    return count, total
+
+
+def graph_step_ms(dec: Decoder, token, n=64):
+    dec.step(token)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        dec.step(token)
+    sync()
+    return (time.perf_counter() - t0) / n * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--policies", default="full")
+    ap.add_argument("--variants", default="torch window fused")
+    ap.add_argument("--profile", default="1", help="1: also profile each variant's kernels")
+    a = ap.parse_args()
+    cuda = torch.cuda.is_available()  # on a CPU: the tiny shape, to check the script runs
+    dev = torch.device("cuda:0" if cuda else "cpu")
+    if cuda:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, 24 * 2**30 / total), 0)
+    model = gpu128k.build_model("llama3-8b" if cuda else "tiny", dev, "bf16")
+    ad = Adapter(model, None, "random llama3-8b (bf16)")
+    heads = gpu128k.random_heads_dir(ad.info)
+    bw = gpu128k.bandwidth(dev)
+    wbytes = ad.weights_bytes()
+    print(f"weights {wbytes / 2**30:.2f} GiB, bandwidth {bw / 1e9:.0f} GB/s")
+    ids = gpu128k.random_ids(a.context, model.config.vocab_size, 0, dev)
+    token = torch.tensor([7], device=dev)
+    settings = {"torch": (False, "off"), "window": (None, "off"), "fused": (None, "cuda")}
+    for spec in a.policies.split():
+        cache = KVCache(gpu128k.with_files(spec, heads, None), ad.info)
+        static.KERNEL, adapter_mod.FUSE = None, "cuda"
+        sync()
+        t0 = time.perf_counter()
+        prefill_ids(ad, cache, ids, 2048)
+        sync()
+        print(f"== {spec} at {a.context}: prefill {a.context / (time.perf_counter() - t0):,.0f} tok/s (fused)")
+        floor_ms = (wbytes + cache.bytes_by_tier()["gpu"]) / bw * 1e3
+        print(f"   floor {floor_ms:.2f} ms/token")
+        for name in a.variants.split():
+            static.KERNEL, adapter_mod.FUSE = settings[name]
+            with Decoder(ad, cache) as dec:
+                ms = graph_step_ms(dec, token)
+                print(f"  [{name}] {dec.mode}: {ms:.2f} ms/token = {1e3 / ms:.1f} tok/s, "
+                      f"{floor_ms / ms:.2f} of floor")
+            if a.profile == "1":
+                os.environ["VRAMCHAT_CUDA_GRAPHS"] = "0"
+                with Decoder(ad, cache, fixed=True) as dec:
+                    profile_steps(dec, token)
+                os.environ["VRAMCHAT_CUDA_GRAPHS"] = "1"
+        del cache
+        torch.cuda.empty_cache() if cuda else None
+
+
+if __name__ == "__main__":
+    main()
