@@ -428,11 +428,12 @@ class KVCache:
             return self.length + n_new
         return min(self.length + n_new, budget + chunk + getattr(self.layers[0].selector, "local", 0))
 
-    def expect(self, n_new: int, chunk: int) -> None:
-        """Reading n_new more tokens: stores that grow expensively (`reserve_ahead`: pinned
-        host memory, where growing by an eighth at a time re-pins and re-copies ~9x the
-        final size) take the projected length at once."""
-        need = self.projected_length(n_new, chunk)
+    def expect(self, n_new: int, chunk: int, answer: int = 1024) -> None:
+        """Reading n_new more tokens, then an answer: stores that grow expensively
+        (`reserve_ahead`: pinned host memory, where growing by an eighth at a time re-pins
+        and re-copies ~9x the final size, and one growth at 128K stalls a token for
+        seconds) take the projected length plus `answer` tokens at once."""
+        need = self.projected_length(n_new + answer, chunk)
         for l in self.layers:
             if getattr(l.store, "reserve_ahead", False):
                 l.store._reserve(need)

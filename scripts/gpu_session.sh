@@ -42,5 +42,18 @@ case "${1:-check}" in
   4bit)
     step 200 g128k4b12 python3 main.py bench gpu128k --weights 4bit --cap-gib 12 --decode 32 --policies "$P+kivi" --out "$OUT"
     step 300 g128k4b24 python3 main.py bench gpu128k --weights 4bit --cap-gib 24 --decode 32 --policies "$P $P+kivi+offload" --out "$OUT/24" ;;
-  *) echo "parts: check graphs prefill4b probe bf16 4bit"; exit 2 ;;
+  # session 7: the window kernel and fused norm/RoPE (A/B in one run), offload's copies, speed
+  decode)
+    step 200 pytest python3 -m pytest -q -p no:cacheprovider tests/test_window_kernel.py tests/test_fused.py \
+      tests/test_cuda.py tests/test_decode.py -rs
+    step 150 ab32k python3 scripts/probe_decode.py --context 32768 --policies "full $P" --profile fused ;;
+  speed)
+    step 200 speed python3 scripts/gpu_speed.py --out "$OUT/speed"
+    step 180 kivi python3 main.py bench gpu128k --decode 32 --policies "$P+kivi $P+kivi:fit=minmax" --out "$OUT/kivi" ;;
+  final)
+    step 90 g32k python3 main.py bench gpu128k --context 32768 --decode 64 --policies "full $P" --out "$OUT/g32k"
+    step 260 g128k python3 main.py bench gpu128k --policies "$P $P+kivi $P+kivi+offload offload" --out "$OUT"
+    step 150 g128k4b python3 main.py bench gpu128k --weights 4bit --cap-gib 24 --decode 32 \
+      --policies "full locret:budget=4096,chunk=2048" --out "$OUT/4b" ;;
+  *) echo "parts: check graphs prefill4b probe bf16 4bit decode speed final"; exit 2 ;;
 esac

@@ -91,7 +91,7 @@ def main():
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--policies", default="full")
     ap.add_argument("--variants", default="torch window fused")
-    ap.add_argument("--profile", default="1", help="1: also profile each variant's kernels")
+    ap.add_argument("--profile", default="torch window fused", help="variants whose kernels to profile")
     a = ap.parse_args()
     cuda = torch.cuda.is_available()  # on a CPU: the tiny shape, to check the script runs
     dev = torch.device("cuda:0" if cuda else "cpu")
@@ -123,9 +123,9 @@ def main():
                 ms = graph_step_ms(dec, token)
                 print(f"  [{name}] {dec.mode}: {ms:.2f} ms/token = {1e3 / ms:.1f} tok/s, "
                       f"{floor_ms / ms:.2f} of floor")
-            if a.profile == "1":
+            if name in a.profile.split():
                 os.environ["VRAMCHAT_CUDA_GRAPHS"] = "0"
-                with Decoder(ad, cache, fixed=True) as dec:
+                with Decoder(ad, cache, fixed=None if static.reason(cache) else True) as dec:
                     profile_steps(dec, token)
                 os.environ["VRAMCHAT_CUDA_GRAPHS"] = "1"
         del cache

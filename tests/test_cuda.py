@@ -38,6 +38,17 @@ def _rt(spec, device):
     return Runtime.from_model(m.to(device), t, policy=spec, model_id="tiny", chunk_size=CHUNK)
 
 
+def _noise(spec, logits, seed):
+    """How far the CPU's own prefill logits move when every weight is scaled by 1 + 2e-7 N(0, 1)."""
+    m, t = tiny_pair(0)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(1 + 2e-7 * torch.randn(p.shape, generator=g))
+    rt = Runtime.from_model(m, t, policy=spec, model_id="tiny", chunk_size=CHUNK)
+    return (rt._prefill(_ids()) - logits).abs().max().item()
+
+
 @pytest.mark.parametrize("spec", SPECS)
 def test_gpu_equals_cpu(spec, files):
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -46,9 +57,15 @@ def test_gpu_equals_cpu(spec, files):
     assert gpu.device.type == "cuda"
     a, b = cpu._prefill(_ids()), gpu._prefill(_ids())
     assert b.device.type == "cuda"
-    # NOTE: 2-bit codes may round the other way on a boundary (one quantization step)
-    tol = 1e-2 if "bits=2" in spec else 2e-3
-    torch.testing.assert_close(b.float().cpu(), a.float(), rtol=tol, atol=tol)
+    if "bits=2" in spec:
+        # NOTE: 2-bit codes round the other way on a boundary, and with eviction a flipped
+        # near-tie changes what is kept: on the CPU alone, weights scaled by 1 +- 2e-7 move
+        # locret+kivi:bits=2's logits by up to 0.10 in 3 of 5 draws. The GPU (other
+        # summation orders, fused kernels) may differ from the CPU as much as that noise does.
+        tol = 2 * max(_noise(spec, a, seed) for seed in (1, 2, 3)) + 1e-2
+        assert (b.float().cpu() - a.float()).abs().max().item() <= tol
+    else:
+        torch.testing.assert_close(b.float().cpu(), a.float(), rtol=2e-3, atol=2e-3)
     assert gpu.cache.length == cpu.cache.length and gpu.cache.seen == cpu.cache.seen
     ra, rb = cpu.ask("what is it?", max_new_tokens=8), gpu.ask("what is it?", max_new_tokens=8)
     if "bits=2" not in spec:  # a flipped 2-bit code may flip a near-tie of the random model

@@ -66,13 +66,14 @@ def _assert_same_state(a, b):
                                            msg=lambda m: f"layer {i}: {m}")
 
 
-KERNEL = pytest.param(True, marks=pytest.mark.skipif(
-    not triton_ok("cpu"), reason="the window kernel on a CPU needs triton and TRITON_INTERPRET=1"))
+ON_CPU = pytest.mark.skipif(not triton_ok("cpu"), reason="the window kernel on a CPU needs triton and "
+                                                             "TRITON_INTERPRET=1")
 
 
-@pytest.mark.parametrize("spec,kernel", [("full", False), ("locret:budget=48,stabilizers=8,local=4", False),
-                                         ("streaming:sinks=4,window=40", False), ("anchor:budget=48,local=8", False),
-                                         ("full", KERNEL), ("locret:budget=48,stabilizers=8,local=4", KERNEL)])
+@pytest.mark.parametrize("spec,kernel", [
+    ("full", False), ("locret:budget=48,stabilizers=8,local=4", False), ("streaming:sinks=4,window=40", False),
+    ("anchor:budget=48,local=8", False), pytest.param("full", True, marks=ON_CPU, id="full-kernel"),
+    pytest.param("locret:budget=48,stabilizers=8,local=4", True, marks=ON_CPU, id="locret-kernel")])
 def test_fixed_shape_windows_equal_eager(spec, kernel, heads, monkeypatch):
     """Teacher-forced decode across several windows (room 5, 13 steps) after a prefill that
     evicted: same logits, and the cache keeps exactly what eager decode keeps. With

@@ -17,7 +17,7 @@ import torch
 
 from policies import KVCache
 
-from .common import Bar, random_ids, sync, table, timed_prefill_decode, write_json
+from .common import Bar, random_ids, sync, table, timed_prefill_decode, warm_up, write_json
 
 POLICIES = ("full", "locret:budget=16384,chunk=2048", "locret:budget=16384,chunk=2048+kivi",
             "locret:budget=16384,chunk=2048+kivi+offload", "offload")
@@ -96,6 +96,27 @@ def bandwidth(device: torch.device) -> float:
     return 2 * n * 10 / (time.perf_counter() - t0)
 
 
+def h2d_bandwidth(device: torch.device) -> float:
+    """Measured pinned host -> device copy bandwidth, bytes/s (PCIe: what `offload` alone
+    streams every layer's K/V over, every token)."""
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    b = torch.empty(n, dtype=torch.uint8, device=device)
+    b.copy_(a, non_blocking=True)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(4):
+        b.copy_(a, non_blocking=True)
+    sync(device)
+    return 4 * n / (time.perf_counter() - t0)
+
+
+def streamed_bytes(cache) -> int:
+    """K/V bytes a decode step streams host -> device: every token of host stores."""
+    return sum(l.length * cache.info.kv_bytes_per_token() for l in cache.layers
+               if getattr(l.store, "tier", "") == "host")
+
+
 def random_heads_dir(info) -> str:
     """Random retaining heads in the heads file format (for memory/speed only)."""
     from policies.locret import RetainingHeads, model_key, save_heads
@@ -149,9 +170,11 @@ def run(shape="llama3-8b", context=131072, decode=128, cap_gib=24.0, weights="bf
     channels = (random_channels_file(ad.info)
                 if any(n in p for p in policies for n in ("offload", "doublesparse")) else None)
     bw = bandwidth(device)
+    h2d = h2d_bandwidth(device) if device.type == "cuda" and any(p == "offload" for p in policies) else None
     wbytes = ad.weights_bytes()
     print(f"model: {ad.model_id}, weights {wbytes / 2**30:.2f} GiB, cap {cap_gib} GiB, "
-          f"bandwidth {bw / 1e9:.0f} GB/s; retaining heads and offload channels are RANDOM (memory and speed only)")
+          f"bandwidth {bw / 1e9:.0f} GB/s{f', host->device {h2d / 1e9:.1f} GB/s' if h2d else ''}; retaining heads and offload channels are RANDOM (memory and speed only)")
+    warm_up(ad, 2048)  # before any peak is measured
     rows = []
     bar = Bar(len(policies), "bench gpu128k")
     ids = random_ids(context, ad.model.config.vocab_size, 0, device)
@@ -172,6 +195,9 @@ def run(shape="llama3-8b", context=131072, decode=128, cap_gib=24.0, weights="bf
             row.update(prefill_tok_s=context / prefill_s, decode_tok_s=n_dec / decode_s,
                        kv_gpu_gib=tiers["gpu"] / 2**30, kv_host_gib=tiers["host"] / 2**30,
                        floor_tok_s=1 / floor, of_floor=(n_dec / decode_s) * floor)
+            streamed = streamed_bytes(cache)
+            if streamed and h2d:  # copy-bound: against the PCIe floor (copy/compute overlap)
+                row.update(pcie_floor_tok_s=h2d / streamed, of_pcie_floor=(n_dec / decode_s) * streamed / h2d)
         except torch.OutOfMemoryError as e:
             row["error"] = f"out of memory (clean): {str(e).splitlines()[0][:100]}"
         except Exception as e:  # one policy's failure must not lose the others' rows
@@ -185,9 +211,10 @@ def run(shape="llama3-8b", context=131072, decode=128, cap_gib=24.0, weights="bf
         rows.append(row)
         bar.step(spec)
     cols = ["policy", "weights", "cap_gib", "peak_vram_gib", "kv_gpu_gib", "kv_host_gib", "prefill_tok_s",
-            "decode_tok_s", "floor_tok_s", "of_floor", "decode_mode", "error"]
+            "decode_tok_s", "floor_tok_s", "of_floor", "pcie_floor_tok_s", "of_pcie_floor", "decode_mode", "error"]
     print(table(rows, [c for c in cols if any(c in r for r in rows)]))
     if out_dir is not None:
         write_json(out_dir, f"gpu128k-{weights}-{int(cap_gib)}g", rows,
-                   {"shape": shape, "bandwidth_Bps": bw, "weights_bytes": wbytes, "random_heads": True})
+                   {"shape": shape, "bandwidth_Bps": bw, "h2d_Bps": h2d, "weights_bytes": wbytes,
+                    "random_heads": True})
     return rows

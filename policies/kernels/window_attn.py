@@ -32,7 +32,9 @@ def splits(n: int, heads: int, device) -> int:
 
 if triton is not None:
 
-    @triton.jit
+    # NOTE: `start` (the store's length when a window opens) must not be specialized on
+    # divisibility by 16, or a window may open with a compile inside its graph capture
+    @triton.jit(do_not_specialize=["start"])
     def _window_split(q_ptr, k_ptr, v_ptr, step_ptr, start, m_ptr, l_ptr, acc_ptr, n, per_split, scale,
                       s_k0, s_k1, s_v0, s_v1,
                       GQ: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
@@ -70,7 +72,7 @@ if triton is not None:
         tl.store(l_ptr + out, l_i, mask=real)
         tl.store(acc_ptr + out[:, None] * DP + cc[None, :], acc, mask=real[:, None])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["start"])
     def _write_rows(k_ptr, v_ptr, kb_ptr, vb_ptr, step_ptr, start, s_k0, s_v0, s_kb0, s_kb1, s_vb0, s_vb1,
                     D: tl.constexpr, DP: tl.constexpr):
         h = tl.program_id(0)
