@@ -48,7 +48,8 @@ case "${1:-check}" in
       tests/test_cuda.py tests/test_decode.py -rs
     step 150 ab32k python3 scripts/probe_decode.py --context 32768 --policies "full $P" --profile fused ;;
   speed)
-    step 200 speed python3 scripts/gpu_speed.py --out "$OUT/speed"
+    step 200 speed python3 main.py bench speed --shape llama3-8b --lengths 4096,16384 --chunk 2048 --decode 32 \
+      --baselines generate --policies "full locret:budget=2048 locret:budget=2048+kivi" --out "$OUT/speed"
     step 180 kivi python3 main.py bench gpu128k --decode 32 --policies "$P+kivi $P+kivi:fit=minmax" --out "$OUT/kivi" ;;
   final)
     step 90 g32k python3 main.py bench gpu128k --context 32768 --decode 64 --policies "full $P" --out "$OUT/g32k"

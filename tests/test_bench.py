@@ -48,6 +48,20 @@ def test_speed_runs_with_baselines(ad, tmp_path):
     assert (tmp_path / "speed.json").is_file()
 
 
+def test_speed_on_a_random_shaped_model_from_the_cli(tmp_path):
+    """`bench speed --shape`: no model to load; locret and offload get random heads and
+    channels, and the rows keep the specs as given."""
+    import main
+    assert main.main(["bench", "speed", "--shape", "tiny", "--lengths", "512", "--chunk", "128", "--decode", "2",
+                      "--baselines", "none", "--policies",
+                      "full locret:budget=300,stabilizers=64+offload:recall=32", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
+    assert [r["policy"] for r in rows] == ["full", "locret:budget=300,stabilizers=64+offload:recall=32"]
+    assert all("error" not in r and r["decode_tok_s"] > 0 for r in rows)
+    with pytest.raises(SystemExit, match="--shape is for"):
+        main.main(["bench", "memory", "--shape", "tiny"])
+
+
 def test_gpu128k_code_path_on_cpu(tmp_path):
     rows = gpu128k.run(shape="tiny", context=1500, decode=3, policies=("full", "kivi:group=16"), allow_cpu=True,
                        out_dir=tmp_path)

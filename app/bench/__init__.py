@@ -35,7 +35,9 @@ def add_parser(sub) -> None:
     p.add_argument("--turns", type=int, default=100,
                    help="soak: turns per policy against one document (its length: first of --lengths, default 8192)")
     g = p.add_argument_group("gpu128k")
-    g.add_argument("--shape", default="llama3-8b", choices=["llama3-8b", "tiny"])
+    g.add_argument("--shape", default=None, choices=["llama3-8b", "tiny"],
+                   help="gpu128k (default llama3-8b) and speed: a random-weight model of this shape, with "
+                        "random retaining heads and offload channels, instead of --model (speed only, no hub)")
     g.add_argument("--context", type=int, default=131072)
     g.add_argument("--cap-gib", type=float, default=24.0, help="cap the card to this many GiB")
     g.add_argument("--allow-cpu", action="store_true", help="run gpu128k on the CPU (smoke test, tiny shape)")
@@ -66,13 +68,22 @@ def run(args) -> int:
     if args.suite == "gpu128k":
         from . import gpu128k
         weights = "4bit" if args.weights == "4bit" else "bf16"
-        gpu128k.run(shape=args.shape, context=args.context, decode=args.decode or 128, cap_gib=args.cap_gib,
+        gpu128k.run(shape=args.shape or "llama3-8b", context=args.context, decode=args.decode or 128, cap_gib=args.cap_gib,
                     weights=weights, policies=pols or gpu128k.POLICIES, allow_cpu=args.allow_cpu, out_dir=out)
     elif args.suite == "kernels":
         from . import kernels
         kernels.run(lengths=lengths or (8192, 32768, 131072), device=None if args.device == "auto" else args.device,
                     out_dir=out)
+    elif args.suite == "speed" and args.shape:
+        from . import gpu128k, speed
+        rt, files = gpu128k.random_adapter(args.shape, args.device)
+        names = dict(zip(("generate", "quantized"), speed.BASELINES))
+        chosen = [names[b] for b in _list(args.baselines, str, ",") or () if b in names]
+        speed.run(rt, chunk=args.chunk, decode=args.decode or 16, baselines=chosen, out_dir=out, files=files,
+                  **{k: v for k, v in (("policies", pols), ("lengths", lengths)) if v})
     else:
+        if args.shape:
+            raise SystemExit(f"bench {args.suite}: --shape is for the gpu128k and speed suites")
         from app.runtime.engine import Runtime
         rt = Runtime.load(args.model, device=args.device, weights=args.weights)
         kw = {k: v for k, v in (("policies", pols), ("lengths", lengths)) if v}

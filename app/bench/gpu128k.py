@@ -138,6 +138,16 @@ def random_channels_file(info) -> str:
     return str(save(f"{d}/channels.safetensors", stat, 16, model_key(info), [info.model_id], 0, "random (bench)"))
 
 
+def random_adapter(shape: str, device: str = "auto"):
+    """-> (Adapter over a random-weight model of `shape`, (random heads dir, random channels
+    file)): what `bench speed --shape` measures where no real model can be loaded."""
+    from app.runtime.adapter import Adapter
+    dev = torch.device(("cuda:0" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    ad = Adapter(build_model(shape, dev, "bf16"), None, f"random {shape} ({'bf16' if dev.type == 'cuda' else 'fp32'})")
+    print(f"model: {ad.model_id}; retaining heads and offload channels are RANDOM (speed only)")
+    return ad, (random_heads_dir(ad.info), random_channels_file(ad.info))
+
+
 def with_files(spec: str, heads: str | None, channels: str | None) -> str:
     """`spec` with heads= on locret and channels_file= on doublesparse and on offload
     behind a selector (`offload` alone keeps every token and needs no channels)."""

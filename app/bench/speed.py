@@ -44,7 +44,10 @@ BASELINES = ("hf generate", "hf QuantizedCache 4-bit")
 
 
 def run(rt_or_adapter, policies=DEFAULT_POLICIES, lengths=(1024, 4096), chunk: int = 512, decode: int = 16,
-        baselines=BASELINES, out_dir=None):
+        baselines=BASELINES, out_dir=None, files=None):
+    """files: (heads dir, channels file) that each spec gets (gpu128k.with_files) while its
+    row keeps the spec as given: a random-weight model's random heads and channels."""
+    from .gpu128k import with_files
     ad = getattr(rt_or_adapter, "adapter", rt_or_adapter)
     vocab = ad.model.config.vocab_size
     names = list(policies) + list(baselines or ())
@@ -61,7 +64,8 @@ def run(rt_or_adapter, policies=DEFAULT_POLICIES, lengths=(1024, 4096), chunk: i
                 elif name.startswith("hf QuantizedCache"):
                     pre, dec = _hf(ad, ids, decode, 4)
                 else:
-                    pre, dec, row["decode_mode"] = _ours(ad, name, ids, chunk, decode)
+                    spec = with_files(name, *files) if files else name
+                    pre, dec, row["decode_mode"] = _ours(ad, spec, ids, chunk, decode)
                 row.update(prefill_tok_s=pre, decode_tok_s=dec)
                 if name == "full":
                     ref = row
