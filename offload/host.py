@@ -17,6 +17,44 @@ from policies.attention import attend
 from policies.base import FullStore
 
 
+_EXACT_PINNED: bool | None = None
+
+
+def host_empty(shape, dtype, pin: bool) -> torch.Tensor:
+    """A host tensor, page-locked when `pin` (CUDA), of exactly its size.
+
+    NOTE: torch's pinned-memory cache rounds every block up to a power of two by default:
+    a 128K-token cache of an 8B model (258 MiB per layer's keys, with an answer's room)
+    pinned 512 MiB blocks, ~2x what the cache holds (measured with torch 2.11 on an H100:
+    +606 MiB of RSS for a 260 MiB tensor). `pinned_max_round_threshold_mb` stops rounding
+    above 1 MiB; torch 2.13 takes it, 2.11 refuses it. `host_bytes` reports what is pinned."""
+    if pin:
+        pinned_exact()
+    return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=pin)
+
+
+def pinned_exact() -> bool:
+    """Turn off power-of-two rounding of pinned blocks over 1 MiB (once). -> whether it is off."""
+    global _EXACT_PINNED
+    if _EXACT_PINNED is None:
+        _EXACT_PINNED = False
+        try:
+            torch._C._accelerator_setAllocatorSettings("pinned_max_round_threshold_mb:1")
+            _EXACT_PINNED = True
+        except Exception:  # older torch: blocks stay rounded, and host_bytes says so
+            pass
+    return _EXACT_PINNED
+
+
+def host_bytes(t: torch.Tensor) -> int:
+    """Host memory a tensor from `host_empty` takes: its bytes, or the power-of-two block
+    torch's pinned cache gave it where rounding could not be turned off."""
+    n = t.untyped_storage().nbytes()
+    if n > 1 << 20 and t.is_pinned() and not pinned_exact():
+        return 1 << (n - 1).bit_length()
+    return n
+
+
 def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
     """dst = src ([H, T, D], slices of [H, cap, D] buffers) across host and device, one
     asynchronous copy per head.
@@ -85,9 +123,8 @@ class HostStore(FullStore):
         super().__init__(info)
         self.layer = layer
         self.cuda = info.device.type == "cuda"
-        self.k = torch.empty(info.n_kv_heads, 0, info.head_dim, dtype=info.dtype, device="cpu",
-                             pin_memory=self.cuda)
-        self.v = torch.empty(self.k.shape, dtype=info.dtype, device="cpu", pin_memory=self.cuda)
+        self.k = host_empty((info.n_kv_heads, 0, info.head_dim), info.dtype, self.cuda)
+        self.v = host_empty(self.k.shape, info.dtype, self.cuda)
         self.streamer = None
         if self.cuda:
             self.streamer = info.resources.get("offload-streamer") or Streamer(info)
@@ -102,8 +139,7 @@ class HostStore(FullStore):
         cap = -(-max(n, self.k.shape[1] + self.k.shape[1] // 8) // self.BLOCK) * self.BLOCK
         for name in ("k", "v"):
             old = getattr(self, name)
-            new = torch.empty(old.shape[0], cap, old.shape[2], dtype=old.dtype, device="cpu",
-                              pin_memory=self.cuda)
+            new = host_empty((old.shape[0], cap, old.shape[2]), old.dtype, self.cuda)
             new[:, : self.length] = old[:, : self.length]
             setattr(self, name, new)
 
@@ -149,7 +185,7 @@ class HostStore(FullStore):
 
     def nbytes(self) -> dict:
         """Host rows by kind; layer 0 also reports the streamer's two device buffers."""
-        out = {("host", "keys"): self.k.nbytes, ("host", "values"): self.v.nbytes}
+        out = {("host", "keys"): host_bytes(self.k), ("host", "values"): host_bytes(self.v)}
         if self.streamer is not None and self.layer == 0:
             half = self.streamer.nbytes() // 2
             out[("gpu", "keys")] = half

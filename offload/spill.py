@@ -35,12 +35,8 @@ from policies.evict import max_pool
 
 from . import labels
 from .calibrate import find_channels
-from .host import copy_rows
+from .host import copy_rows, host_bytes, host_empty
 from .quotes import Quotes
-
-
-def _host_empty(shape, dtype, pin: bool) -> torch.Tensor:
-    return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=pin)
 
 
 class OffloadSpill:
@@ -63,12 +59,13 @@ class OffloadSpill:
         self.cuda = info.device.type == "cuda"
         h, d, dt = info.n_kv_heads, info.head_dim, info.dtype
         self.n = 0  # host tokens per KV head
-        self.hk = _host_empty((h, 0, d), dt, self.cuda)  # [Hkv, cap, D] keys at position 0
-        self.hv = _host_empty((h, 0, d), dt, self.cuda)  # [Hkv, cap, D]
+        self.hk = host_empty((h, 0, d), dt, self.cuda)  # [Hkv, cap, D] keys at position 0
+        self.hv = host_empty((h, 0, d), dt, self.cuda)  # [Hkv, cap, D]
         self.hpos = torch.empty(h, 0, dtype=torch.long)  # [Hkv, cap] conversation index
         self.labels = torch.empty(h, 0, self.ch.shape[1], dtype=dt, device=info.device)  # [Hkv, cap, r]
         self.buf_k = torch.empty(h, 0, d, dtype=dt, device=info.device)  # [Hkv, <=k, D]
         self.buf_v = torch.empty_like(self.buf_k)
+        self._staged = None  # CUDA event: the copies out of `stage` were issued before it
         self.stage = None  # pinned (k, v) [Hkv, <=k, D] where host rows are gathered (CUDA)
         self.m = 0  # tokens in the buffer
         self.buf_base = 0  # layer.base the buffer was rotated for
@@ -98,7 +95,7 @@ class OffloadSpill:
         cap = -(-max(n, self.hk.shape[1] + self.hk.shape[1] // 8) // self.BLOCK) * self.BLOCK
         for name in ("hk", "hv"):
             old = getattr(self, name)
-            new = _host_empty((old.shape[0], cap, old.shape[2]), old.dtype, self.cuda)
+            new = host_empty((old.shape[0], cap, old.shape[2]), old.dtype, self.cuda)
             new[:, : self.n] = old[:, : self.n]
             setattr(self, name, new)
         pos = torch.empty(self.hpos.shape[0], cap, dtype=torch.long)
@@ -227,14 +224,19 @@ class OffloadSpill:
         ix = idx[..., None].expand(-1, -1, d)
         if self.cuda:  # gather on the host into pinned staging, then one async copy each
             if self.stage is None or self.stage[0].shape[1] < m:
-                self.stage = tuple(_host_empty((h, m, d), self.hk.dtype, True) for _ in range(2))
+                self.stage = tuple(host_empty((h, m, d), self.hk.dtype, True) for _ in range(2))
             sk, sv = self.stage[0][:, :m], self.stage[1][:, :m]
+            if self._staged is not None:  # the last recall's copies out of the staging rows
+                self._staged.synchronize()
             torch.gather(self.hk[:, :n], 1, ix, out=sk)
             torch.gather(self.hv[:, :n], 1, ix, out=sv)
         else:
             sk, sv = self.hk[:, :n].gather(1, ix), self.hv[:, :n].gather(1, ix)
         copy_rows(self.buf_k[:, :m], sk)
         copy_rows(self.buf_v[:, :m], sv)
+        if self.cuda:
+            self._staged = torch.cuda.Event()
+            self._staged.record()
         pos = torch.arange(layer.base - m, layer.base, device=self.buf_k.device)
         self.buf_k[:, :m] = rope.rotate(self.buf_k[:, :m], pos, self.info.inv_freq)
         self.m, self.buf_base, self.recalled = m, layer.base, conv
@@ -243,10 +245,10 @@ class OffloadSpill:
     def nbytes(self) -> dict:
         """Exact bytes by (tier, kind): host rows and staging; labels and the buffer in tier "gpu"
         (the compute device: on CPU it is host memory too, but it is what the budget bounds)."""
-        host = {"keys": self.hk.nbytes, "values": self.hv.nbytes, "index": self.hpos.nbytes}
+        host = {"keys": host_bytes(self.hk), "values": host_bytes(self.hv), "index": self.hpos.nbytes}
         if self.stage is not None:
-            host["keys"] += self.stage[0].nbytes
-            host["values"] += self.stage[1].nbytes
+            host["keys"] += host_bytes(self.stage[0])
+            host["values"] += host_bytes(self.stage[1])
         if self._owns_log:  # the cache's one token log
             host["index"] += self.quotes.nbytes()
         out = {("host", k): v for k, v in host.items()}

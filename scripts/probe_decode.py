@@ -124,10 +124,11 @@ def main():
                 print(f"  [{name}] {dec.mode}: {ms:.2f} ms/token = {1e3 / ms:.1f} tok/s, "
                       f"{floor_ms / ms:.2f} of floor")
             if name in a.profile.split():
+                graphs = os.environ.get("VRAMCHAT_CUDA_GRAPHS", "1")
                 os.environ["VRAMCHAT_CUDA_GRAPHS"] = "0"
                 with Decoder(ad, cache, fixed=None if static.reason(cache) else True) as dec:
                     profile_steps(dec, token)
-                os.environ["VRAMCHAT_CUDA_GRAPHS"] = "1"
+                os.environ["VRAMCHAT_CUDA_GRAPHS"] = graphs
         del cache
         torch.cuda.empty_cache() if cuda else None
 

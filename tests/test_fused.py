@@ -60,11 +60,11 @@ def _check(dtype, device, ulps):
     assert out.shape == x.shape and out.dtype == dtype
     assert _ulps(out, ref.to(dtype)) <= ulps  # the module itself rounds twice (before and after scaling)
     q, k, cos, sin = _rope_case(dtype, device)
-    assert fused.rope_fits(q, k, cos)
+    assert fused.rope_fits(q, k, cos, sin)
     qo, ko = fused.rope(q, k, cos, sin)
     qr, kr = fused.rope_reference(q.double(), k.double(), cos.double(), sin.double())
-    for a, b in ((qo, qr), (ko, kr)):
-        assert a.dtype == dtype and a.stride() == q.stride() if a is qo else a.stride() == k.stride()
+    for a, b, x in ((qo, qr, q), (ko, kr, k)):
+        assert a.dtype == dtype and a.stride() == x.stride()
         tol = 2e-6 if dtype == torch.float32 else ulps * 2 ** -7  # rope's outputs are O(1)
         torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * 4)
 
@@ -83,9 +83,10 @@ def test_kernels_match_exact_cuda(dtype):
 
 def test_rope_fits_only_full_rotary_batch_one():
     q, k, cos, sin = _rope_case(torch.float32, "cpu")
-    assert fused.rope_fits(q, k, cos) == triton_ok("cpu")
-    assert not fused.rope_fits(q, k, cos[..., :32])  # partial rotary (Phi-3 style)
-    assert not fused.rope_fits(torch.cat((q, q)), torch.cat((k, k)), cos)
+    assert fused.rope_fits(q, k, cos, sin) == triton_ok("cpu")
+    assert not fused.rope_fits(q, k, cos[..., :32], sin[..., :32])  # partial rotary (Phi-3 style)
+    assert not fused.rope_fits(torch.cat((q, q)), torch.cat((k, k)), cos, sin)
+    assert not fused.rope_fits(q, k, cos.double(), sin.double())  # the reference would promote
 
 
 def test_adapter_routes_norms_and_rope():
@@ -120,3 +121,51 @@ def test_model_with_fused_kernels_equals_without(spec, monkeypatch):
 def rt_chunk(rt, t):
     from policies import Chunk
     return Chunk(torch.tensor([t]), rt.cache.next_position, "decode")
+
+
+def test_remote_code_norms_are_left_alone():
+    """A class that only shares transformers' name (as remote code may) is not replaced."""
+    class LlamaRMSNorm(torch.nn.Module):  # same name, another module, other arithmetic
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(64))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, h):
+            return h * 2
+
+    m, t = tiny_pair(0)
+    m.model.norm = LlamaRMSNorm()
+    rt = Runtime.from_model(m, t, policy="full", model_id="tiny")
+    assert rt.adapter.fused["rmsnorm"] == 2 * rt.adapter.info.n_layers
+    assert "forward" not in vars(m.model.norm)
+
+
+@cpu_only
+def test_kernels_stay_out_of_autograd_and_other_signatures(monkeypatch):
+    q, k, cos, sin = _rope_case(torch.float32, "cpu")
+    Runtime.from_model(*tiny_pair(0), policy="full", model_id="tiny")  # patches the module's rope
+    calls = []
+    rope = fused.rope
+    monkeypatch.setattr(fused, "rope", lambda *a: calls.append(1) or rope(*a))
+    monkeypatch.setattr(adapter_mod, "FUSE", "always")
+    want = fused.rope_reference(q, k, cos, sin)
+    with torch.no_grad():
+        got = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+        assert len(calls) == 1
+        got2 = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin, 1)  # positional: the original runs
+        assert len(calls) == 1
+    qg = q.clone().requires_grad_(True)
+    out = modeling_llama.apply_rotary_pos_emb(qg, k, cos, sin)  # grad enabled: the original runs
+    assert len(calls) == 1 and out[0].requires_grad
+    for a, b in zip(got + got2, want + want):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
+
+
+def test_transformers_baselines_run_without_our_kernels():
+    from app.bench.common import hf_attention
+    rt = Runtime.from_model(*tiny_pair(0), policy="full", model_id="tiny")
+    before = adapter_mod.FUSE
+    with hf_attention(rt.adapter.model):
+        assert adapter_mod.FUSE == "off"
+    assert adapter_mod.FUSE == before

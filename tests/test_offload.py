@@ -304,3 +304,30 @@ def test_no_channels_for_the_model_is_a_clear_error(tmp_path):
         OffloadSpill(wide.info, 0, 8, 4, 0, other)
     with pytest.raises(SpecError, match="does not exist"):
         OffloadSpill(ad.info, 0, 8, 4, 0, str(tmp_path / "missing.safetensors"))
+
+
+def test_host_bytes_counts_the_pinned_block_torch_rounds_to(monkeypatch):
+    """Where torch's pinned cache rounds blocks up to a power of two (torch < 2.13 refuses the
+    setting that stops it), the accounting says what is really pinned."""
+    from offload import host
+
+    class Pinned:
+        def __init__(self, n):
+            self.n = n
+
+        def untyped_storage(self):
+            return self
+
+        def nbytes(self):
+            return self.n
+
+        def is_pinned(self):
+            return True
+
+    monkeypatch.setattr(host, "_EXACT_PINNED", False)
+    assert host.host_bytes(Pinned(258 << 20)) == 512 << 20
+    assert host.host_bytes(Pinned(512 << 20)) == 512 << 20
+    assert host.host_bytes(Pinned(1000)) == 1000  # small blocks: as they are
+    assert host.host_bytes(torch.empty(300, 1024, 8)) == 300 * 1024 * 8 * 4  # not pinned: exact
+    monkeypatch.setattr(host, "_EXACT_PINNED", True)
+    assert host.host_bytes(Pinned(258 << 20)) == 258 << 20

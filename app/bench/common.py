@@ -86,16 +86,13 @@ def decode_steps(ad: Adapter, cache: KVCache, logits: torch.Tensor, n: int, dec:
     return logits
 
 
-_WARM: set = set()
-
-
 def warm_up(ad: Adapter, chunk: int) -> None:
     """Once per model: an untimed two-chunk prefill and two decode steps through `full`, so
     the first timed row does not pay for compiling the fused Triton kernels (measured on an
     H100: `full` at 4K prefilled at 3.6K tok/s as the first row, 27K at 16K as the next)."""
-    if id(ad) in _WARM:
+    if getattr(ad, "bench_warm", False):
         return
-    _WARM.add(id(ad))
+    ad.bench_warm = True
     cache = KVCache("full", ad.info)
     ids = random_ids(2 * chunk, ad.model.config.vocab_size, 1, ad.info.device)
     decode_steps(ad, cache, prefill_ids(ad, cache, ids, chunk), 2)
@@ -124,11 +121,16 @@ def timed_prefill_decode(ad: Adapter, cache: KVCache, ids: torch.Tensor, chunk: 
 
 @contextmanager
 def hf_attention(model):
-    """transformers' own SDPA attention for a baseline run, ours again afterwards."""
+    """transformers' own SDPA attention, norms and RoPE for a baseline run (our fused
+    kernels off: the adapter routes the same modules through them), ours again afterwards."""
+    import app.runtime.adapter as adapter_mod
+    fuse = adapter_mod.FUSE
     model.set_attn_implementation("sdpa")
+    adapter_mod.FUSE = "off"
     try:
         yield model
     finally:
+        adapter_mod.FUSE = fuse
         model.set_attn_implementation(ATTN_NAME)
 
 

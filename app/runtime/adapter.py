@@ -50,16 +50,25 @@ _ROPE_ARCHS = {"llama", "mistral", "qwen2", "qwen3"}
 
 
 def _fuse_on(x: torch.Tensor) -> bool:
-    return (FUSE == "always" or (FUSE == "cuda" and x.is_cuda)) and triton_ok(x.device)
+    """The kernels have no backward: never where autograd records."""
+    return ((FUSE == "always" or (FUSE == "cuda" and x.is_cuda)) and not torch.is_grad_enabled()
+            and triton_ok(x.device))
 
 
 def _fused_rope(run):
-    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
-        if unsqueeze_dim == 1 and _fuse_on(q) and fused.rope_fits(q, k, cos):
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        plain = not args and set(kwargs) <= {"unsqueeze_dim"} and kwargs.get("unsqueeze_dim", 1) == 1
+        if plain and _fuse_on(q) and fused.rope_fits(q, k, cos, sin):
             return fused.rope(q, k, cos, sin)
-        return run(q, k, cos, sin, unsqueeze_dim)
+        return run(q, k, cos, sin, *args, **kwargs)
     apply_rotary_pos_emb.vramchat_fused = True
     return apply_rotary_pos_emb
+
+
+def _ours(obj) -> bool:
+    """Whether obj's code is transformers' own (a model's remote code may share its class
+    and function names with different arithmetic or signatures: never patched)."""
+    return getattr(obj, "__module__", "").startswith("transformers.models.")
 
 
 class Adapter:
@@ -88,7 +97,7 @@ class Adapter:
         allows at call time (else the module's own code runs). -> what was routed."""
         norms = 0
         for mod in self.model.modules():
-            if type(mod).__name__ in _NORMS and hasattr(mod, "variance_epsilon"):
+            if type(mod).__name__ in _NORMS and _ours(type(mod)) and hasattr(mod, "variance_epsilon"):
                 run, w, eps = mod.forward, mod.weight, mod.variance_epsilon
 
                 def norm_forward(h, run=run, w=w, eps=eps):
@@ -101,7 +110,7 @@ class Adapter:
         if self.arch in _ROPE_ARCHS and len(self.layers):
             mod = sys.modules[type(self.layers[0].self_attn).__module__]
             fn = getattr(mod, "apply_rotary_pos_emb", None)
-            if fn is not None:
+            if fn is not None and _ours(fn):
                 if not getattr(fn, "vramchat_fused", False):
                     mod.apply_rotary_pos_emb = _fused_rope(fn)
                 rope = mod.__name__

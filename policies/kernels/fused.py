@@ -99,8 +99,9 @@ def rope(q, k, cos, sin):
     return qo, ko
 
 
-def rope_fits(q, k, cos) -> bool:
-    """Whether `rope` computes this call (else the caller runs the reference)."""
-    return (q.shape[0] == 1 and k.shape[0] == 1 and cos.dim() == 3 and cos.shape[0] == 1
+def rope_fits(q, k, cos, sin) -> bool:
+    """Whether `rope` computes this call (else the caller runs the reference, whose output
+    dtype follows type promotion)."""
+    return (q.dtype == k.dtype == cos.dtype == sin.dtype and q.shape[0] == 1 and k.shape[0] == 1 and cos.dim() == 3 and cos.shape[0] == 1
             and cos.shape[-1] == q.shape[-1] == k.shape[-1] and q.shape[-1] % 2 == 0
             and q.stride(-1) == 1 and k.stride(-1) == 1 and triton_ok(q.device))

@@ -39,7 +39,7 @@ if triton is not None:
                       s_k0, s_k1, s_v0, s_v1,
                       GQ: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                       BT: tl.constexpr, PREC: tl.constexpr):
-        h = tl.program_id(0)
+        h = tl.program_id(0).to(tl.int64)  # h * stride can pass 2^31 (32 heads x 1M-token buffers)
         sp = tl.program_id(1)
         n_split = tl.num_programs(1)
         cc = tl.arange(0, DP)
@@ -75,7 +75,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["start"])
     def _write_rows(k_ptr, v_ptr, kb_ptr, vb_ptr, step_ptr, start, s_k0, s_v0, s_kb0, s_kb1, s_vb0, s_vb1,
                     D: tl.constexpr, DP: tl.constexpr):
-        h = tl.program_id(0)
+        h = tl.program_id(0).to(tl.int64)
         cc = tl.arange(0, DP)
         ok = cc < D
         at = tl.load(step_ptr) + start
