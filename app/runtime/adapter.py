@@ -110,7 +110,7 @@ class Adapter:
         if self.arch in _ROPE_ARCHS and len(self.layers):
             mod = sys.modules[type(self.layers[0].self_attn).__module__]
             fn = getattr(mod, "apply_rotary_pos_emb", None)
-            if fn is not None and _ours(fn):
+            if fn is not None and (getattr(fn, "vramchat_fused", False) or _ours(fn)):
                 if not getattr(fn, "vramchat_fused", False):
                     mod.apply_rotary_pos_emb = _fused_rope(fn)
                 rope = mod.__name__
