@@ -169,3 +169,34 @@ def test_transformers_baselines_run_without_our_kernels():
     with hf_attention(rt.adapter.model):
         assert adapter_mod.FUSE == "off"
     assert adapter_mod.FUSE == before
+
+
+def _other_arch(arch):
+    """A tiny random model of another architecture users load (Qwen2 has q/k/v biases;
+    Phi-3 fused projections and its own partial-rotary RoPE)."""
+    import transformers as tf
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  tie_word_embeddings=False, pad_token_id=0)
+    cfg, cls = {"mistral": (tf.MistralConfig, tf.MistralForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+                "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM)}[arch]
+    torch.manual_seed(0)
+    return cls(cfg(**common)).eval()
+
+
+@cpu_only
+@pytest.mark.parametrize("arch,rope", [("mistral", True), ("qwen2", True), ("phi3", False)])
+def test_other_architectures_fused_equal_unfused(arch, rope, monkeypatch):
+    from app.runtime.adapter import Adapter
+    from policies import Chunk
+    import copy
+    model = _other_arch(arch)
+    ids = torch.arange(5, 37)
+    out = {}
+    for mode in ("off", "always"):
+        monkeypatch.setattr(adapter_mod, "FUSE", mode)
+        ad = Adapter(copy.deepcopy(model), None, arch)
+        assert ad.fused["rmsnorm"] == 2 * 2 + 1 and bool(ad.fused["rope"]) == rope
+        cache = ad.new_cache("full")
+        out[mode] = ad.forward(ids, cache, Chunk(ids, 0, "prefill"), all_logits=True)
+    torch.testing.assert_close(out["always"], out["off"], rtol=1e-5, atol=1e-5)
