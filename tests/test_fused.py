@@ -200,3 +200,12 @@ def test_other_architectures_fused_equal_unfused(arch, rope, monkeypatch):
         cache = ad.new_cache("full")
         out[mode] = ad.forward(ids, cache, Chunk(ids, 0, "prefill"), all_logits=True)
     torch.testing.assert_close(out["always"], out["off"], rtol=1e-5, atol=1e-5)
+
+
+def test_a_second_adapter_does_not_wrap_twice():
+    from app.runtime.adapter import Adapter
+    m, t = tiny_pair(0)
+    a = Adapter(m, t)
+    first = m.model.norm.forward
+    b = Adapter(m, t)
+    assert m.model.norm.forward is first and a.fused == b.fused

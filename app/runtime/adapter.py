@@ -65,6 +65,18 @@ def _fused_rope(run):
     return apply_rotary_pos_emb
 
 
+def _fused_norm(mod):
+    run = mod.forward
+
+    def forward(h):
+        w = mod.weight  # read per call: the module may have moved since
+        if h.dtype == w.dtype and _fuse_on(h):
+            return fused.rmsnorm(h, w, mod.variance_epsilon)
+        return run(h)
+    forward.vramchat_fused = True
+    return forward
+
+
 def _ours(obj) -> bool:
     """Whether obj's code is transformers' own (a model's remote code may share its class
     and function names with different arithmetic or signatures: never patched)."""
@@ -98,13 +110,8 @@ class Adapter:
         norms = 0
         for mod in self.model.modules():
             if type(mod).__name__ in _NORMS and _ours(type(mod)) and hasattr(mod, "variance_epsilon"):
-                run, w, eps = mod.forward, mod.weight, mod.variance_epsilon
-
-                def norm_forward(h, run=run, w=w, eps=eps):
-                    if h.dtype == w.dtype and _fuse_on(h):
-                        return fused.rmsnorm(h, w, eps)
-                    return run(h)
-                mod.forward = norm_forward
+                if not getattr(mod.forward, "vramchat_fused", False):  # (a second Adapter on the model)
+                    mod.forward = _fused_norm(mod)
                 norms += 1
         rope = ""
         if self.arch in _ROPE_ARCHS and len(self.layers):
