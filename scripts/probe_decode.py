@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.getcwd())
 from app.bench import gpu128k  # noqa: E402
-from app.bench.common import prefill_ids  # noqa: E402
+from app.bench.common import prefill_ids, sync as _sync  # noqa: E402
 import app.runtime.adapter as adapter_mod  # noqa: E402
 from app.runtime.adapter import Adapter  # noqa: E402
 from app.runtime.decode import Decoder  # noqa: E402
@@ -31,8 +31,7 @@ from policies import KVCache, static  # noqa: E402
 
 
 def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    _sync("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def kind(name: str) -> str:

@@ -74,19 +74,17 @@ def run(args) -> int:
         from . import kernels
         kernels.run(lengths=lengths or (8192, 32768, 131072), device=None if args.device == "auto" else args.device,
                     out_dir=out)
-    elif args.suite == "speed" and args.shape:
-        from . import gpu128k, speed
-        rt, files = gpu128k.random_adapter(args.shape, args.device)
-        names = dict(zip(("generate", "quantized"), speed.BASELINES))
-        chosen = [names[b] for b in _list(args.baselines, str, ",") or () if b in names]
-        speed.run(rt, chunk=args.chunk, decode=args.decode or 16, baselines=chosen, out_dir=out, files=files,
-                  **{k: v for k, v in (("policies", pols), ("lengths", lengths)) if v})
     else:
-        if args.shape:
-            raise SystemExit(f"bench {args.suite}: --shape is for the gpu128k and speed suites")
-        from app.runtime.engine import Runtime
-        rt = Runtime.load(args.model, device=args.device, weights=args.weights)
         kw = {k: v for k, v in (("policies", pols), ("lengths", lengths)) if v}
+        files = None
+        if args.shape:
+            if args.suite != "speed":
+                raise SystemExit(f"bench {args.suite}: --shape is for the gpu128k and speed suites")
+            from .gpu128k import random_adapter
+            rt, files = random_adapter(args.shape, args.device)
+        else:
+            from app.runtime.engine import Runtime
+            rt = Runtime.load(args.model, device=args.device, weights=args.weights)
         if args.suite == "memory":
             from . import memory
             memory.run(rt, chunk=args.chunk, decode=args.decode or 16, out_dir=out, **kw)
@@ -95,7 +93,7 @@ def run(args) -> int:
             names = dict(zip(("generate", "quantized"), speed.BASELINES))
             chosen = [names[b] for b in _list(args.baselines, str, ",") or () if b in names]
             speed.run(rt, chunk=args.chunk, decode=args.decode or 16, baselines=chosen,
-                      out_dir=out, **kw)
+                      out_dir=out, files=files, **kw)
         elif args.suite == "soak":
             from . import soak
             soak.run(rt, policies=pols or soak.DEFAULT_POLICIES, turns=args.turns, max_new=args.decode or 16,
