@@ -34,6 +34,22 @@ def tiny_llama(seed: int = 0, **over) -> LlamaForCausalLM:
     return copy.deepcopy(_tiny(seed, tuple(sorted(over.items()))))
 
 
+def tiny_arch(arch: str, seed: int = 0, **over):
+    """A tiny random model (fp32, CPU) of another architecture users load: Mistral, Qwen2
+    (q/k/v biases), Qwen3 (q/k norms), Phi-3 (fused qkv projection, its own partial-rotary
+    RoPE under `partial_rotary_factor`)."""
+    import transformers as tf
+    cfg = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+               tie_word_embeddings=False, pad_token_id=0)
+    if arch == "qwen3":
+        cfg["head_dim"] = 16  # Qwen3Config's default is 128, not hidden / heads
+    cfg.update(over)
+    name = {"mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "phi3": "Phi3"}[arch]
+    torch.manual_seed(seed)
+    return getattr(tf, f"{name}ForCausalLM")(getattr(tf, f"{name}Config")(**cfg)).eval()
+
+
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -217,3 +217,49 @@ class Adapter:
             seen.add(t.data_ptr())
             total += t.nbytes
         return total
+
+    # What callers outside the forward need from a layer's attention module, so they never
+    # reach into it (module names differ by architecture).
+
+    @property
+    def hidden_act(self) -> str:
+        """The MLP's activation name (retaining heads use the model's own)."""
+        return getattr(self.model.config, "hidden_act", "silu")
+
+    def attn_scale(self, layer: int) -> float:
+        """The factor layer `layer`'s attention multiplies QKᵀ by (query pre-scaling included)."""
+        return getattr(self.layers[layer].self_attn, "scaling", self.info.head_dim ** -0.5)
+
+    def input_norm_weight(self, layer: int) -> torch.Tensor:
+        """Gain [hidden] of the RMSNorm in front of layer `layer`'s attention."""
+        return self.layers[layer].input_layernorm.weight
+
+    def query_states(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """hidden [T, hidden] (layer `layer`'s normed input, as `capture_hidden` records it),
+        positions [T] -> post-RoPE queries [Hq, T, D], computed as the layer's attention
+        does: q_proj or Q's rows of a fused qkv_proj (Phi-3), biases (Qwen2), q_norm (Qwen3),
+        then the model's own rotary embedding (partial rotary, scaled frequencies)."""
+        attn, info = self.layers[layer].self_attn, self.info
+        if hasattr(attn, "q_proj"):
+            q = attn.q_proj(hidden)
+        else:  # fused qkv: Q's rows come first
+            q = attn.qkv_proj(hidden)[..., : info.n_q_heads * info.head_dim]
+        q = q.view(1, hidden.shape[0], info.n_q_heads, info.head_dim)
+        if hasattr(attn, "q_norm"):  # per head, before RoPE
+            q = attn.q_norm(q)
+        q = q.transpose(1, 2)  # [1, Hq, T, D]
+        cos, sin = self.decoder.rotary_emb(q, positions.to(q.device)[None])
+        rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        return rotate(q, q, cos, sin)[0][0]
+
+    def qkv_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Layer `layer`'s q, k and v projections as one, float32 on the CPU: (weight
+        [(Hq + 2·Hkv)·D, hidden], bias [(Hq + 2·Hkv)·D], zeros where a projection has
+        none, or None where none has one)."""
+        a = self.layers[layer].self_attn
+        projs = [a.qkv_proj] if hasattr(a, "qkv_proj") else [a.q_proj, a.k_proj, a.v_proj]
+        w = torch.cat([p.weight.detach().float().cpu() for p in projs])
+        if all(p.bias is None for p in projs):
+            return w, None
+        return w, torch.cat([p.bias.detach().float().cpu() if p.bias is not None else torch.zeros(p.weight.shape[0])
+                             for p in projs])
