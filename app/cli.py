@@ -57,9 +57,10 @@ def parser() -> argparse.ArgumentParser:
     ask.add_argument("--doc", action="append", default=[], help="document to read first (repeatable)")
     ask.add_argument("--json", action="store_true", help="print one JSON object")
     ask.add_argument("questions", nargs="+", help="each question is its own turn, after the documents")
-    from app import bench, calibrate, train_heads
+    from app import bench, calibrate
+    from app.heads import cli as heads_cli
     bench.add_parser(sub)
-    train_heads.add_parser(sub)
+    heads_cli.add_parser(sub)
     calibrate.add_parser(sub)
     return ap
 
@@ -78,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             from app import bench
             return bench.run(args)
         if args.command == "train-heads":
-            from app import train_heads
-            return train_heads.run(args)
+            from app.heads import cli as heads_cli
+            return heads_cli.run(args)
         if args.command == "calibrate":
             from app import calibrate
             return calibrate.run(args)

@@ -225,7 +225,7 @@ def _official(rt, path, d_r=8, drop=None, wrong=False):
 
 
 def test_official_checkpoint_folds_exactly(tmp_path):
-    from app.train_heads import import_official
+    from app.heads.official import import_official
     rt = _runtime("full")
     sd = _official(rt, tmp_path / "locret.bin")
     card = import_official(tmp_path / "locret.bin", rt, tmp_path / "out")
@@ -244,7 +244,7 @@ def test_official_checkpoint_folds_exactly(tmp_path):
 
 
 def test_official_checkpoint_refuses_partial_or_foreign(tmp_path):
-    from app.train_heads import import_official
+    from app.heads.official import import_official
     rt = _runtime("full")
     _official(rt, tmp_path / "part.bin", drop="model.layers.1.self_attn.fc2.weight")
     with pytest.raises(SpecError, match="found 5 .* expected 6"):
@@ -262,7 +262,7 @@ def test_fold_with_qkv_bias_is_exact():
 
 
 def test_training_lowers_held_out_loss_and_resumes(tmp_path):
-    from app.train_heads import train_heads
+    from app.heads.train import train_heads
     rt = _runtime("full")
     calls = []
     card = train_heads(rt, tmp_path, steps=40, docs=4, val_docs=2, doc_tokens=200, d_r=16, lr=3e-3,

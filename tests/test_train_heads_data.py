@@ -7,13 +7,13 @@ import re
 
 import pytest
 
-from app.train_heads import _THINGS, _load_text, build_document, make_example
+from app.heads.data import _THINGS, build_document, load_text, make_example
 from tiny import tiny_tokenizer
 
 
 @pytest.mark.parametrize("seed", [0, 7, 31])
 def test_distractors_are_inserted_and_never_asked(seed):
-    text, _ = _load_text(())
+    text, _ = load_text(())
     n = 5
     base, qa0 = build_document(random.Random(seed), text, 2400, 4)
     doc, qa = build_document(random.Random(seed), text, 2400, 4, n_distractors=n)
@@ -32,7 +32,7 @@ def test_distractors_are_inserted_and_never_asked(seed):
 
 def test_distractors_leave_the_question_answer_tail_unchanged():
     tok = tiny_tokenizer()
-    text, _ = _load_text(())
+    text, _ = load_text(())
     ids0, n0 = make_example(tok, random.Random(3), text, 300)
     ids, n = make_example(tok, random.Random(3), text, 300, n_distractors=4)
     assert n > n0, "distractors lengthen the context"
@@ -43,7 +43,7 @@ def test_distractors_leave_the_question_answer_tail_unchanged():
 def test_features_of_other_documents_are_not_reused(tmp_path):
     from app.runtime.engine import Runtime
     from app.runtime.types import VramchatError
-    from app.train_heads import train_heads
+    from app.heads.train import train_heads
     from tiny import tiny_pair
     rt = Runtime.from_model(*tiny_pair(0), model_id="tiny", chunk_size=16)
     kw = dict(steps=2, docs=1, val_docs=1, doc_tokens=120, d_r=8, warmup=1)

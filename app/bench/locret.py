@@ -4,7 +4,7 @@ oracle (the needle's tokens kept, then recency: the bound the scorer could reach
 the same budget, documents and chunking; prefill speed and peak KV bytes.
 
 The haystack is `data/haystack/licenses.txt` (never used in training) and the needle's
-wording ("pass key") appears in no training template of `app/train_heads.py`.
+wording ("pass key") appears in no training template of `app/heads/data.py`.
 """
 from __future__ import annotations
 
