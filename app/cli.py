@@ -57,11 +57,11 @@ def parser() -> argparse.ArgumentParser:
     ask.add_argument("--doc", action="append", default=[], help="document to read first (repeatable)")
     ask.add_argument("--json", action="store_true", help="print one JSON object")
     ask.add_argument("questions", nargs="+", help="each question is its own turn, after the documents")
-    from app import bench, calibrate
+    from app import bench, outlier_channels
     from app.heads import cli as heads_cli
     bench.add_parser(sub)
     heads_cli.add_parser(sub)
-    calibrate.add_parser(sub)
+    outlier_channels.add_parser(sub)
     return ap
 
 
@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             from app.heads import cli as heads_cli
             return heads_cli.run(args)
         if args.command == "calibrate":
-            from app import calibrate
-            return calibrate.run(args)
+            from app import outlier_channels
+            return outlier_channels.run(args)
         return cmd_chat(args)
     except (VramchatError, SpecError) as e:
         print(f"vramchat: {e}", file=sys.stderr)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from app.bench import soak
-from app.calibrate import collect
+from app.outlier_channels import collect
 from app.runtime.engine import Runtime
 from offload import calibrate
 from policies.locret import RetainingHeads, model_key, save_heads

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.calibrate import collect
+from app.outlier_channels import collect
 from app.runtime.adapter import Adapter
 from offload import calibrate as cal
 from policies import ModelInfo, SpecError

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import offload  # noqa: F401  (registers offload, doublesparse)
-from app.calibrate import collect
+from app.outlier_channels import collect
 from app.runtime.adapter import Adapter
 from offload import labels
 from offload.calibrate import model_key, save

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.calibrate import collect
+from app.outlier_channels import collect
 from app.runtime.engine import Runtime
 from app.runtime.types import VramchatError
 from offload import calibrate

@@ -88,7 +88,7 @@ def tiny_policy_files(folder, **over) -> dict:
     """Random retaining heads and channels calibrated on random tokens for the tiny runtime
     (tiny_pair(0, **over) behind a Runtime, tokenizer included: its model key).
     -> {"heads": path, "ch": path}."""
-    from app.calibrate import collect
+    from app.outlier_channels import collect
     from app.runtime.engine import Runtime
     from offload.calibrate import save
     from policies.locret import RetainingHeads, model_key, save_heads

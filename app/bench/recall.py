@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from app.calibrate import default_data, read_text
+from app.outlier_channels import default_data, read_text
 from app.runtime.convert import convert
 from app.runtime.decode import Decoder
 from offload import labels

@@ -1,5 +1,6 @@
-"""`calibrate`: outlier channels of a model's keys for the label caches of `offload` and
-`doublesparse` (the "qk" statistic, offload/calibrate.py).
+"""`main.py calibrate`: measures which channels of a model's keys are outliers, for the
+label caches of `offload` and `doublesparse` (the "qk" statistic and the channels file
+are offload/calibrate.py's).
 
 Text is tokenized whole and cut into blocks of `--block` tokens; each block is one forward
 through the model (a fresh `full` cache), and every layer's post-RoPE q/k of every token
