@@ -1,4 +1,4 @@
-"""Issue 5 measurements: every KV policy at matched KV bytes on the default model (CPU).
+"""`bench quality` measurements: every KV policy at matched KV bytes on the default model (CPU).
 
 Rows from `run(...)`:
 - kind "passkey": a pass key hidden in prose at depth 0.1..0.9 of an n-token chat prompt

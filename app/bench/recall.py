@@ -24,7 +24,7 @@ from app.runtime.convert import convert
 from app.runtime.decode import Decoder
 from offload import labels
 from offload.calibrate import find_channels
-from policies import Chunk, KVCache, SpecError, rope
+from policies import Chunk, KVCache, SpecError
 from policies.base import FullStore
 
 from .common import prefill_ids
@@ -60,11 +60,11 @@ def prefetch_agreement(rt, ctx: int = 2048, steps: int = 16, keep: float = 1 / 1
     for t in range(steps):
         pos = cache.next_position
         _, hid = _step(rt, cache, ids[ctx + t], hidden=True)
+        at = torch.tensor([pos], device=rt.device)
         for j in range(3, info.n_layers):  # layers 2.. are sparse; estimate j from j-1
-            attn = ad.layers[j].self_attn
-            w_j, w_p = ad.layers[j].input_layernorm.weight, ad.layers[j - 1].input_layernorm.weight
-            exact = _q(attn, hid[j], info, pos)
-            est = _q(attn, hid[j - 1] * (w_j / w_p), info, pos)
+            w_j, w_p = ad.input_norm_weight(j), ad.input_norm_weight(j - 1)
+            exact = ad.query_states(j, hid[j], at)  # [Hq, 1, D]
+            est = ad.query_states(j, hid[j - 1] * (w_j / w_p), at)
             keys = cache.layers[j].store.k[:, : cache.layers[j].length]
             lab = labels.take(keys, ch[j])
             k = max(1, math.ceil(keep * keys.shape[1]))
@@ -75,12 +75,6 @@ def prefetch_agreement(rt, ctx: int = 2048, steps: int = 16, keep: float = 1 / 1
                 n += 1
     return {"measure": "prefetch", "ctx": ctx, "steps": steps, "keep": keep, "channels": channels,
             "agreement": agree / n}
-
-
-def _q(attn, x, info, pos):
-    """x [1, hidden] -> post-RoPE q [Hq, 1, D] at `pos`."""
-    q = attn.q_proj(x).view(1, info.n_q_heads, info.head_dim).transpose(0, 1)
-    return rope.rotate(q, torch.tensor([pos]), info.inv_freq)
 
 
 @torch.inference_mode()
@@ -210,7 +204,7 @@ def _plain(cache) -> bool:
 @torch.inference_mode()
 def copy_fidelity(rt, spec: str, doc_tokens: int = 16384, depth: float = 0.3, passage_tokens: int = 300,
                   stepwise: bool = False) -> dict:
-    """Copy fidelity (issue 7): a document whose passage at `depth` the question asks to be
+    """Copy fidelity: a document whose passage at `depth` the question asks to be
     reproduced; the passage is teacher-forced as the answer and each token counts as right
     when the model's greedy choice at that step is that token. The document is read as a
     document turn and the question as the next (so `offload` recalls with the question's

@@ -1,4 +1,4 @@
-"""`bench soak`: many turns against one long document under evicting policies (issue 9).
+"""`bench soak`: many turns against one long document under evicting policies.
 
 One conversation per policy: a real-prose document (`data/haystack/licenses.txt`, the
 benchmark haystack, cut to ~8K tokens) with a pass key inserted, read with
