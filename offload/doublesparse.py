@@ -9,7 +9,7 @@ attention (scale 1/√d, the model's own) over just those K/V rows, plus any rec
 
 Labels. The reader keeps labels [Hkv, L, r] in step with the store: the new tokens' labels
 are appended in `attend` (the store appends exactly those tokens next), and after an
-eviction (`keep`, the base.py hook) they are rebuilt from the store's re-rotated keys,
+eviction (`after_evict`) they are rebuilt from the store's re-rotated keys,
 once per eviction, which already reads every kept key. A length that disagrees (a live
 conversion or a truncation) is fixed the same way before the next read.
 """
@@ -20,12 +20,13 @@ import math
 import torch
 
 from policies.attention import attend
+from policies.slots import Reader
 
 from . import labels
 from .calibrate import find_channels
 
 
-class DoubleSparseReader:
+class DoubleSparseReader(Reader):
     BLOCK = 256
 
     def __init__(self, info, layer: int, channels: int, keep: float, dense_layers: int, floor: int,
@@ -39,7 +40,7 @@ class DoubleSparseReader:
         self.n = 0  # labelled tokens (== store.length between calls)
         self.sparse_steps = 0  # decode steps that read a subset (tests read it)
 
-    def budget(self, length: int) -> int:
+    def reads(self, length: int) -> int:
         """Tokens one decode step reads, of length stored + 1 new."""
         return max(self.floor, math.ceil(self.keep_frac * (length + 1)))
 
@@ -62,7 +63,7 @@ class DoubleSparseReader:
         if self.n != layer.length:
             self._set(labels.take(layer.store.dense()[0], self.ch))
 
-    def keep(self, layer, idx: torch.Tensor) -> None:
+    def after_evict(self, layer, idx: torch.Tensor) -> None:
         """After an eviction the kept keys moved: rebuild their labels."""
         if not self.dense:
             self._set(labels.take(layer.store.dense()[0], self.ch))
@@ -73,7 +74,7 @@ class DoubleSparseReader:
             return layer.store.attend(q, k, v, scale, extra)
         self._sync(layer)
         n = layer.length
-        b = self.budget(n)
+        b = self.reads(n)
         if q.shape[1] > 1 or b > n:
             out = layer.store.attend(q, k, v, scale, extra)
             self._append(labels.take(k, self.ch))

@@ -125,13 +125,17 @@ class HostStore(FullStore):
         self.cuda = info.device.type == "cuda"
         self.k = host_empty((info.n_kv_heads, 0, info.head_dim), info.dtype, self.cuda)
         self.v = host_empty(self.k.shape, info.dtype, self.cuda)
-        self.streamer = None
-        if self.cuda:
-            self.streamer = info.resources.get("offload-streamer") or Streamer(info)
-            info.resources["offload-streamer"] = self.streamer
-            self.streamer.stores[layer] = self
+        self.streamer: Streamer | None = None  # one per cache (link), CUDA only
 
-    def _reserve(self, n: int) -> None:
+    @staticmethod
+    def link(stores: list["HostStore"]) -> None:
+        if stores[0].cuda:
+            streamer = Streamer(stores[0].info)
+            for st in stores:
+                st.streamer = streamer
+                streamer.stores[st.layer] = st
+
+    def reserve(self, n: int) -> None:
         if n <= self.k.shape[1]:
             return
         if self.cuda:
@@ -157,7 +161,7 @@ class HostStore(FullStore):
         if not self.cuda:
             return super().append(k, v)
         n = self.length + k.shape[1]
-        self._reserve(n)
+        self.reserve(n)
         copy_rows(self.k[:, self.length:n], k.contiguous())  # (each head's rows contiguous)
         copy_rows(self.v[:, self.length:n], v.contiguous())
         self._staged = 0
@@ -170,15 +174,15 @@ class HostStore(FullStore):
         k, v = super().dense(None if idx is None else idx.cpu())
         return k.to(self.info.device), v.to(self.info.device)
 
-    def keep(self, idx: torch.Tensor, delta: torch.Tensor) -> None:
+    def compact(self, idx: torch.Tensor, delta: torch.Tensor) -> None:
         if self.cuda:
             torch.cuda.current_stream(self.info.device).synchronize()
-        super().keep(idx.cpu(), delta.cpu())
+        super().compact(idx.cpu(), delta.cpu())
 
     def load(self, k, v) -> None:
         self.length = 0
         n = k.shape[1]
-        self._reserve(n)
+        self.reserve(n)
         self.k[:, :n] = k.to("cpu")
         self.v[:, :n] = v.to("cpu")
         self.length = n

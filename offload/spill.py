@@ -32,6 +32,7 @@ import torch
 
 from policies import rope
 from policies.evict import max_pool
+from policies.slots import Spill
 
 from . import labels
 from .calibrate import find_channels
@@ -39,14 +40,14 @@ from .host import copy_rows, host_bytes, host_empty
 from .quotes import Quotes
 
 
-class OffloadSpill:
-    """Host tier of one layer: take() evicted tokens, recall() the best k for a query."""
+class OffloadSpill(Spill):
+    """Host tier of one layer: receive() evicted tokens, recall() the best `n_recall` for a query."""
 
     BLOCK = 256
 
     def __init__(self, info, layer: int, recall: int, channels: int, every: int, channels_file: str = "",
                  pool: int = 1, quote: int = 0):
-        self.info, self.layer, self.k, self.every, self.pool = info, layer, recall, every, pool
+        self.info, self.layer, self.n_recall, self.every, self.pool = info, layer, recall, every, pool
         self.quote = min(quote, recall // 2)  # span length; spans take at most half the buffer
         self.quotes: Quotes | None = None  # shared by the cache's spills (link), if quote
         self._qv = -1  # quotes.version this layer's buffer was filled for
@@ -79,7 +80,7 @@ class OffloadSpill:
         """Called once by the cache with every layer's spill: one token log and one set of
         quote spans for them all (offload/quotes.py)."""
         if spills[0].quote >= 16:
-            q = Quotes(spills[0].quote, spills[0].k)
+            q = Quotes(spills[0].quote, spills[0].n_recall)
             for sp in spills:
                 sp.quotes = q
             spills[0]._owns_log = True
@@ -122,7 +123,7 @@ class OffloadSpill:
             self._copied = torch.cuda.Event()
             self._copied.record()
 
-    def take(self, layer, idx: torch.Tensor) -> None:
+    def receive(self, layer, idx: torch.Tensor) -> None:
         """Receive the tokens at store indices idx [Hkv, e] before the store drops them."""
         if idx.shape[1] == 0:
             return
@@ -181,7 +182,7 @@ class OffloadSpill:
         Measured: the city needle is lost when one decode query re-ranks (BENCHMARKS.md,
         Offload)."""
         n = self.n
-        if n == 0 or self.k == 0:
+        if n == 0 or self.n_recall == 0:
             self.m = 0
             return
         self.recalls += 1
@@ -200,7 +201,7 @@ class OffloadSpill:
                     self._text_order = self.hpos[:, :n].argsort(1).to(s.device)
                 text_order = self._text_order
                 s = torch.empty_like(s).scatter_(1, text_order, max_pool(s.gather(1, text_order), self.pool))
-            self._ranked, self._ranked_n = s.topk(min(self.k, n), dim=1).indices, n  # [Hkv, k] best first
+            self._ranked, self._ranked_n = s.topk(min(self.n_recall, n), dim=1).indices, n  # [Hkv, k] best first
         inside = None
         if self.quotes is not None:
             self._qv = self.quotes.version

@@ -20,6 +20,7 @@ import torch
 
 from . import evict
 from .registry import Opt, SpecError, register
+from .slots import EvictingSelector
 
 SEPARATORS = (".", ",", "?", "!", ";", ":", "\n")
 WARNING = "non-AnLLM models lose exact-retrieval quality under `anchor`"
@@ -48,14 +49,13 @@ def _forms(tokenizer, seps) -> frozenset:
     return frozenset(out)
 
 
-class AnchorSelector:
-    evicts = True
+class AnchorSelector(EvictingSelector):
     needs_scores = True  # anchor flags ride in cache.scores; a converted cache has none
     static_decode = True  # a token's flag depends on its id only
 
     def __init__(self, opts: dict, info):
-        self.budget, self.sinks, self.local = opts["budget"], opts["sinks"], opts["local"]
-        self.chunk = opts["chunk"] or None
+        super().__init__(opts, info)
+        self.sinks = opts["sinks"]
         key = ("anchor-ids", info.model_id)
         if key not in info.resources:
             info.resources[key] = anchor_ids(info.tokenizer, info.model_id)
@@ -68,8 +68,13 @@ class AnchorSelector:
         flag = torch.isin(chunk.input_ids, self.ids).float()
         return flag.expand(k.shape[0], -1).contiguous()
 
-    def keep(self, cache, chunk):
-        """-> indices [Hkv, b] (same for every head), b <= budget (+ final chunk), or None."""
+    def plan(self, n: int, size: int) -> list[int]:
+        """`local` is the recent part kept after every chunk here, not a held-back chunk."""
+        return evict.plan(n, size, 0) if n else []
+
+    def select(self, cache, chunk):
+        """-> indices [Hkv, b] (same for every head), b <= budget (+ final chunk), or None.
+        Separators are dropped even under the budget: it is a cap, not a target."""
         cap, fixed = evict.cap_and_fixed(self.budget, chunk)
         n = cache.length
         is_anchor = cache.scores[0] > 0  # [n]

@@ -1,18 +1,14 @@
 """The cache every decoder layer owns, composed of policy slots.
 
-A layer's cache has up to five slots, filled from the spec (see `registry`):
+A layer's cache has up to five slots, filled from the spec (see `registry`); each slot
+kind is a base class in `policies.slots` that declares what the cache may ask of it:
 
 - **selector** decides which tokens stay (`full` keeps all; `locret`, `streaming`, ...
-  evict after each prefill chunk). It may score tokens as they arrive, and may ask for
-  its layer's tokens at full precision (`full_precision`: lighttransfer's lazy layers);
-  the layer then swaps a quantized store for a `FullStore` at its next eviction.
-- **store** decides how kept tokens are held (full precision here; `kivi` quantized).
-- **spill** receives evicted tokens (absent: they are dropped; `offload`: host + recall).
-  `take(layer, idx)` runs before the store drops idx; `recall(layer, q, chunk)` returns
-  extra (k, v) [Hkv, m, D] attention also reads (already rotated into the frame), or None.
-- **reader** decides which stored tokens attention reads (`doublesparse`):
-  `attend(layer, q, k, v, scale, extra)`, and `keep(layer, idx)` after every eviction.
-- **ffn** acts on the model, not the cache (`ffnskip`); the runtime attaches it.
+  evict after each prefill chunk);
+- **store** decides how kept tokens are held (`FullStore` here; `kivi` quantized);
+- **spill** receives evicted tokens (absent: they are dropped; `offload`: host + recall);
+- **reader** decides which stored tokens attention reads (`doublesparse`);
+- **ffn** acts on the model, not the cache (`ffnskip`); the adapter routes it.
 
 Positions. NOTE (invariant relied on everywhere): for every layer,
 `base + store.length == KVCache.next_position`, and the stored token at index i sits
@@ -29,9 +25,9 @@ from typing import Any
 
 import torch
 
-from . import rope
 from . import static
-from .attention import attend
+from .full import FullStore, KeepAll  # noqa: F401  (the default store and selector)
+from .kernels.switch import Kernels
 from .registry import Policy, REGISTRY, SpecError, parse_spec
 
 
@@ -50,7 +46,8 @@ class ModelInfo:
     model_id: str = ""
     hidden_size: int = 0
     tokenizer: Any = None
-    resources: dict = field(default_factory=dict)
+    resources: dict = field(default_factory=dict)  # files read once per model (heads, channels)
+    kernels: Kernels = field(default_factory=Kernels.from_env)  # which kernel paths run
 
     @property
     def group(self) -> int:
@@ -75,110 +72,6 @@ class Chunk:
     @property
     def n(self) -> int:
         return self.input_ids.shape[-1]
-
-
-class FullStore:
-    """Full-precision K/V in preallocated buffers that grow in blocks.
-
-    Bytes reported are the allocated buffer (what the device really holds), not the
-    used prefix: `nbytes` is exact, and capacity beyond length is at most one block.
-    """
-
-    tier = "gpu"
-    lossless = True
-    static_decode = True  # buffers a fixed-shape decode window can write into (policies/static.py)
-    BLOCK = 256
-
-    def __init__(self, info: ModelInfo):
-        self.info = info
-        self.length = 0
-        self.k = torch.empty(info.n_kv_heads, 0, info.head_dim, dtype=info.dtype, device=info.device)
-        self.v = torch.empty_like(self.k)
-        self._staged = 0  # tokens attend() already wrote past `length`
-
-    def _reserve(self, n: int) -> None:
-        if n <= self.k.shape[1]:
-            return
-        cap = -(-max(n, self.k.shape[1] + self.k.shape[1] // 8) // self.BLOCK) * self.BLOCK
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = old.new_empty(old.shape[0], cap, old.shape[2])
-            new[:, : self.length] = old[:, : self.length]
-            setattr(self, name, new)
-
-    def attend(self, q, k, v, scale, extra=None):
-        """q [Hq, Tq, D] over stored tokens + `extra` (k, v) + new k/v [Hkv, Tq, D]."""
-        n = self.length + k.shape[1]
-        self._reserve(n)
-        # NOTE: writing the new tokens before attending is safe: append() commits them.
-        self.k[:, self.length:n] = k
-        self.v[:, self.length:n] = v
-        self._staged = k.shape[1]
-        keys, vals = self.k[:, :n], self.v[:, :n]
-        if extra is not None:
-            keys, vals = torch.cat((extra[0], keys), 1), torch.cat((extra[1], vals), 1)
-        return attend(q, keys, vals, scale)
-
-    def append(self, k, v) -> None:
-        n = self.length + k.shape[1]
-        if self._staged != k.shape[1]:
-            self._reserve(n)
-            self.k[:, self.length:n] = k
-            self.v[:, self.length:n] = v
-        self._staged = 0
-        self.length = n
-
-    def dense(self, idx: torch.Tensor | None = None):
-        """Full-precision (k, v) [Hkv, T, D]: all tokens, or per-head indices [Hkv, n]."""
-        k, v = self.k[:, : self.length], self.v[:, : self.length]
-        if idx is None:
-            return k, v
-        ix = idx[..., None].expand(-1, -1, k.shape[2])
-        return k.gather(1, ix), v.gather(1, ix)
-
-    def keep(self, idx: torch.Tensor, delta: torch.Tensor) -> None:
-        """Keep per-head token indices idx [Hkv, b], re-rotating keys by delta [Hkv, b]."""
-        k, v = self.dense(idx)
-        b = idx.shape[1]
-        if self.k.shape[1] > 2 * b + self.BLOCK:
-            # Give memory back when eviction leaves the buffer mostly empty (a layer that
-            # just became a streaming layer); steady eviction (budget + chunk) keeps its buffer.
-            cap = -(-(b + b // 8 + 1) // self.BLOCK) * self.BLOCK
-            self.k, self.v = self.k.new_empty(self.k.shape[0], cap, self.k.shape[2]), self.v.new_empty(
-                self.v.shape[0], cap, self.v.shape[2])
-        self.k[:, :b] = rope.rotate(k, delta, self.info.inv_freq)
-        self.v[:, :b] = v
-        self.length = b
-
-    def load(self, k, v) -> None:
-        """Replace the contents with dense k/v (live conversion)."""
-        self.length = 0
-        self.append(k, v)
-
-    def truncate(self, n: int) -> None:
-        self.length = min(self.length, n)
-
-    def nbytes(self) -> dict[str, int]:
-        return {"keys": self.k.nbytes, "values": self.v.nbytes}
-
-    def token_bytes(self) -> float:
-        return self.info.kv_bytes_per_token()
-
-
-class KeepAll:
-    """The `full` selector: never evicts."""
-
-    evicts = False
-    static_decode = True  # score() is a pure function of the step's inputs (here: none)
-
-    def __init__(self, info: ModelInfo):
-        pass
-
-    def score(self, cache: "LayerCache", chunk: Chunk, k, v):
-        return None
-
-    def keep(self, cache: "LayerCache", chunk: Chunk):
-        return None
 
 
 class LayerCache:
@@ -209,27 +102,29 @@ class LayerCache:
             return static.forward(self, q, k, v, scale, chunk)
         s = self.selector.score(self, chunk, k, v)
         extra = self.spill.recall(self, q, chunk) if self.spill is not None else None
-        if hasattr(self.selector, "attend"):
-            # NOTE: selectors that read attention probabilities (h2o, snapkv, lighttransfer)
-            # attend over the store's dense K/V; they return the new tokens' scores [Hkv, T]
-            # (or None) and may update self.scores of the stored ones in place.
+        if self.selector.reads_attention:
             out, s = self.selector.attend(self, chunk, q, k, v, scale, extra)
         elif self.reader is not None:
             out = self.reader.attend(self, q, k, v, scale, extra)
         else:
             out = self.store.attend(q, k, v, scale, extra)
         self.store.append(k, v)
-        if self.pos is not None:
-            new = torch.arange(self.seen, self.seen + k.shape[1], device=self.pos.device)
-            self.pos = torch.cat((self.pos, new.expand(self.pos.shape[0], -1)), 1)
-        if s is not None:
-            self.scores = s if self.scores is None else torch.cat((self.scores, s), 1)
-        self.seen += k.shape[1]
+        self.advance(k.shape[1], s)
         return out
+
+    def advance(self, n: int, scores: torch.Tensor | None) -> None:
+        """Bookkeeping for n tokens the store just committed, with their scores [Hkv, n]
+        (or None): the one path after an eager chunk and after a fixed-shape window."""
+        if self.pos is not None:
+            new = torch.arange(self.seen, self.seen + n, device=self.pos.device)
+            self.pos = torch.cat((self.pos, new.expand(self.pos.shape[0], -1)), 1)
+        if scores is not None:
+            self.scores = scores if self.scores is None else torch.cat((self.scores, scores), 1)
+        self.seen += n
 
     def select(self, chunk: Chunk) -> torch.Tensor | None:
         """Indices [Hkv, b] (sorted per head) the selector keeps now, or None."""
-        return self.selector.keep(self, chunk)
+        return self.selector.select(self, chunk)
 
     def evict(self, idx: torch.Tensor, new_base: int) -> None:
         """Keep idx [Hkv, b] (sorted per head) at positions new_base..new_base+b-1."""
@@ -237,13 +132,13 @@ class LayerCache:
         old_rope = self.base + idx
         delta = torch.arange(new_base, new_base + b, device=idx.device)[None, :] - old_rope
         if self.spill is not None:
-            self.spill.take(self, _complement(idx, self.length))
+            self.spill.receive(self, _complement(idx, self.length))
         pos = self.positions().gather(1, idx)
-        if getattr(self.selector, "full_precision", False) and not isinstance(self.store, FullStore):
+        if self.selector.full_precision and not isinstance(self.store, FullStore):
             self._to_full_precision()
-        self.store.keep(idx, delta)
+        self.store.compact(idx, delta)
         if self.reader is not None:
-            self.reader.keep(self, idx)
+            self.reader.after_evict(self, idx)
         self.pos = pos
         if self.scores is not None:
             self.scores = self.scores.gather(1, idx)
@@ -252,11 +147,22 @@ class LayerCache:
     def _to_full_precision(self) -> None:
         """Swap the store for a FullStore holding its tokens (dequantized where they were
         quantized): for a selector that keeps few tokens in a layer for good (lighttransfer's
-        lazy layers) and asks for them at full precision (`selector.full_precision`)."""
+        lazy layers) and asks for them at full precision (`Selector.full_precision`)."""
         k, v = self.store.dense()
         store = FullStore(self.info)
         store.load(k, v)
         self.store = store
+
+    def adopt(self, src: "LayerCache") -> None:
+        """Hold what another stack's layer holds (live conversion): its tokens at full
+        precision, their positions and scores, and its spilled tokens where both spill."""
+        k, v = src.store.dense()
+        self.store.load(k, v)
+        self.base, self.seen = src.base, src.seen
+        self.pos = None if src.pos is None else src.pos.clone()
+        self.scores = None if src.scores is None else src.scores.clone()
+        if src.spill is not None and self.spill is not None:
+            self.spill.adopt(src.spill)
 
     def rebase(self, new_base: int) -> None:
         """Shift every stored token by (new_base - base) positions."""
@@ -275,11 +181,16 @@ class LayerCache:
             out[(self.store.tier, "index")] += self.pos.nbytes
         if self.scores is not None:
             out[(self.store.tier, "scores")] += self.scores.nbytes
-        for comp in (self.selector, self.spill, self.reader):
-            if comp is not None and hasattr(comp, "nbytes"):
-                for (tier, kind), n in comp.nbytes().items():
-                    out[(tier, kind)] += n
+        for part in self.parts(with_store=False):
+            for (tier, kind), n in part.nbytes().items():
+                out[(tier, kind)] += n
         return out
+
+    def parts(self, with_store: bool = True) -> list:
+        """The slot parts this layer has (selector, store, spill, reader)."""
+        parts = (self.selector, self.store, self.spill, self.reader) if with_store else (
+            self.selector, self.spill, self.reader)
+        return [p for p in parts if p is not None]
 
 
 def _complement(idx: torch.Tensor, n: int) -> torch.Tensor:
@@ -300,10 +211,10 @@ class KVCache:
         self.layers = [self._build_layer(i) for i in range(info.n_layers)]
         for slot in ("selector", "store", "spill", "reader"):  # parts that share state across layers
             parts = [getattr(l, slot) for l in self.layers if getattr(l, slot) is not None]
-            if parts and hasattr(parts[0], "link"):
+            if parts:
                 parts[0].link(parts)
         # the adapter captures each layer's normed input only for selectors that score it
-        self.needs_hidden = any(getattr(l.selector, "needs_hidden", False) for l in self.layers)
+        self.needs_hidden = any(l.selector.needs_hidden for l in self.layers)
         ffn = self.slots.get("ffn")  # model-level: one component, the adapter attaches it
         self.ffn = REGISTRY[ffn.name].build(ffn, info, None) if ffn else None
         self.next_position = 0
@@ -323,7 +234,7 @@ class KVCache:
         for slot in ("selector", "store", "spill", "reader"):
             pol = self.slots.get(slot)
             made[slot] = REGISTRY[pol.name].build(pol, self.info, i) if pol else None
-        if made["reader"] is not None and hasattr(made["selector"], "attend"):
+        if made["reader"] is not None and made["selector"].reads_attention:
             raise SpecError(f"`{self.slots['selector'].name}` reads the attention of every stored token; "
                             f"it cannot be combined with `{self.slots['reader'].name}`, which reads a subset")
         if made["store"] is None:
@@ -346,7 +257,7 @@ class KVCache:
     @torch.inference_mode()  # NOTE: stores are inference tensors (filled in forward); evict in place
     def end_chunk(self, chunk: Chunk) -> None:
         """After a prefill chunk: let every layer's selector evict, then fix the frame."""
-        if getattr(self.layers[0].selector, "share_scores", False):
+        if self.layers[0].selector.share_scores:
             self._share_scores(self.layers[0].selector)
         picks = [l.select(chunk) for l in self.layers]
         if any(p is not None for p in picks):
@@ -384,8 +295,8 @@ class KVCache:
         them from get() -> list[int] (every token read so far). -> whether any took them."""
         logs = {}
         for l in self.layers:
-            for part in (l.selector, l.store, l.spill, l.reader):
-                log = getattr(part, "token_log", None)
+            for part in l.parts():
+                log = part.token_log
                 if log is not None and log.n < self.seen:
                     logs[id(log)] = log
         if not logs:
@@ -398,8 +309,8 @@ class KVCache:
         trained for it), each once."""
         out = []
         for layer in self.layers:
-            for comp in (layer.selector, layer.store, layer.spill, layer.reader):
-                w = getattr(comp, "warning", "")
+            for part in layer.parts():
+                w = part.warning
                 if w and w not in out:
                     out.append(w)
         return out
@@ -423,10 +334,10 @@ class KVCache:
 
     def projected_length(self, n_new: int, chunk: int) -> int:
         """Largest retained length (tokens per KV head) while reading n_new more tokens."""
-        budget = getattr(self.layers[0].selector, "budget", None)
-        if budget is None:
+        sel = self.layers[0].selector
+        if sel.budget is None:
             return self.length + n_new
-        return min(self.length + n_new, budget + chunk + getattr(self.layers[0].selector, "local", 0))
+        return min(self.length + n_new, sel.budget + chunk + sel.local)
 
     def expect(self, n_new: int, chunk: int, answer: int = 1024) -> None:
         """Reading n_new more tokens, then an answer: stores that grow expensively
@@ -435,13 +346,12 @@ class KVCache:
         seconds) take the projected length plus `answer` tokens at once."""
         need = self.projected_length(n_new + answer, chunk)
         for l in self.layers:
-            if getattr(l.store, "reserve_ahead", False):
-                l.store._reserve(need)
+            if l.store.reserve_ahead:
+                l.store.reserve(need)
 
     def bytes_per_token(self) -> float:
         """Cache bytes per retained token, all layers (a store may say; else full precision)."""
-        return sum(getattr(l.store, "token_bytes", lambda: self.info.kv_bytes_per_token())()
-                   for l in self.layers)
+        return sum(l.store.token_bytes() for l in self.layers)
 
     def truncate(self, n_seen: int) -> bool:
         """Forget the tokens appended after conversation index n_seen, where no layer has

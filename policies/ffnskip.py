@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .registry import Opt, SpecError, register
+from .slots import Ffn
 
 CALIB_DIR = Path(__file__).parent / "calib"
 DEFAULT_COLD = (4, 4)
@@ -75,7 +76,7 @@ def resolve_cold(cold: str, info) -> tuple[int, int, str]:
     return first, last, src
 
 
-class FfnSkip:
+class FfnSkip(Ffn):
     """The model-level `ffn` component: decides per decode token which MLPs run."""
 
     def __init__(self, opts: dict, info):

@@ -13,21 +13,16 @@ from __future__ import annotations
 from . import evict
 from .attention import attend_with_mass
 from .registry import Opt, SpecError, register
+from .slots import EvictingSelector
 
 
-class H2OSelector:
-    evicts = True
+class H2OSelector(EvictingSelector):
     needs_scores = True  # conversion from a cache without recorded mass re-reads
+    reads_attention = True
 
-    def __init__(self, opts: dict):
-        self.budget, self.recent, self.local = opts["budget"], opts["recent"], opts["local"]
-        self.chunk = opts["chunk"] or None
-
-    def plan(self, n: int, size: int) -> list[int]:
-        return evict.plan(n, size, self.local)
-
-    def score(self, cache, chunk, k, v):
-        return None
+    def __init__(self, opts: dict, info):
+        super().__init__(opts, info)
+        self.recent = opts["recent"]
 
     def attend(self, cache, chunk, q, k, v, scale, extra):
         """q [Hq, T, D], k/v [Hkv, T, D] -> (out [Hq, T, D], new tokens' mass [Hkv, T])."""
@@ -39,11 +34,8 @@ class H2OSelector:
             cache.scores += mass[:, :old]
         return out, mass[:, old:]
 
-    def keep(self, cache, chunk):
-        """-> sorted indices [Hkv, cap] (newest `recent` + heavy hitters), or None."""
-        cap, fixed = evict.cap_and_fixed(self.budget, chunk)
-        if cache.length <= cap:
-            return None
+    def pick(self, cache, chunk, cap, fixed):
+        """-> sorted indices [Hkv, cap]: the newest `recent` and the heavy hitters."""
         return evict.top(cache.scores, cap, self.recent + fixed)
 
 
@@ -60,4 +52,4 @@ def _check(opts):
     "local": Opt(int, 100, "last tokens of a prefill read without eviction", min=0),
 }, "heavy hitters: keep the tokens with the most accumulated attention (H2O); fixed memory", _check)
 def build(policy, info, layer):
-    return H2OSelector(policy.opts)
+    return H2OSelector(policy.opts, info)

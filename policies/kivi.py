@@ -16,14 +16,14 @@ keeps or truncates: so the selector in front of this store scores and evicts the
 full precision, and only what it keeps is quantized, once. Decode tokens are placed at once.
 
 Positions and eviction. The layer owns positions and may re-rotate kept keys by `delta`
-in `keep` (compacted positions, see policies/base.py). Quantized keys are stored in a
+in `compact` (compacted positions, see policies/base.py). Quantized keys are stored in a
 *store frame*: stored key i is R(-(i + shift)) times its post-RoPE key, i.e. the pre-RoPE
 key up to one fixed rotation per channel pair, which varies little along the token axis
 and so quantizes per channel as well as pre-RoPE keys do (post-RoPE keys spin with
 position and widen every group's range). Attention rotates them back by R(i + shift) at
 read time (the kernel does it in registers). When eviction moves every kept token by
 the same frame offset (base' + j = base + i + delta: always so under compacted positions)
-`keep` only changes `shift`: kept quantized keys are never rotated. What `keep` cannot avoid
+`compact` only changes `shift`: kept quantized keys are never rotated. What it cannot avoid
 is regrouping: removing tokens from inside a key group changes which G tokens share a
 scale, so kept keys are re-quantized from their dequantized values. Groups whose members
 are unchanged come back bit-identical (codes were chosen on the stored grid) and values
@@ -40,6 +40,7 @@ from .base import ModelInfo
 from .kernels import kivi_attn
 from .kernels.pack import dequantize_keys, dequantize_values, per_word, quantize_keys, quantize_values
 from .registry import Opt, SpecError, register
+from .slots import Store
 
 
 def _grow(t: torch.Tensor, rows: int, keep: int, block: int, limit: int | None = None) -> torch.Tensor:
@@ -54,10 +55,9 @@ def _grow(t: torch.Tensor, rows: int, keep: int, block: int, limit: int | None =
     return new
 
 
-class KiviStore:
+class KiviStore(Store):
     """Quantized keys/values (2 or 4 bits) plus a full-precision residual window."""
 
-    tier = "gpu"
     BLOCK = 256
 
     def __init__(self, info: ModelInfo, bits: int = 2, group: int = 32, residual: int = 128, fit: str = "mse"):
@@ -68,6 +68,7 @@ class KiviStore:
             raise SpecError(f"option `bits` of policy `kivi`: head_dim {d} is not a multiple of "
                             f"{per_word(bits)} codes per int32 word at {bits} bits")
         _check({"bits": bits, "group": group, "residual": residual})
+        super().__init__(info)
         self.info, self.bits, self.group, self.residual, self.fit = info, bits, group, residual, fit
         self.lossless = info.window > 0 and residual >= info.window
         self.length = 0
@@ -79,8 +80,7 @@ class KiviStore:
         self.shift = 0  # NOTE: stored key i = R(-(i + shift)) · its post-RoPE key
         self.pending = None  # (k, v) [H, T, D] a prefill chunk not yet laid out
         self._staged = 0
-        # decode through the fused kernel on CUDA; tests switch it on under TRITON_INTERPRET
-        self.kernel = info.device.type == "cuda" and kivi_attn.triton_ok(info.device)
+        self.kernel = info.kernels.on("kivi", info.device)  # decode through the Triton kernel
         dev, dt = info.device, info.dtype
         w = d // per_word(bits)
         self.kc = torch.empty(h, 0, w, dtype=torch.int32, device=dev)  # [H, capQ, D/PK]
@@ -239,7 +239,7 @@ class KiviStore:
         self.length = self.nq = self.nv = self.rk = self.rv = self.v0 = 0
         self.pending = None
 
-    def keep(self, idx: torch.Tensor, delta: torch.Tensor) -> None:
+    def compact(self, idx: torch.Tensor, delta: torch.Tensor) -> None:
         """Keep per-head sorted indices idx [H, b], moving keys by delta [H, b] positions."""
         b = idx.shape[1]
         j = torch.arange(b, device=idx.device)
@@ -277,7 +277,7 @@ class KiviStore:
         if n >= self.length:
             return
         idx = torch.arange(n, device=self.info.device).expand(self.info.n_kv_heads, -1)
-        self.keep(idx, torch.zeros_like(idx))
+        self.compact(idx, torch.zeros_like(idx))
 
     def nbytes(self) -> dict[str, int]:
         """Exact bytes held, by kind (allocated buffers, as FullStore reports)."""

@@ -34,6 +34,7 @@ import torch
 
 from . import evict
 from .registry import Opt, register
+from .slots import Selector
 
 
 class LazyPlan:
@@ -62,15 +63,23 @@ class LazyPlan:
             self.decided = True
 
 
-class LightTransferSelector:
+class LightTransferSelector(Selector):
     evicts = True
+    reads_attention = True  # measures laziness from the attention probabilities
 
-    def __init__(self, opts: dict, info, layer: int, plan: LazyPlan):
+    def __init__(self, opts: dict, info, layer: int):
         self.sinks, self.window, self.queries = opts["sinks"], opts["window"], opts["queries"]
+        self.lazy_share = opts["lazy"]
         self.chunk = opts["chunk"] or None
-        self.layer, self.shared = layer, plan
-        self.local = 0
+        self.layer = layer
+        self.shared: LazyPlan | None = None  # one per cache, set by link()
         self.heads = info.n_kv_heads
+
+    @staticmethod
+    def link(parts: list["LightTransferSelector"]) -> None:
+        plan = LazyPlan(len(parts), parts[0].lazy_share)
+        for part in parts:
+            part.shared = plan
 
     @property
     def lazy(self) -> bool:
@@ -79,9 +88,6 @@ class LightTransferSelector:
     @property
     def full_precision(self) -> bool:
         return self.lazy
-
-    def score(self, cache, chunk, k, v):
-        return None
 
     def _measuring(self, cache, chunk) -> bool:
         if self.shared.decided or chunk.phase == "decode":
@@ -103,7 +109,7 @@ class LightTransferSelector:
         self.shared.offer(self.layer, float((probs @ near).mean()))
         return out, None
 
-    def keep(self, cache, chunk):
+    def select(self, cache, chunk):
         """Lazy layer: indices [Hkv, sinks + window (+ final chunk)]; full layer: None."""
         if not self.lazy:
             return None
@@ -122,7 +128,4 @@ class LightTransferSelector:
     "chunk": Opt(int, 0, "prefill chunk length (0: the runtime's --chunk-size)", min=0),
 }, "the laziest layers keep sinks + window only (LightTransfer); about half the layers' memory")
 def build(policy, info, layer):
-    # NOTE: KVCache builds layers 0..n-1 in order: layer 0 starts this cache's shared plan.
-    if layer == 0 or "lighttransfer-plan" not in info.resources:
-        info.resources["lighttransfer-plan"] = LazyPlan(info.n_layers, policy.opts["lazy"])
-    return LightTransferSelector(policy.opts, info, layer, info.resources["lighttransfer-plan"])
+    return LightTransferSelector(policy.opts, info, layer)

@@ -48,6 +48,7 @@ from .base import ModelInfo
 from .evict import best, max_pool as _pool
 from .files import check_digest, digest, find_shipped, model_key, read_meta
 from .registry import Opt, SpecError, register
+from .slots import EvictingSelector
 
 HEADS_DIR = Path(__file__).parent / "heads"
 # The conversation's first tokens are attention sinks: evicting them breaks the model (the
@@ -240,27 +241,19 @@ def heads_from_official(ckpt: dict, w_qkv: list, b_qkv: list, n_kv: int, act: st
 
 # ---- the selector ------------------------------------------------------------------------
 
-class LocretSelector:
+class LocretSelector(EvictingSelector):
     """Keeps the top-`budget` tokens per KV head by retaining-head score."""
 
-    evicts = True
     needs_hidden = True
     needs_scores = True
     static_decode = True  # a decode token's score depends on its own hidden state only
 
     def __init__(self, opts: dict, info: ModelInfo, layer: int):
-        self.budget, self.stabilizers, self.local = opts["budget"], opts["stabilizers"], opts["local"]
-        self.chunk = opts["chunk"] or None  # None: the runtime's --chunk-size
+        super().__init__(opts, info)
+        self.stabilizers = opts["stabilizers"]
         self.share_scores, self.pool = opts["share"], opts["pool"]
         self.layer = layer
         self.heads, self.source = find_heads(info, opts["heads"])
-
-    def plan(self, n: int, size: int) -> list[int]:
-        """Chunk lengths for n new tokens: chunks of `size`, the last `local` held back."""
-        body = n - self.local
-        if body <= 0:
-            return [n]
-        return [min(size, body - s) for s in range(0, body, size)] + ([self.local] if self.local else [])
 
     def score(self, cache, chunk, k, v) -> torch.Tensor:
         """-> [Hkv, T] float32 scores of the chunk's tokens, from the captured hidden state."""
@@ -276,13 +269,9 @@ class LocretSelector:
         over every layer's heads (an ensemble of L x Hkv predictors), then pooled."""
         return _pool(scores.mean((0, 1))[None], self.pool)[0]
 
-    def keep(self, cache, chunk) -> torch.Tensor | None:
-        """-> sorted indices [Hkv, b] to keep, or None when nothing needs evicting."""
+    def pick(self, cache, chunk, cap, fixed) -> torch.Tensor:
+        """-> sorted indices [Hkv, cap]: sinks, stabilizers, the final chunk, the best scored."""
         n = cache.length
-        fixed = chunk.n if chunk.final else 0  # the held-back local tokens are never evicted
-        cap = self.budget + fixed
-        if n <= cap:
-            return None
         protect = min(n, self.stabilizers + fixed)
         s = cache.scores.clone()  # [Hkv, n]
         s[:, n - protect:] = float("inf")  # NOTE: protect + SINKS <= cap, so best() takes them all

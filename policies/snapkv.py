@@ -16,22 +16,16 @@ import torch.nn.functional as F
 
 from . import evict
 from .registry import Opt, SpecError, register
+from .slots import EvictingSelector
 
 
-class SnapKVSelector:
-    evicts = True
+class SnapKVSelector(EvictingSelector):
     needs_scores = True  # no votes in a converted cache: re-read
+    reads_attention = True
 
-    def __init__(self, opts: dict):
-        self.budget, self.window, self.kernel = opts["budget"], opts["window"], opts["kernel"]
-        self.local = opts["local"]
-        self.chunk = opts["chunk"] or None
-
-    def plan(self, n: int, size: int) -> list[int]:
-        return evict.plan(n, size, self.local)
-
-    def score(self, cache, chunk, k, v):
-        return None
+    def __init__(self, opts: dict, info):
+        super().__init__(opts, info)
+        self.window, self.kernel = opts["window"], opts["kernel"]
 
     def attend(self, cache, chunk, q, k, v, scale, extra):
         """q [Hq, T, D], k/v [Hkv, T, D] -> (out [Hq, T, D], new tokens' votes [Hkv, T])."""
@@ -49,11 +43,8 @@ class SnapKVSelector:
             cache.scores = votes[:, :old].contiguous()
         return out, votes[:, old:]
 
-    def keep(self, cache, chunk):
-        """-> sorted indices [Hkv, cap] (observation window + best voted), or None."""
-        cap, fixed = evict.cap_and_fixed(self.budget, chunk)
-        if cache.length <= cap:
-            return None
+    def pick(self, cache, chunk, cap, fixed):
+        """-> sorted indices [Hkv, cap]: the observation window and the best voted."""
         return evict.top(cache.scores, cap, self.window + fixed)
 
 
@@ -73,4 +64,4 @@ def _check(opts):
     "local": Opt(int, 100, "last tokens of a prefill read as the final, voting chunk", min=0),
 }, "observation window: the last queries vote for the keys to keep (SnapKV), query-aware", _check)
 def build(policy, info, layer):
-    return SnapKVSelector(policy.opts)
+    return SnapKVSelector(policy.opts, info)

@@ -8,9 +8,11 @@ not-yet-written tail masked off. Nothing else changes until `close_window` commi
 steps taken: lengths, conversation indices, scores, `next_position` -- the same state
 `LayerCache.forward` leaves, one token at a time (tests/test_decode.py).
 
-A cache qualifies when its stores have buffers to write into (`static_decode` on the
-store: `FullStore`), no spill or reader acts per step, and its selector's decode score is
-a pure function of the step's inputs (`static_decode` on the selector).
+A cache qualifies when its stores have buffers to write into (`Store.static_decode`:
+`FullStore`), no spill or reader acts per step, and its selector's decode score is a pure
+function of the step's inputs (`Selector.static_decode`). Only the store touches its
+buffers: `open_window`, `write_step`, `window`, and `commit`, the same commit an eager
+chunk ends with; `LayerCache.advance` does the rest of the bookkeeping for both paths.
 """
 from __future__ import annotations
 
@@ -19,9 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import attend_window
-from .kernels import triton_ok, window_attn
-
-KERNEL: bool | None = None  # the Triton window kernel: None = on CUDA where Triton runs; tests force it
+from .kernels import window_attn
 
 
 @dataclass
@@ -31,6 +31,7 @@ class StaticStep:
     end: list[int]  # per layer: the span attention reads (start + room, rounded up)
     room: int  # steps this window holds
     scores: list  # per layer: [Hkv, room] float32 scores of the steps, or None
+    kernel: bool = False  # the Triton window kernel (ModelInfo.kernels.window)
 
 
 def reason(cache) -> str:
@@ -38,11 +39,11 @@ def reason(cache) -> str:
     if cache.ffn is not None:
         return "`ffnskip` decides per token which layers run their FFN"
     for layer in cache.layers:
-        if not getattr(layer.store, "static_decode", False):
+        if not layer.store.static_decode:
             return f"store `{type(layer.store).__name__}` decodes its own way"
         if layer.spill is not None or layer.reader is not None:
             return "a spill or reader acts per decode step"
-        if not getattr(layer.selector, "static_decode", False):
+        if not layer.selector.static_decode:
             return f"selector `{type(layer.selector).__name__}` updates state per decode step"
     return ""
 
@@ -55,37 +56,28 @@ def open_window(cache, room: int) -> StaticStep:
     end = [-(-(s + room) // 64) * 64 for s in start]  # aligned spans
     scores = []
     for layer, s, e in zip(cache.layers, start, end):
-        layer.store._reserve(e)
-        # NOTE: the masked tail still enters P @ V with weight 0, and 0 x NaN is NaN:
-        # memory the allocator hands back may hold any bits, so clear it
-        layer.store.k[:, s:e].zero_()
-        layer.store.v[:, s:e].zero_()
-        wants = layer.scores is not None or getattr(layer.selector, "needs_scores", False)
+        layer.store.open_window(s, e)
+        wants = layer.scores is not None or layer.selector.needs_scores
         scores.append(torch.zeros(cache.info.n_kv_heads, room, dtype=torch.float32, device=dev)
                       if wants else None)
-    return StaticStep(torch.zeros(1, dtype=torch.long, device=dev), start, end, room, scores)
+    return StaticStep(torch.zeros(1, dtype=torch.long, device=dev), start, end, room, scores,
+                      cache.info.kernels.on("window", dev))
 
 
 def forward(layer, q, k, v, scale, chunk):
     """One decode token of `layer` (a LayerCache) in chunk.static's window: q [Hq, 1, D],
     k/v [Hkv, 1, D] post-RoPE -> [Hq, 1, D]. Fixed shapes, no host sync, nothing committed."""
     st = chunk.static
-    i, store = layer.layer, layer.store
-    kernel = KERNEL if KERNEL is not None else (q.is_cuda and triton_ok(q.device))
-    if kernel:
-        window_attn.write_rows(store.k, store.v, k, v, st.step, st.start[i])
-    else:
-        at = st.step + st.start[i]
-        store.k.index_copy_(1, at, k)
-        store.v.index_copy_(1, at, v)
+    i = layer.layer
+    layer.store.write_step(k, v, st.step, st.start[i], st.kernel)
     s = layer.selector.score(layer, chunk, k, v)
     if s is not None:
         st.scores[i].index_copy_(1, st.step, s)
-    n = st.end[i]
-    if kernel:
-        return window_attn.attend_window(q, store.k[:, :n], store.v[:, :n], scale, st.step, st.start[i])
-    valid = torch.arange(n, device=q.device) <= st.step + st.start[i]
-    return attend_window(q, store.k[:, :n], store.v[:, :n], scale, valid)
+    keys, vals = layer.store.window(st.end[i])
+    if st.kernel:
+        return window_attn.attend_window(q, keys, vals, scale, st.step, st.start[i])
+    valid = torch.arange(keys.shape[1], device=q.device) <= st.step + st.start[i]
+    return attend_window(q, keys, vals, scale, valid)
 
 
 @torch.inference_mode()
@@ -93,13 +85,7 @@ def close_window(cache, st: StaticStep, n: int) -> None:
     """Commit the first n steps of window st to every layer (as `LayerCache.forward` would)."""
     if n:
         for layer, sc in zip(cache.layers, st.scores):
-            layer.store.length += n
-            if layer.pos is not None:
-                new = torch.arange(layer.seen, layer.seen + n, device=layer.pos.device)
-                layer.pos = torch.cat((layer.pos, new.expand(layer.pos.shape[0], -1)), 1)
-            if sc is not None:
-                sc = sc[:, :n].clone()
-                layer.scores = sc if layer.scores is None else torch.cat((layer.scores, sc), 1)
-            layer.seen += n
+            layer.store.commit(n)
+            layer.advance(n, None if sc is None else sc[:, :n].clone())
         cache.next_position += n
     cache.track_peak()

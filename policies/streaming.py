@@ -9,29 +9,20 @@ from __future__ import annotations
 
 from . import evict
 from .registry import Opt, register
+from .slots import EvictingSelector
 
 
-class StreamingSelector:
-    evicts = True
+class StreamingSelector(EvictingSelector):
     static_decode = True  # scores nothing
 
     def __init__(self, opts: dict, info):
-        self.sinks, self.window = opts["sinks"], opts["window"]
-        self.budget = self.sinks + self.window
-        self.chunk = opts["chunk"] or None  # None: the runtime's --chunk-size
-        self.local = 0
-        self.heads = info.n_kv_heads
+        super().__init__(opts, info)
+        self.sinks = opts["sinks"]
+        self.budget = self.sinks + opts["window"]
 
-    def score(self, cache, chunk, k, v):
-        return None
-
-    def keep(self, cache, chunk):
-        """-> indices [Hkv, budget (+ final chunk)] of sinks + newest, or None."""
-        cap, _ = evict.cap_and_fixed(self.budget, chunk)
-        n = cache.length
-        if n <= cap:
-            return None
-        return evict.sinks_recent(n, self.sinks, cap, self.heads, cache.info.device)
+    def pick(self, cache, chunk, cap, fixed):
+        """-> indices [Hkv, cap] of the sinks and the newest tokens."""
+        return evict.sinks_recent(cache.length, self.sinks, cap, self.info.n_kv_heads, self.info.device)
 
 
 @register("streaming", "selector", {

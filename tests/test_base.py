@@ -4,6 +4,7 @@ import torch
 from policies import ModelInfo, rope
 from policies.base import FullStore, LayerCache, _complement
 from policies.kivi import KiviStore
+from policies.slots import Selector
 
 
 def _info(h=2, d=16):
@@ -20,7 +21,7 @@ def test_keep_gathers_rotates_and_gives_memory_back():
     idx = torch.sort(torch.randperm(2000)[:100]).values.expand(2, -1).contiguous()
     idx[1] = torch.sort(torch.randperm(2000)[:100]).values
     delta = torch.arange(100)[None] - idx  # compact to slots 0..99
-    st.keep(idx, delta)
+    st.compact(idx, delta)
     assert st.length == 100 and st.k.shape[1] == 256  # shrunk: 2000-token buffer returned
     assert st.nbytes() == {"keys": 2 * 256 * 16 * 4, "values": 2 * 256 * 16 * 4}
     want_k = rope.rotate(k.gather(1, idx[..., None].expand(-1, -1, 16)), delta, info.inv_freq)
@@ -33,7 +34,7 @@ def test_steady_eviction_keeps_its_buffer():
     st.append(torch.randn(2, 1536, 16), torch.randn(2, 1536, 16))
     buf = st.k
     idx = torch.arange(512, 1536).expand(2, -1)
-    st.keep(idx, torch.zeros(2, 1024))
+    st.compact(idx, torch.zeros(2, 1024))
     assert st.k is buf and st.length == 1024
 
 
@@ -55,7 +56,7 @@ def test_complement():
     assert _complement(idx, 6).tolist() == [[1, 2, 5], [0, 3, 4]]
 
 
-class _Lazy:
+class _Lazy(Selector):
     """A selector that asks for full precision once it evicts."""
     evicts, full_precision = True, True
 
@@ -77,11 +78,11 @@ def test_full_precision_selector_swaps_quantized_store_exactly():
     assert isinstance(layer.store, FullStore) and layer.length == 44
     want = FullStore(info)
     want.load(dk, dv)
-    want.keep(idx, torch.arange(44)[None, :] - idx)
+    want.compact(idx, torch.arange(44)[None, :] - idx)
     torch.testing.assert_close(layer.store.dense()[0], want.dense()[0], rtol=0, atol=0)
     torch.testing.assert_close(layer.store.dense()[1], want.dense()[1], rtol=0, atol=0)
     # tokens 70..119 were still at full precision (the chunk not yet laid out): bit-exact
-    ref.keep(idx, torch.arange(44)[None, :] - idx)
+    ref.compact(idx, torch.arange(44)[None, :] - idx)
     for got, exact in zip(layer.store.dense(), ref.dense()):
         torch.testing.assert_close(got[:, 4:], exact[:, 4:], rtol=0, atol=0)
     assert not torch.equal(layer.store.dense()[1][:, :4], ref.dense()[1][:, :4])  # sinks were 2-bit

@@ -192,7 +192,7 @@ def _evict(stores, g, b, new_base):
     idx = torch.stack([torch.sort(torch.randperm(L, generator=g)[:b])[0] for _ in range(H)])
     delta = torch.arange(new_base, new_base + b)[None] - idx
     for s in stores:
-        s.keep(idx, delta)
+        s.compact(idx, delta)
 
 
 @pytest.mark.parametrize("bits", [2, 4])
@@ -227,8 +227,8 @@ def test_rebase_shifts_the_frame_without_touching_codes():
     codes = st.kc[:, : st.nq].clone()
     before = st.dense()[0]
     idx = torch.arange(200).expand(H, -1)
-    st.keep(idx, torch.full_like(idx, -50))
-    fu.keep(idx, torch.full_like(idx, -50))
+    st.compact(idx, torch.full_like(idx, -50))
+    fu.compact(idx, torch.full_like(idx, -50))
     assert st.shift == -50 and torch.equal(st.kc[:, : st.nq], codes)
     torch.testing.assert_close(st.dense()[0], rope.rotate(before, torch.full((200,), -50), INV),
                                atol=1e-4, rtol=1e-4)
@@ -236,8 +236,8 @@ def test_rebase_shifts_the_frame_without_touching_codes():
     # keys then spin like post-RoPE keys inside a group, so the error is larger, but bounded
     idx = torch.stack([torch.sort(torch.randperm(200, generator=g)[:120])[0] for _ in range(H)])
     delta = torch.randint(-3, 3, (H, 120), generator=g)
-    st.keep(idx, delta)
-    fu.keep(idx, delta)
+    st.compact(idx, delta)
+    fu.compact(idx, delta)
     assert rel(st.dense()[0], fu.dense()[0]) < 0.35
 
 

@@ -90,7 +90,7 @@ def test_store_decodes_through_the_kernel_like_the_torch_path():
         plain.append(k, v)
     idx = torch.arange(10, 110).expand(h, -1)
     for s in (fused, plain):
-        s.keep(idx, torch.full_like(idx, -10))  # the frame shifts: the kernel must follow
+        s.compact(idx, torch.full_like(idx, -10))  # the frame shifts: the kernel must follow
     q, k, v = torch.randn(4, 1, d), torch.randn(h, 1, d), torch.randn(h, 1, d)
     torch.testing.assert_close(fused.attend(q, k, v, 0.125), plain.attend(q, k, v, 0.125), atol=1e-5, rtol=0)
 

@@ -253,7 +253,7 @@ def test_spans_fit_half_the_buffer_and_quote_zero_is_off(chfile):
 class KeepNewestAlways(KeepNewest):
     """Also evicts after the final chunk: host rows arrive after the question's recall."""
 
-    def keep(self, cache, chunk):
+    def select(self, cache, chunk):
         n = cache.length
         return None if n <= self.budget else torch.arange(n - self.budget, n).expand(cache.info.n_kv_heads, -1)
 

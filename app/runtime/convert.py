@@ -15,19 +15,13 @@ def convert(old: KVCache, info: ModelInfo, spec: str):
     """-> (new_cache, lossy, note) or (None, False, reason) where a re-prefill is needed."""
     new = KVCache(spec, info)
     sel = new.layers[0].selector
-    if getattr(sel, "needs_scores", False) and old.length and any(l.scores is None for l in old.layers):
+    if sel.needs_scores and old.length and any(l.scores is None for l in old.layers):
         return None, False, f"`{new.slots['selector'].name}` needs scores that were not recorded at prefill"
     old_evicts = old.evicts
-    old_lossless = all(getattr(l.store, "lossless", False) for l in old.layers)
-    new_lossless = all(getattr(l.store, "lossless", False) for l in new.layers)
+    old_lossless = all(l.store.lossless for l in old.layers)
+    new_lossless = all(l.store.lossless for l in new.layers)
     for i, (src, dst) in enumerate(zip(old.layers, new.layers)):
-        k, v = src.store.dense()
-        dst.store.load(k, v)
-        dst.base, dst.seen = src.base, src.seen
-        dst.pos = None if src.pos is None else src.pos.clone()
-        dst.scores = None if src.scores is None else src.scores.clone()
-        if src.spill is not None and dst.spill is not None and hasattr(dst.spill, "adopt"):
-            dst.spill.adopt(src.spill)
+        dst.adopt(src)
         old.layers[i] = None  # free the old layer as soon as it is copied
     new.next_position = old.next_position
     new.peak_bytes = 0
