@@ -80,7 +80,7 @@ def run(args) -> int:
         if args.shape:
             if args.suite != "speed":
                 raise SystemExit(f"bench {args.suite}: --shape is for the gpu128k and speed suites")
-            from .gpu128k import random_adapter
+            from .random_model import random_adapter
             rt, files = random_adapter(args.shape, args.device)
         else:
             from app.runtime.engine import Runtime

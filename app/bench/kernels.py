@@ -18,7 +18,7 @@ import torch
 from policies import Chunk, KVCache, ModelInfo
 
 from .common import Bar, sync, table, write_json
-from .gpu128k import random_channels_file
+from .random_model import random_channels_file
 
 LAYOUT = dict(n_q_heads=32, n_kv_heads=8, head_dim=128)
 ROWS = ("full", "kivi:bits=2", "kivi:bits=2 (reference)", "kivi:bits=4", "kivi:bits=4 (reference)",

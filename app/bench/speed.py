@@ -10,7 +10,7 @@ import torch
 from policies import KVCache
 
 from .common import Bar, hf_attention, plot, random_ids, sync, table, timed_prefill_decode, write_json
-from .gpu128k import with_files
+from .random_model import with_files
 
 DEFAULT_POLICIES = ("full", "kivi", "locret:budget=1024", "locret:budget=1024+kivi")
 
@@ -46,7 +46,7 @@ BASELINES = ("hf generate", "hf QuantizedCache 4-bit")
 
 def run(rt_or_adapter, policies=DEFAULT_POLICIES, lengths=(1024, 4096), chunk: int = 512, decode: int = 16,
         baselines=BASELINES, out_dir=None, files=None):
-    """files: (heads dir, channels file) that each spec gets (gpu128k.with_files) while its
+    """files: (heads dir, channels file) that each spec gets (random_model.with_files) while its
     row keeps the spec as given: a random-weight model's random heads and channels."""
     ad = getattr(rt_or_adapter, "adapter", rt_or_adapter)
     vocab = ad.model.config.vocab_size
