@@ -32,6 +32,7 @@ class Config:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     data_dir: str = ""  # where conversations are saved; "" = the user data dir
+    model_dirs: list[str] = field(default_factory=list)  # folders `main.py models` and /model also search
     keymap: dict[str, str] = field(default_factory=dict)  # binding id -> keys, e.g. {"policy": "f3"}
 
     def conversations_dir(self) -> Path:
@@ -39,13 +40,14 @@ class Config:
 
 
 _COMMENTS = {
-    "model": 'HF id, model directory or .gguf path; "" = the embedded default model',
+    "model": 'HF id, model directory, .gguf path or a `main.py models` name (ollama:qwen2.5:7b); "" = the embedded default model',
     "policy": 'KV-cache policy spec, e.g. "full", "locret:budget=2048+kivi"',
     "theme": "any Textual theme: textual-dark, textual-light, nord, gruvbox, ...",
     "max_new_tokens": "longest answer, in tokens",
     "temperature": "0 = greedy decoding",
     "top_p": "nucleus sampling threshold (used when temperature > 0)",
     "data_dir": 'saved conversations go under DATA_DIR/conversations; "" = the user data dir',
+    "model_dirs": 'folders of models (model folders, .gguf files) for `main.py models` and /model, e.g. ["~/models"]',
 }
 
 _KEYMAP_HELP = """\
@@ -62,6 +64,8 @@ def config_path() -> Path:
 
 
 def _toml_value(value) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -111,6 +115,8 @@ def parse_config(data: dict, where: str = "config") -> Config:
             bad = [k for k, v in value.items() if not isinstance(v, str)]
             if bad:
                 raise ConfigError(f'{where}: keymap entry `{bad[0]}` must be a string like "f3"')
+        if key == "model_dirs" and not all(isinstance(v, str) for v in value):
+            raise ConfigError(f'{where}: `model_dirs` must be a list of folder paths like ["~/models"]')
         setattr(config, key, value)
     if config.max_new_tokens < 1:
         raise ConfigError(f"{where}: `max_new_tokens` must be at least 1, got {config.max_new_tokens}")

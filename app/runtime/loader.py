@@ -1,4 +1,5 @@
-"""Model loading: the embedded default, a Hugging Face id or directory, or a .gguf file.
+"""Model loading: the embedded default, a Hugging Face id or directory, a .gguf file, or a
+name from a local model store (`ollama:qwen2.5:7b`, `lmstudio:…`: app/runtime/stores.py).
 
 GGUF weights are dequantized once (~20-30 s on CPU) and cached as safetensors in the
 user cache dir, checked by a manifest of sizes and SHA-256 so a truncated or corrupt
@@ -163,22 +164,26 @@ def load(model: str | None = None, device: str = "auto", weights: str = "auto",
     if model in (None, "", "default", DEFAULT_MODEL):
         folder, model_id = convert_gguf(default_gguf(), status), DEFAULT_MODEL
     else:
-        path = Path(model).expanduser()
-        if path.suffix == ".gguf":
+        from .stores import resolve
+        # ollama:/lmstudio: names; hub ids already in the local cache (a path on disk wins)
+        found = None if Path(model).expanduser().exists() else resolve(model)
+        path = found[0] if found else Path(model).expanduser()
+        if path.suffix == ".gguf" or (found and path.is_file()):  # an Ollama blob has no suffix
             if not path.is_file():
                 raise VramchatError(f"GGUF file {path} does not exist")
-            folder, model_id = convert_gguf(path, status), path.name
+            folder, model_id = convert_gguf(path, status), found[1] if found else path.name
         elif path.is_dir():
             if not (path / "config.json").is_file():
                 raise VramchatError(f"{path} is a directory without config.json: not a Hugging Face model folder")
-            folder, model_id = path, str(path)
+            folder, model_id = path, found[1] if found else str(path)
         elif path.exists():
             raise VramchatError(f"{path} is a file; pass a model folder, a .gguf file or a Hugging Face id")
         elif _is_hub_id(model):
             folder, model_id = model, model
         else:
             raise VramchatError(f"model {model!r} not found: no such folder or .gguf file, and not a "
-                                "Hugging Face id (owner/name)")
+                                "Hugging Face id (owner/name) or a local store's name (`main.py models` "
+                                "lists them: ollama:…, lmstudio:…)")
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     if label in _DTYPES:
         kwargs["dtype"] = _DTYPES[label]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import glob
 import os
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -28,7 +29,8 @@ COMMANDS = {c.name: c for c in [
     Command("clear", "/clear", "start a new conversation and free the cache"),
     Command("save", "/save [NAME]", "save the conversation as JSON + Markdown"),
     Command("open", "/open [NAME]", "open a saved conversation (no NAME: pick one)"),
-    Command("model", "/model ID_OR_PATH", "switch model (HF id, directory or .gguf); the conversation follows"),
+    Command("model", "/model NAME", "switch model (a `main.py models` name such as ollama:qwen2.5:7b, "
+            "an HF id, a folder or .gguf; Tab completes); the conversation follows"),
     Command("copy", "/copy [code]", "copy the last answer (or its last code block) to the clipboard"),
     Command("help", "/help", "keys and commands"),
 ]}
@@ -78,6 +80,33 @@ def _complete_path(arg: str, suffixes=DOC_SUFFIXES) -> tuple[str, list[str]]:
     return done, [os.path.basename(m.rstrip(os.sep)) + (os.sep if m.endswith(os.sep) else "") for m in matches]
 
 
+_models: tuple[float, list[str]] = (0.0, [])
+
+
+def model_names() -> list[str]:
+    """Names of the models on disk (app/runtime/stores.py), rescanned at most every 30 s: a
+    scan reads every GGUF header, too slow for every Tab."""
+    global _models
+    if time.monotonic() - _models[0] > 30:
+        from app import config
+        from app.runtime import stores
+        try:
+            dirs = config.load_config().model_dirs
+        except config.ConfigError:
+            dirs = []
+        _models = (time.monotonic(), stores.names(dirs))
+    return _models[1]
+
+
+def _complete_model(arg: str) -> tuple[str, list[str]]:
+    if arg.startswith((".", "/", "~")):
+        return _complete_path(arg, (".gguf",))
+    names = [n for n in model_names() if n.startswith(arg)]
+    if len(names) == 1:
+        return names[0], names
+    return (_common_prefix(names) or arg), names[:50]
+
+
 def complete(text: str, saved: list[str] = ()) -> tuple[str, list[str]]:
     """Tab completion: (new text, hint lines). Text that cannot be completed comes back as is."""
     if not text.startswith("/") or "\n" in text:
@@ -98,6 +127,8 @@ def complete(text: str, saved: list[str] = ()) -> tuple[str, list[str]]:
         names = [s for s in saved if s.startswith(arg)]
         new = names[0] if len(names) == 1 else (_common_prefix(names) or arg)
         hints = names
+    elif name == "model":
+        new, hints = _complete_model(arg)
     elif name == "copy":
         new, hints = ("code" if "code".startswith(arg) and arg else arg), ["code: the last code block"]
     else:
