@@ -35,18 +35,18 @@ case "${1:-check}" in
   prefill4b)
     step 280 g128k4b python3 main.py bench gpu128k --weights 4bit --cap-gib 24 --decode 32 --policies "full $P" --out "$OUT/4b" ;;
   probe)
-    step 300 probe python3 scripts/probe_attn.py ;;
+    step 300 probe python3 main.py bench probe-attn ;;
   bf16)
     step 240 g128k python3 main.py bench gpu128k --policies "full $P $P+kivi $P+kivi+offload" --out "$OUT"
     step 330 g128koff python3 main.py bench gpu128k --policies offload --decode 4 --out "$OUT/off" ;;
   4bit)
     step 200 g128k4b12 python3 main.py bench gpu128k --weights 4bit --cap-gib 12 --decode 32 --policies "$P+kivi" --out "$OUT"
     step 300 g128k4b24 python3 main.py bench gpu128k --weights 4bit --cap-gib 24 --decode 32 --policies "$P $P+kivi+offload" --out "$OUT/24" ;;
-  # session 7: the window kernel and fused norm/RoPE (A/B in one run), offload's copies, speed
+  # the window kernel and fused norm/RoPE, A/B in one run
   decode)
     step 200 pytest python3 -m pytest -q -p no:cacheprovider tests/test_window_kernel.py tests/test_fused.py \
       tests/test_cuda.py tests/test_decode.py -rs
-    step 150 ab32k python3 scripts/probe_decode.py --context 32768 --policies "full $P" --profile fused ;;
+    step 150 ab32k python3 main.py bench probe-decode --context 32768 --policies "full $P" --profile fused ;;
   speed)
     step 200 speed python3 main.py bench speed --shape llama3-8b --lengths 4096,16384 --chunk 2048 --decode 32 \
       --baselines generate --policies "full locret:budget=2048 locret:budget=2048+kivi" --out "$OUT/speed"

@@ -193,3 +193,18 @@ def test_passkey_skips_longer_lengths_after_a_miss_except_full(monkeypatch):
     asked.clear()
     baselines.run(rt, names=["full", "streaming", "locret"], skip_missed=False, **kw)
     assert len(asked) == 18  # every cell
+
+
+def test_probe_suites_run_from_the_cli(capsys):
+    """The GPU probes are bench suites: on a CPU probe-decode runs the tiny shape, probe-pinned
+    runs unpinned, probe-attn refuses."""
+    import main
+    import torch
+    assert main.main(["bench", "probe-decode", "--context", "300", "--policies", "full", "--variants", "torch",
+                      "--profile", ""]) == 0
+    assert "of floor" in capsys.readouterr().out
+    assert main.main(["bench", "probe-pinned"]) == 0
+    assert "exact pinning set" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            main.main(["bench", "probe-attn"])

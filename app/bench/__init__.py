@@ -1,7 +1,9 @@
 """`main.py bench SUITE`: one benchmark suite for memory, speed and quality.
 
 Every suite prints a Markdown table (progress on stderr), writes `SUITE.json` with the
-machine and commit, and PNG plots, under `--out` (default bench-out/).
+machine and commit, and PNG plots, under `--out` (default bench-out/). The probe-* suites
+are diagnostics for a GPU (where a decode step's time goes, whether host memory pins
+exactly): they print what they find and write nothing.
 """
 from __future__ import annotations
 
@@ -9,11 +11,12 @@ import argparse
 import time
 from pathlib import Path
 
-SUITES = ("memory", "speed", "quality", "gpu128k", "soak", "kernels")
+SUITES = ("memory", "speed", "quality", "gpu128k", "soak", "kernels", "probe-attn", "probe-decode", "probe-pinned")
+PROBE_VARIANTS = "torch window fused"
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks: memory, speed, quality, gpu128k, soak, kernels",
+    p = sub.add_parser("bench", help="benchmarks: " + ", ".join(SUITES),
                        formatter_class=argparse.RawDescriptionHelpFormatter, description=__doc__)
     p.add_argument("suite", choices=SUITES)
     p.add_argument("--model", default=None, help="model for memory/speed/quality (default: the embedded one)")
@@ -36,11 +39,17 @@ def add_parser(sub) -> None:
                    help="soak: turns per policy against one document (its length: first of --lengths, default 8192)")
     g = p.add_argument_group("gpu128k")
     g.add_argument("--shape", default=None, choices=["llama3-8b", "tiny"],
-                   help="gpu128k (default llama3-8b) and speed: a random-weight model of this shape, with "
+                   help="gpu128k (default llama3-8b), probe-decode and speed: a random-weight model of this shape, with "
                         "random retaining heads and offload channels, instead of --model (speed only, no hub)")
-    g.add_argument("--context", type=int, default=131072)
+    g.add_argument("--context", type=int, default=None,
+                   help="prompt tokens: gpu128k (default 131072) and probe-decode (default 32768)")
     g.add_argument("--cap-gib", type=float, default=24.0, help="cap the card to this many GiB")
     g.add_argument("--allow-cpu", action="store_true", help="run gpu128k on the CPU (smoke test, tiny shape)")
+    g = p.add_argument_group("probe-decode")
+    g.add_argument("--variants", default=PROBE_VARIANTS,
+                   help="decode-step kernels to A/B, any of torch (as transformers and torch have them), "
+                        "window (the Triton window kernel), fused (window + fused norm and RoPE)")
+    g.add_argument("--profile", default=PROBE_VARIANTS, help="variants whose kernels to profile")
 
 
 def _list(text, cast=str, sep=None):
@@ -68,8 +77,12 @@ def run(args) -> int:
     if args.suite == "gpu128k":
         from . import gpu128k
         weights = "4bit" if args.weights == "4bit" else "bf16"
-        gpu128k.run(shape=args.shape or "llama3-8b", context=args.context, decode=args.decode or 128, cap_gib=args.cap_gib,
+        gpu128k.run(shape=args.shape or "llama3-8b", context=args.context or 131072, decode=args.decode or 128,
+                    cap_gib=args.cap_gib,
                     weights=weights, policies=pols or gpu128k.POLICIES, allow_cpu=args.allow_cpu, out_dir=out)
+    elif args.suite.startswith("probe-"):
+        _probe(args, pols)
+        return 0
     elif args.suite == "kernels":
         from . import kernels
         kernels.run(lengths=lengths or (8192, 32768, 131072), device=None if args.device == "auto" else args.device,
@@ -104,3 +117,16 @@ def run(args) -> int:
     print(f"\n{args.suite}: {time.perf_counter() - t0:,.0f} s on {torch.get_num_threads()} threads; "
           f"JSON and plots in {out}/")
     return 0
+
+
+def _probe(args, pols) -> None:
+    if args.suite == "probe-attn":
+        from . import probe_attn
+        probe_attn.run()
+    elif args.suite == "probe-pinned":
+        from . import probe_pinned
+        probe_pinned.run()
+    else:
+        from . import probe_decode
+        probe_decode.run(context=args.context or 32768, policies=pols or ("full",), variants=_list(args.variants) or (),
+                         profiled=_list(args.profile) or (), cap_gib=args.cap_gib, shape=args.shape)

@@ -25,14 +25,14 @@ ROWS = ("full", "kivi:bits=2", "kivi:bits=2 (reference)", "kivi:bits=4", "kivi:b
         "doublesparse:keep=0.0625")
 
 
-def _info(device, dtype, layers: int) -> ModelInfo:
+def layout_info(device, dtype, layers: int) -> ModelInfo:
     d = LAYOUT["head_dim"]
     inv = 1.0 / (500000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
     return ModelInfo(n_layers=layers, dtype=dtype, device=device, inv_freq=inv, window=131072,
                      model_id="kernels-bench", hidden_size=4096, **LAYOUT)
 
 
-def _layer(name: str, info, length: int, chunk: int):
+def filled_layer(name: str, info, length: int, chunk: int):
     """(layer cache of the last layer, filled with `length` random tokens)."""
     spec = name.split(" ")[0]
     if spec.startswith("doublesparse"):
@@ -80,7 +80,7 @@ def run(lengths=(8192, 32768, 131072), rows=ROWS, iters: int = 50, chunk: int = 
     from policies.kernels import kivi_attn
     if not kivi_attn.triton_ok(device):
         rows = tuple(r for r in rows if not (r.startswith("kivi") and "(reference)" not in r))
-    info = _info(device, dtype, layers=3)  # doublesparse keeps its first 2 layers dense
+    info = layout_info(device, dtype, layers=3)  # doublesparse keeps its first 2 layers dense
     d = info.head_dim
     out, base = [], {}
     bar = Bar(len(lengths) * len(rows), "bench kernels")
@@ -88,7 +88,7 @@ def run(lengths=(8192, 32768, 131072), rows=ROWS, iters: int = 50, chunk: int = 
         for name in rows:
             row = {"store": name, "context": n}
             try:
-                layer = _layer(name, info, n, chunk)
+                layer = filled_layer(name, info, n, chunk)
                 g = torch.Generator(device=device).manual_seed(1)
                 q = torch.randn(info.n_q_heads, 1, d, generator=g, device=device, dtype=dtype)
                 kv = torch.randn(info.n_kv_heads, 1, d, generator=g, device=device, dtype=dtype)

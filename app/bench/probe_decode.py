@@ -1,6 +1,6 @@
-"""GPU probe (BENCHMARKS.md, GPU section): where one decode step's time goes.
+"""`bench probe-decode`: where one decode step's time goes (BENCHMARKS.md, GPU section).
 
-For an 8B Llama-3.1-shaped model (random bf16 weights, card capped at 24 GiB) and each
+For an 8B Llama-3.1-shaped model (random bf16 weights, card capped at `--cap-gib`) and each
 policy given: prefill `--context` tokens, then
 1. the CUDA-graph decode step's time (mean of 64 replays) against the bandwidth floor;
 2. a torch profile of 3 fixed-shape steps run without the graph: GPU kernels per step,
@@ -10,28 +10,28 @@ policy given: prefill `--context` tokens, then
    over the window, transformers' norms and RoPE: `torch`), with the Triton window
    kernel (`window`), and with the fused norm and RoPE kernels too (`fused`): A/B in one run.
 
-Run: `python scripts/probe_decode.py --context 32768 --policies "full locret:budget=16384"`.
+On a CPU it runs the tiny shape, to check the code runs. Prints; writes no JSON.
 """
-import argparse
+from __future__ import annotations
+
 import os
-import sys
 import time
 from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, os.getcwd())
-from app.bench import gpu128k  # noqa: E402
-from app.bench.common import prefill_ids, sync as _sync  # noqa: E402
-import app.runtime.adapter as adapter_mod  # noqa: E402
-from app.runtime.adapter import Adapter  # noqa: E402
-from app.runtime.decode import Decoder  # noqa: E402
-from policies import KVCache, static  # noqa: E402
+import app.runtime.adapter as adapter_mod
+from app.runtime.adapter import Adapter
+from app.runtime.decode import Decoder
+from app.runtime.prefill import prefill
+from policies import KVCache, static
 
+from .bandwidth import bandwidth
+from .common import random_ids, sync
+from .random_model import build_model, random_heads_dir, with_files
 
-def sync():
-    _sync("cuda" if torch.cuda.is_available() else "cpu")
+VARIANTS = ("torch", "window", "fused")
 
 
 def kind(name: str) -> str:
@@ -49,12 +49,12 @@ def kind(name: str) -> str:
 
 def profile_steps(dec: Decoder, token, n=3):
     dec.step(token)  # opens the window
-    sync()
+    sync(token.device)
     act = ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU
     with profile(activities=[act]) as prof:
         for _ in range(n):
             dec.step(token)
-        sync()
+        sync(token.device)
     by = defaultdict(lambda: [0, 0.0])
     cats = defaultdict(lambda: [0, 0.0])
     for e in prof.events():
@@ -77,60 +77,54 @@ def profile_steps(dec: Decoder, token, n=3):
 
 def graph_step_ms(dec: Decoder, token, n=64):
     dec.step(token)
-    sync()
+    sync(token.device)
     t0 = time.perf_counter()
     for _ in range(n):
         dec.step(token)
-    sync()
+    sync(token.device)
     return (time.perf_counter() - t0) / n * 1e3
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--context", type=int, default=32768)
-    ap.add_argument("--policies", default="full")
-    ap.add_argument("--variants", default="torch window fused")
-    ap.add_argument("--profile", default="torch window fused", help="variants whose kernels to profile")
-    a = ap.parse_args()
-    cuda = torch.cuda.is_available()  # on a CPU: the tiny shape, to check the script runs
+def run(context=32768, policies=("full",), variants=VARIANTS, profiled=VARIANTS, cap_gib=24.0, shape=None):
+    """Print, per policy, the decode step per variant against the floor, and the kernel
+    profile of the variants in `profiled`."""
+    cuda = torch.cuda.is_available()
     dev = torch.device("cuda:0" if cuda else "cpu")
+    shape = shape or ("llama3-8b" if cuda else "tiny")
     if cuda:
         total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, 24 * 2**30 / total), 0)
-    model = gpu128k.build_model("llama3-8b" if cuda else "tiny", dev, "bf16")
-    ad = Adapter(model, None, "random llama3-8b (bf16)")
-    heads = gpu128k.random_heads_dir(ad.info)
-    bw = gpu128k.bandwidth(dev)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total), 0)
+    model = build_model(shape, dev, "bf16")
+    ad = Adapter(model, None, f"random {shape} (bf16)")
+    heads = random_heads_dir(ad.info)
+    bw = bandwidth(dev)
     wbytes = ad.weights_bytes()
     print(f"weights {wbytes / 2**30:.2f} GiB, bandwidth {bw / 1e9:.0f} GB/s")
-    ids = gpu128k.random_ids(a.context, model.config.vocab_size, 0, dev)
+    ids = random_ids(context, model.config.vocab_size, 0, dev)
     token = torch.tensor([7], device=dev)
     settings = {"torch": (False, "off"), "window": (None, "off"), "fused": (None, "cuda")}
-    for spec in a.policies.split():
-        cache = KVCache(gpu128k.with_files(spec, heads, None), ad.info)
+    for spec in policies:
+        cache = KVCache(with_files(spec, heads, None), ad.info)
         static.KERNEL, adapter_mod.FUSE = None, "cuda"
-        sync()
+        sync(dev)
         t0 = time.perf_counter()
-        prefill_ids(ad, cache, ids, 2048)
-        sync()
-        print(f"== {spec} at {a.context}: prefill {a.context / (time.perf_counter() - t0):,.0f} tok/s (fused)")
+        prefill(ad, cache, ids, 2048)
+        sync(dev)
+        print(f"== {spec} at {context}: prefill {context / (time.perf_counter() - t0):,.0f} tok/s (fused)")
         floor_ms = (wbytes + cache.bytes_by_tier()["gpu"]) / bw * 1e3
         print(f"   floor {floor_ms:.2f} ms/token")
-        for name in a.variants.split():
+        for name in variants:
             static.KERNEL, adapter_mod.FUSE = settings[name]
             with Decoder(ad, cache) as dec:
                 ms = graph_step_ms(dec, token)
                 print(f"  [{name}] {dec.mode}: {ms:.2f} ms/token = {1e3 / ms:.1f} tok/s, "
                       f"{floor_ms / ms:.2f} of floor")
-            if name in a.profile.split():
+            if name in profiled:
                 graphs = os.environ.get("VRAMCHAT_CUDA_GRAPHS", "1")
                 os.environ["VRAMCHAT_CUDA_GRAPHS"] = "0"
                 with Decoder(ad, cache, fixed=None if static.reason(cache) else True) as dec:
                     profile_steps(dec, token)
                 os.environ["VRAMCHAT_CUDA_GRAPHS"] = graphs
         del cache
-        torch.cuda.empty_cache() if cuda else None
-
-
-if __name__ == "__main__":
-    main()
+        if cuda:
+            torch.cuda.empty_cache()
