@@ -1,4 +1,4 @@
-"""`bench soak` (issue 9) end to end on a tiny model: the device KV stays constant over
+"""`bench soak` end to end on a tiny model: the device KV stays constant over
 the turns, the JSON has what BENCHMARKS.md reports, and the bound check catches growth."""
 from __future__ import annotations
 

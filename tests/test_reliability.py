@@ -1,4 +1,4 @@
-"""Reliability (issue 9): out of memory during a policy conversion, corrupt heads and
+"""Reliability: out of memory during a policy conversion, corrupt heads and
 calibration files, a short soak under evicting policies, no network listener."""
 from __future__ import annotations
 

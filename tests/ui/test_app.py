@@ -435,7 +435,7 @@ def test_model_switch_without_loader_explains(tmp_path):
 
 
 def test_anchor_warns_that_exact_retrieval_suffers(tmp_path):
-    """Issue 5: the UI warns, at load and on a switch, that non-AnLLM models lose exact
+    """The UI warns, at load and on a switch, that non-AnLLM models lose exact
     retrieval under `anchor` (and says nothing for other policies)."""
     from policies.anchor import WARNING
 
@@ -460,7 +460,7 @@ def test_anchor_warns_that_exact_retrieval_suffers(tmp_path):
 
 
 def test_policy_panel_shows_kv_per_layer_when_layers_differ(tmp_path, doc):
-    """Issue 5: under `lighttransfer` the gauge shows per-layer memory (lazy layers short);
+    """Under `lighttransfer` the gauge shows per-layer memory (lazy layers short);
     a policy that treats every layer alike shows no per-layer line."""
     async def main():
         app = make_app(tmp_path, FakeRuntime(policy="full"))

@@ -1,4 +1,4 @@
-"""Reliability of the app (issue 9): a hand-edited conversation cannot inject markup, and a
+"""Reliability of the app: a hand-edited conversation cannot inject markup, and a
 process killed mid-answer leaves an autosave that reopens with the partial answer marked."""
 from __future__ import annotations
 
