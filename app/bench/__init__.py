@@ -78,8 +78,7 @@ def run(args) -> int:
         from . import gpu128k
         weights = "4bit" if args.weights == "4bit" else "bf16"
         gpu128k.run(shape=args.shape or "llama3-8b", context=args.context or 131072, decode=args.decode or 128,
-                    cap_gib=args.cap_gib,
-                    weights=weights, policies=pols or gpu128k.POLICIES, allow_cpu=args.allow_cpu, out_dir=out)
+                    cap_gib=args.cap_gib, weights=weights, policies=pols or gpu128k.POLICIES, allow_cpu=args.allow_cpu, out_dir=out)
     elif args.suite.startswith("probe-"):
         _probe(args, pols)
         return 0
@@ -92,7 +91,7 @@ def run(args) -> int:
         files = None
         if args.shape:
             if args.suite != "speed":
-                raise SystemExit(f"bench {args.suite}: --shape is for the gpu128k and speed suites")
+                raise SystemExit(f"bench {args.suite}: --shape is for the gpu128k, probe-decode and speed suites")
             from .random_model import random_adapter
             rt, files = random_adapter(args.shape, args.device)
         else:
