@@ -11,10 +11,11 @@ import functools
 import pytest
 import torch
 
-import app.runtime.engine as engine
+import app.runtime.decode as decode
 from app.runtime.decode import Decoder
 from app.runtime.engine import Runtime
 from policies import static
+from policies.kernels.switch import Kernels
 from policies.attention import _splits, attend, attend_window
 from policies.kernels import triton_ok
 from policies.locret import RetainingHeads, model_key, save_heads
@@ -78,14 +79,14 @@ def test_fixed_shape_windows_equal_eager(spec, kernel, heads, monkeypatch):
     """Teacher-forced decode across several windows (room 5, 13 steps) after a prefill that
     evicted: same logits, and the cache keeps exactly what eager decode keeps. With
     `kernel`, the window attends through the Triton kernel (what CUDA runs)."""
-    monkeypatch.setattr(static, "KERNEL", kernel)
     spec = spec.replace("locret:", f"locret:heads={heads},")
     ref, rt = _rt(spec), _rt(spec)
+    rt.adapter.info.kernels = Kernels(window="on" if kernel else "off")
     ids = _ids(120)
-    la, lb = ref._prefill(ids), rt._prefill(ids)
+    la, lb = ref.prefill(ids), rt.prefill(ids)
     with torch.inference_mode():
         for layer in rt.cache.layers:  # spare capacity as a GPU allocator may hand it back
-            layer.store._reserve(layer.length + 64)
+            layer.store.reserve(layer.length + 64)
             layer.store.k[:, layer.length:] = float("nan")
             layer.store.v[:, layer.length:] = float("nan")
     toks = _ids(13, seed=1)
@@ -98,13 +99,13 @@ def test_fixed_shape_windows_equal_eager(spec, kernel, heads, monkeypatch):
     _assert_same_state(_state(ref.cache), _state(rt.cache))
     # the next turn's prefill (which evicts the decoded tokens like any other) agrees too
     more = _ids(40, seed=2)
-    torch.testing.assert_close(rt._prefill(more), ref._prefill(more), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rt.prefill(more), ref.prefill(more), rtol=1e-5, atol=1e-5)
     _assert_same_state(_state(ref.cache), _state(rt.cache))
 
 
 def test_close_commits_only_steps_taken():
     rt = _rt("full")
-    rt._prefill(_ids(30))
+    rt.prefill(_ids(30))
     dec = Decoder(rt.adapter, rt.cache, fixed=True, room=8)
     for t in _ids(3, seed=4):
         dec.step(t)
@@ -130,7 +131,7 @@ def test_runtime_answers_the_same_with_fixed_shapes(monkeypatch, heads):
     spec = f"locret:heads={heads},budget=48,stabilizers=8,local=4"
     ref, rt = _rt(spec), _rt(spec)
     ra = ref.ask("tell me something long", max_new_tokens=11)
-    monkeypatch.setattr(engine, "Decoder", functools.partial(Decoder, fixed=True, room=4))
+    monkeypatch.setattr(decode, "Decoder", functools.partial(Decoder, fixed=True, room=4))
     rb = rt.ask("tell me something long", max_new_tokens=11)
     assert rb.decode_mode == "fixed shapes" and ra.decode_mode == "eager"
     assert rb.answer == ra.answer and rb.new_tokens == ra.new_tokens

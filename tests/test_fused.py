@@ -14,6 +14,7 @@ from transformers.models.llama import modeling_llama
 import app.runtime.adapter as adapter_mod
 from app.runtime.engine import Runtime
 from policies.kernels import fused, triton_ok
+from policies.kernels.switch import Kernels
 from tiny import tiny_pair
 
 cpu_only = pytest.mark.skipif(not triton_ok("cpu"), reason="needs triton and TRITON_INTERPRET=1 on a CPU")
@@ -108,9 +109,9 @@ def test_model_with_fused_kernels_equals_without(spec, monkeypatch):
     ids = list(range(5, 45))
     out = {}
     for mode in ("off", "always"):
-        monkeypatch.setattr(adapter_mod, "FUSE", mode)
         rt = Runtime.from_model(*tiny_pair(0), policy=spec, model_id="tiny", chunk_size=16)
-        out[mode] = [rt._prefill(ids)] + [rt.adapter.forward(torch.tensor([t]), rt.cache,
+        rt.adapter.info.kernels = Kernels(fused="on" if mode == "always" else "off")
+        out[mode] = [rt.prefill(ids)] + [rt.adapter.forward(torch.tensor([t]), rt.cache,
                                                              rt_chunk(rt, t)) for t in (7, 9)]
     layers = rt.adapter.info.n_layers
     assert calls["rope"] >= 3 * layers and calls["norm"] >= 3 * (2 * layers + 1)
@@ -148,27 +149,31 @@ def test_kernels_stay_out_of_autograd_and_other_signatures(monkeypatch):
     calls = []
     rope = fused.rope
     monkeypatch.setattr(fused, "rope", lambda *a: calls.append(1) or rope(*a))
-    monkeypatch.setattr(adapter_mod, "FUSE", "always")
     want = fused.rope_reference(q, k, cos, sin)
-    with torch.no_grad():
+    with torch.no_grad(), adapter_mod.use_kernels(Kernels(fused="on")):
         got = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
         assert len(calls) == 1
         got2 = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin, 1)  # positional: the original runs
         assert len(calls) == 1
     qg = q.clone().requires_grad_(True)
-    out = modeling_llama.apply_rotary_pos_emb(qg, k, cos, sin)  # grad enabled: the original runs
+    with adapter_mod.use_kernels(Kernels(fused="on")):
+        out = modeling_llama.apply_rotary_pos_emb(qg, k, cos, sin)  # grad enabled: the original runs
     assert len(calls) == 1 and out[0].requires_grad
     for a, b in zip(got + got2, want + want):
         torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
 
 
-def test_transformers_baselines_run_without_our_kernels():
+def test_transformers_baselines_run_without_our_kernels(monkeypatch):
+    """A baseline runs transformers' own forward: no fused kernel, whatever our switchboard says."""
     from app.bench.common import hf_attention
     rt = Runtime.from_model(*tiny_pair(0), policy="full", model_id="tiny")
-    before = adapter_mod.FUSE
-    with hf_attention(rt.adapter.model):
-        assert adapter_mod.FUSE == "off"
-    assert adapter_mod.FUSE == before
+    rt.adapter.info.kernels = Kernels(fused="on")
+    calls = []
+    norm = fused.rmsnorm
+    monkeypatch.setattr(fused, "rmsnorm", lambda *a: calls.append(1) or norm(*a))
+    with hf_attention(rt.adapter.model), torch.no_grad():
+        rt.adapter.model(input_ids=torch.tensor([[5, 6, 7]]))
+    assert calls == []
 
 
 def _other_arch(arch):
@@ -194,8 +199,8 @@ def test_other_architectures_fused_equal_unfused(arch, rope, monkeypatch):
     ids = torch.arange(5, 37)
     out = {}
     for mode in ("off", "always"):
-        monkeypatch.setattr(adapter_mod, "FUSE", mode)
         ad = Adapter(copy.deepcopy(model), None, arch)
+        ad.info.kernels = Kernels(fused="on" if mode == "always" else "off")
         assert ad.fused["rmsnorm"] == 2 * 2 + 1 and bool(ad.fused["rope"]) == rope
         cache = ad.new_cache("full")
         out[mode] = ad.forward(ids, cache, Chunk(ids, 0, "prefill"), all_logits=True)

@@ -50,3 +50,22 @@ def test_no_unsafe_loading():
                     assert "weights_only=True" in line, f"{path}: {line.strip()}"
                 if "trust_remote_code=True" in line:
                     raise AssertionError(f"{path}: hard-coded trust_remote_code=True")
+
+
+_SLOTS = {"selector", "store", "spill", "reader", "ffn", "sel", "part", "comp"}
+
+
+def test_no_attribute_probing_on_slot_parts():
+    """The cache's contract lives in policies/slots.py: nothing asks a slot part whether it
+    happens to have an attribute (getattr/hasattr on `.selector`, `.store`, `sel`, ...)."""
+    bad = []
+    for pkg in ("app", "policies", "offload"):
+        for path in (ROOT / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                        and node.func.id in ("getattr", "hasattr") and node.args):
+                    target = node.args[0]
+                    name = target.attr if isinstance(target, ast.Attribute) else getattr(target, "id", "")
+                    if name in _SLOTS:
+                        bad.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not bad, bad

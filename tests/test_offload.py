@@ -11,17 +11,19 @@ import torch
 import offload  # noqa: F401  (registers offload, doublesparse)
 from app.outlier_channels import collect
 from app.runtime.adapter import Adapter
+from app.runtime.prefill import prefill
 from offload import labels
 from offload.calibrate import model_key, save
 from offload.spill import OffloadSpill
 from policies import Chunk, KVCache, ModelInfo, Policy, REGISTRY, SpecError, parse_spec, rope
 from policies.base import FullStore, KeepAll, LayerCache
+from policies.slots import Selector
 from tiny import tiny_llama
 
 
 # ---- helpers (also used by test_doublesparse.py) -------------------------------------------
 
-class KeepNewest:
+class KeepNewest(Selector):
     """Evicts all but the newest `budget` tokens after each non-final chunk."""
 
     evicts = True
@@ -29,10 +31,7 @@ class KeepNewest:
     def __init__(self, budget: int):
         self.budget = budget
 
-    def score(self, cache, chunk, k, v):
-        return None
-
-    def keep(self, cache, chunk):
+    def select(self, cache, chunk):
         n = cache.length
         if chunk.final or n <= self.budget:
             return None
@@ -46,7 +45,7 @@ class KeepRandom(KeepNewest):
         super().__init__(budget)
         self.gen = torch.Generator().manual_seed(seed)
 
-    def keep(self, cache, chunk):
+    def select(self, cache, chunk):
         n = cache.length
         if chunk.final or n <= self.budget:
             return None
@@ -80,12 +79,10 @@ def cache_with(ad, selector=None, spill=None, reader=None) -> KVCache:
 def run_chunks(ad, cache, ids, cuts, decode=()):
     """Prefill ids in chunks ending at `cuts` (the last final), then feed `decode` ids one
     at a time. -> logits [prefill T + len(decode), V]."""
-    out, s = [], 0
-    for i, e in enumerate(cuts):
-        c = Chunk(ids[s:e], cache.next_position, final=i == len(cuts) - 1)
-        out.append(ad.forward(c.input_ids, cache, c, all_logits=True))
-        cache.end_chunk(c)
-        s = e
+    out = []
+    if cuts:
+        plan = [e - s for s, e in zip([0, *cuts], cuts)]
+        out.append(prefill(ad, cache, ids[:cuts[-1]], plan=plan, all_logits=True))
     for t in decode:
         c = Chunk(torch.tensor([int(t)]), cache.next_position, "decode")
         out.append(ad.forward(c.input_ids, cache, c, all_logits=True))
@@ -167,7 +164,7 @@ def test_recall_brings_back_the_planted_token(chfile):
     qs = q.reshape(h, -1, d).sum(1)  # the group's summed query [Hkv, D]
     k[:, 37] = 4 * qs / qs.norm(dim=-1, keepdim=True) * k[:, :1].norm(dim=-1)  # aligned, same norm
     layer.forward(q.expand(-1, 120, -1), k, v, d ** -0.5, Chunk(torch.zeros(120), 0, final=False))
-    layer.evict(KeepNewest(8).keep(layer, Chunk(torch.zeros(1), 0, final=False)), 0)
+    layer.evict(KeepNewest(8).select(layer, Chunk(torch.zeros(1), 0, final=False)), 0)
     assert layer.spill.n == 112
     out = layer.spill.recall(layer, q, Chunk(torch.zeros(1), 8, final=True))
     assert out is not None and out[0].shape == (h, 4, d)
@@ -239,10 +236,10 @@ def test_host_store_pins_the_projected_length_once(monkeypatch):
     from offload.host import HostStore
     from tiny import tiny_pair
     grows = []
-    real = HostStore._reserve
-    monkeypatch.setattr(HostStore, "_reserve", lambda self, n: grows.append(n) or real(self, n))
+    real = HostStore.reserve
+    monkeypatch.setattr(HostStore, "reserve", lambda self, n: grows.append(n) or real(self, n))
     rt = Runtime.from_model(*tiny_pair(0), policy="offload", model_id="tiny", chunk_size=16)
-    rt._prefill(_ids(300, 1))
+    rt.prefill(_ids(300, 1))
     store = rt.cache.layers[0].store
     # 300 + an answer's 1,024 tokens, rounded up to a block of 256, once
     assert store.length == 300 and store.k.shape[1] == 1536

@@ -26,7 +26,7 @@ POLICIES = ("full", "locret:budget=16384,chunk=2048", "locret:budget=16384,chunk
 def streamed_bytes(cache) -> int:
     """K/V bytes a decode step streams host -> device: every token of host stores."""
     return sum(l.length * cache.info.kv_bytes_per_token() for l in cache.layers
-               if getattr(l.store, "tier", "") == "host")
+               if l.store.tier == "host")
 
 
 def run(shape="llama3-8b", context=131072, decode=128, cap_gib=24.0, weights="bf16", policies=POLICIES,

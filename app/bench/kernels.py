@@ -11,6 +11,7 @@ too slow to time: the kernel rows are left out unless TRITON_INTERPRET=1).
 from __future__ import annotations
 
 import statistics
+from dataclasses import replace
 import time
 
 import torch
@@ -37,13 +38,9 @@ def filled_layer(name: str, info, length: int, chunk: int):
     spec = name.split(" ")[0]
     if spec.startswith("doublesparse"):
         spec += f",channels_file={random_channels_file(info)}"
-    cache = KVCache(spec, info)
+    kivi = "off" if name.endswith("(reference)") else "on"
+    cache = KVCache(spec, replace(info, kernels=info.kernels.with_(kivi=kivi)))
     layer = cache.layers[-1]
-    if name.endswith("(reference)"):
-        layer.store.kernel = False
-    elif spec.startswith("kivi"):
-        from policies.kernels import kivi_attn
-        layer.store.kernel = kivi_attn.triton_ok(info.device)
     g = torch.Generator(device=info.device).manual_seed(0)
     h, hq, d = info.n_kv_heads, info.n_q_heads, info.head_dim
     for s in range(0, length, chunk):

@@ -14,18 +14,17 @@ On a CPU it runs the tiny shape, to check the code runs. Prints; writes no JSON.
 """
 from __future__ import annotations
 
-import os
 import time
 from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import app.runtime.adapter as adapter_mod
 from app.runtime.adapter import Adapter
 from app.runtime.decode import Decoder
 from app.runtime.prefill import prefill
 from policies import KVCache, static
+from policies.kernels.switch import Kernels
 
 from .bandwidth import bandwidth
 from .common import random_ids, sync
@@ -102,10 +101,10 @@ def run(context=32768, policies=("full",), variants=VARIANTS, profiled=VARIANTS,
     print(f"weights {wbytes / 2**30:.2f} GiB, bandwidth {bw / 1e9:.0f} GB/s")
     ids = random_ids(context, model.config.vocab_size, 0, dev)
     token = torch.tensor([7], device=dev)
-    settings = {"torch": (False, "off"), "window": (None, "off"), "fused": (None, "cuda")}
+    settings = {"torch": Kernels(window="off", fused="off"), "window": Kernels(fused="off"), "fused": Kernels()}
     for spec in policies:
         cache = KVCache(with_files(spec, heads, None), ad.info)
-        static.KERNEL, adapter_mod.FUSE = None, "cuda"
+        ad.info.kernels = Kernels()
         sync(dev)
         t0 = time.perf_counter()
         prefill(ad, cache, ids, 2048)
@@ -114,17 +113,15 @@ def run(context=32768, policies=("full",), variants=VARIANTS, profiled=VARIANTS,
         floor_ms = (wbytes + cache.bytes_by_tier()["gpu"]) / bw * 1e3
         print(f"   floor {floor_ms:.2f} ms/token")
         for name in variants:
-            static.KERNEL, adapter_mod.FUSE = settings[name]
+            ad.info.kernels = settings[name]
             with Decoder(ad, cache) as dec:
                 ms = graph_step_ms(dec, token)
                 print(f"  [{name}] {dec.mode}: {ms:.2f} ms/token = {1e3 / ms:.1f} tok/s, "
                       f"{floor_ms / ms:.2f} of floor")
             if name in profiled:
-                graphs = os.environ.get("VRAMCHAT_CUDA_GRAPHS", "1")
-                os.environ["VRAMCHAT_CUDA_GRAPHS"] = "0"
+                ad.info.kernels = settings[name].with_(graphs=False)
                 with Decoder(ad, cache, fixed=None if static.reason(cache) else True) as dec:
                     profile_steps(dec, token)
-                os.environ["VRAMCHAT_CUDA_GRAPHS"] = graphs
         del cache
         if cuda:
             torch.cuda.empty_cache()

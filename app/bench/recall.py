@@ -22,12 +22,12 @@ import torch
 from app.outlier_channels import default_data, read_text
 from app.runtime.convert import convert
 from app.runtime.decode import Decoder
+from app.runtime.prefill import prefill
 from offload import labels
 from offload.calibrate import find_channels
 from policies import Chunk, KVCache, SpecError
 from policies.base import FullStore
 
-from .common import prefill_ids
 
 
 def _prose_ids(rt, n: int) -> list[int]:
@@ -39,7 +39,7 @@ def _prose_ids(rt, n: int) -> list[int]:
 
 
 def _prefill(rt, cache: KVCache, ids: list[int], chunk: int = 512) -> torch.Tensor:
-    return prefill_ids(rt.adapter, cache, torch.tensor(ids, device=rt.device), chunk)
+    return prefill(rt.adapter, cache, ids, chunk)
 
 
 def _step(rt, cache, tok: int, hidden: bool = False):
@@ -65,7 +65,7 @@ def prefetch_agreement(rt, ctx: int = 2048, steps: int = 16, keep: float = 1 / 1
             w_j, w_p = ad.input_norm_weight(j), ad.input_norm_weight(j - 1)
             exact = ad.query_states(j, hid[j], at)  # [Hq, 1, D]
             est = ad.query_states(j, hid[j - 1] * (w_j / w_p), at)
-            keys = cache.layers[j].store.k[:, : cache.layers[j].length]
+            keys = cache.layers[j].store.dense()[0]
             lab = labels.take(keys, ch[j])
             k = max(1, math.ceil(keep * keys.shape[1]))
             a = labels.top(labels.scores(exact, lab, ch[j]), k)

@@ -98,7 +98,7 @@ def soak(rt, spec: str, doc: Path, key: str, turns: int = 100, max_new: int = 16
     rt.load_document(str(doc))
     proc = psutil.Process()
     sel = rt.cache.layers[0].selector
-    budget, local = getattr(sel, "budget", None), getattr(sel, "local", 0)
+    budget, local = sel.budget, sel.local
     records = []
     for i in range(1, turns + 1):
         needle = i in (1, turns)

@@ -36,7 +36,7 @@ def _features(adapter, ids, n_ctx):
     for i in range(info.n_layers):
         x = hidden[i]
         q = adapter.query_states(i, x[n_ctx:], pos)  # [Hq, Tq, D] post-RoPE
-        k = cache.layers[i].store.k[:, :n_ctx]  # [Hkv, n_ctx, D] post-RoPE, true positions
+        k = cache.layers[i].store.dense()[0][:, :n_ctx]  # [Hkv, n_ctx, D] post-RoPE, true positions
         scale = adapter.attn_scale(i)
         logits = q.float().reshape(info.n_kv_heads, -1, info.head_dim) @ k.float().transpose(1, 2) * scale
         labels.append(logits.amax(1))  # max over tail queries and the group's query heads

@@ -9,14 +9,16 @@ our `KVCache` rides along in the forward kwargs to the attention function.
 """
 from __future__ import annotations
 
-import os
 import sys
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from transformers import AttentionInterface
 
 from policies import Chunk, KVCache, ModelInfo, SpecError
-from policies.kernels import fused, triton_ok
+from policies.kernels import fused
+from policies.kernels.switch import Kernels
 
 ATTN_NAME = "vramchat"
 
@@ -38,10 +40,10 @@ def _vramchat_attention(module, query, key, value, attention_mask, scaling=None,
 # host-device sync (`.all()` on a GPU tensor) on every forward, which stalls eager decode.
 AttentionInterface.register(ATTN_NAME, _vramchat_attention)
 
-# Fused kernels for the decoder layer's small steps (policies/kernels/fused.py): "cuda" runs
-# them on CUDA tensors, "off" never, "always" on any device Triton runs on (tests, on a CPU
-# under TRITON_INTERPRET=1). Read at every call, so it can change between steps.
-FUSE = os.environ.get("VRAMCHAT_FUSED", "cuda")
+# Fused kernels for the decoder layer's small steps (policies/kernels/fused.py) run as the
+# switchboard of the forward in progress says (`ModelInfo.kernels.fused`); outside one of
+# our forwards (a transformers baseline, a direct call) the model's own code runs.
+_ACTIVE: ContextVar[Kernels | None] = ContextVar("vramchat_kernels", default=None)
 # norm classes whose forward is exactly `fused.rmsnorm_reference` (checked in transformers 5.23)
 _NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"}
 # architectures whose module-level apply_rotary_pos_emb is `fused.rope_reference` (Phi-3's
@@ -49,10 +51,20 @@ _NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi
 _ROPE_ARCHS = {"llama", "mistral", "qwen2", "qwen3"}
 
 
+@contextmanager
+def use_kernels(kernels: Kernels):
+    """The fused norm/RoPE routing follows `kernels` inside this block (our forward sets it)."""
+    token = _ACTIVE.set(kernels)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
 def _fuse_on(x: torch.Tensor) -> bool:
     """The kernels have no backward: never where autograd records."""
-    return ((FUSE == "always" or (FUSE == "cuda" and x.is_cuda)) and not torch.is_grad_enabled()
-            and triton_ok(x.device))
+    kernels = _ACTIVE.get()
+    return kernels is not None and not torch.is_grad_enabled() and kernels.on("fused", x.device)
 
 
 def _fused_rope(run):
@@ -105,8 +117,8 @@ class Adapter:
         self.info = self._model_info()
 
     def _fuse(self) -> dict:
-        """Route the model's RMSNorms and RoPE through one-kernel versions where `FUSE`
-        allows at call time (else the module's own code runs). -> what was routed."""
+        """Route the model's RMSNorms and RoPE through one-kernel versions where the active
+        switchboard allows at call time (else the module's own code runs). -> what was routed."""
         norms = 0
         for mod in self.model.modules():
             if type(mod).__name__ in _NORMS and _ours(type(mod)) and hasattr(mod, "variance_epsilon"):
@@ -199,9 +211,10 @@ class Adapter:
                                 f"`post_attention_layernorm`; {self.arch} layers do not have both")
             self._ffn.begin(chunk)
         try:
-            out = self.model(
-                input_ids=ids[None], position_ids=pos[None], use_cache=False,
-                logits_to_keep=0 if all_logits else 1, vram_cache=cache, vram_chunk=chunk)
+            with use_kernels(cache.info.kernels):
+                out = self.model(
+                    input_ids=ids[None], position_ids=pos[None], use_cache=False,
+                    logits_to_keep=0 if all_logits else 1, vram_cache=cache, vram_chunk=chunk)
         finally:
             self._capture = self._ffn = None
             self._ffn_in.clear()

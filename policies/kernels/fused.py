@@ -4,7 +4,7 @@ In transformers' Llama-family modules an RMSNorm is 8 kernels (cast, square, mea
 rsqrt, multiply, cast, scale) and RoPE on q and k is 10 (two products, a negated half, a
 concatenation and a sum for each). In a decode step each is a few microseconds of launch
 and tail for a few kilobytes of data: on an H100 an 8B model's step ran ~1,400 such
-kernels, ~2.5 of 14.5 ms (`scripts/probe_decode.py`). `app/runtime/adapter.py` routes the
+kernels, ~2.5 of 14.5 ms (`main.py bench probe-decode`). `app/runtime/adapter.py` routes the
 model's norms and RoPE here on CUDA (`Adapter.fused` says which).
 
 Each function has a torch reference with the modules' exact arithmetic; the kernels

@@ -4,7 +4,7 @@
 k/v [Hkv, n, D] of which keys 0..at count, `at` a device tensor (so a captured CUDA graph
 replays it while the window fills). In torch that is ~10 kernels per layer, and the span,
 a slice of a larger buffer, is copied whole to make the batched P @ V contiguous: on an
-H100 at 32K keys that copy alone was 2.9 of 14.5 ms per token (`scripts/probe_decode.py`).
+H100 at 32K keys that copy alone was 2.9 of 14.5 ms per token (`main.py bench probe-decode`).
 
 Here it is flash-decoding: kernel 1 runs one program per (KV head, key split); each reads
 its keys once, in blocks, for all G query heads of the group (a tl.dot with G padded to
