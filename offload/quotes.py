@@ -3,10 +3,10 @@ conversation verbatim, the span it repeats comes back whole, in every layer and 
 
 Why. Label scores pick tokens per layer and per head, each head its own. That finds a
 needle, but a passage the answer quotes back is not a set of tokens a few heads want:
-measured on a 16K licence with a 250-token passage to copy (BENCHMARKS.md, Offload),
-per-head recall reached 0.54 of the tokens at best, while handing every head the exact
-passage reached 0.85 (`full` on a document that fits: 0.785). What the label scores lack
-is *where in the text* the answer is reading; the token ids say it exactly.
+per-head recall brings back a fraction of such a passage, every head given the exact
+passage copies it about as well as `full` (copy fidelity, BENCHMARKS.md, Offload). What
+the label scores lack is *where in the text* the answer is reading; the token ids say it
+exactly.
 
 How. One `Quotes` per cache (shared by every layer's spill) keeps the conversation's
 token ids by conversation index (host int64, 8 B a token: 1 MiB at 128K).

@@ -23,8 +23,8 @@ L x Hkv predictors, and every layer keeps the same tokens -- a fact must survive
 layers to be answered. `pool=k` then gives each token the best score within k//2 of it,
 so a kept number keeps the words that say what it is. The shipped heads are trained for
 this (`train-heads --labels shared`: every head regresses the max over layers of
-z-scored labels). On the default model at 16K tokens, budget 1024: per-head selection
-0/4, shared 1/4, shared + pool 9 9/10 pass keys.
+z-scored labels). Per-head, shared and shared + pooled selection side by side:
+BENCHMARKS.md, Locret.
 
 Many turns. Question and answer tokens get scores like any other (decode scores them
 too) and only the final chunk of the prefill that added them is protected, so the next
