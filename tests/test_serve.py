@@ -288,3 +288,13 @@ def test_port_in_use_is_a_clear_error():
             bind("127.0.0.1", port)
     finally:
         sock.close()
+
+
+def test_bench_serve_compares_both_paths(rt, tmp_path):
+    from app.bench import serve as bench_serve
+    rows = bench_serve.run(rt, lengths=(200,), decode=4, trials=1, out_dir=tmp_path)
+    ask, srv, ratio = rows
+    assert (ask["path"], srv["path"], ratio["path"]) == ("ask", "serve", "serve / ask")
+    assert ask["prefilled2"] == srv["prefilled2"] > 0  # the second turn reads the same new tokens both ways
+    assert ask["tokens"] == srv["tokens"] and srv["ttft1_s"] > 0 and ratio["ttft1_s"] > 0
+    assert json.loads((tmp_path / "serve.json").read_text())["machine"]["commit"]

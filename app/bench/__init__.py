@@ -11,7 +11,8 @@ import argparse
 import time
 from pathlib import Path
 
-SUITES = ("memory", "speed", "quality", "gpu128k", "soak", "kernels", "probe-attn", "probe-decode", "probe-pinned")
+SUITES = ("memory", "speed", "quality", "gpu128k", "soak", "kernels", "probe-attn", "probe-decode", "probe-pinned",
+          "serve")
 PROBE_VARIANTS = "torch window fused"
 
 
@@ -110,6 +111,9 @@ def run(args) -> int:
             from . import soak
             soak.run(rt, policies=pols or soak.DEFAULT_POLICIES, turns=args.turns, max_new=args.decode or 16,
                      doc_tokens=lengths[0] if lengths else 8192, out_dir=out)
+        elif args.suite == "serve":
+            from . import serve
+            serve.run(rt, decode=args.decode or 64, trials=args.trials or 3, out_dir=out, **kw)
         else:
             from . import quality
             quality.run(rt, out_dir=out, trials=args.trials, parts=parts, **kw)
