@@ -163,3 +163,11 @@ def test_wrong_key_is_named(served):
         rt = RemoteRuntime(url, api_key="right")
         assert rt.memory().host_total > 0  # the gauge's requests carry the key too
         rt.close()
+
+
+def test_app_gauge_shows_the_remote_line():
+    from app.ui.panels import Gauge
+    vram, host = Gauge("vram"), Gauge("host")
+    for g in (vram, host):
+        g.set_reactive(Gauge.report, RemoteMemory(device="remote http://h", has_gpu=True, remote=NOT_REPORTED))
+    assert str(vram.render()) == NOT_REPORTED and str(host.render()) == "remote: host memory not reported"

@@ -208,9 +208,9 @@ class RemoteRuntime:
                     self._mem = RemoteMemory(device=self.device, has_gpu=True, remote=line)
                     return self._mem
             self._source = "none"
-            self._mem = RemoteMemory(device=self.device, has_gpu=False, remote=NOT_REPORTED)
+            self._mem = RemoteMemory(device=self.device, has_gpu=True, remote=NOT_REPORTED)
         except (httpx.HTTPError, ValueError) as e:
-            self._mem = RemoteMemory(device=self.device, has_gpu=False,
+            self._mem = RemoteMemory(device=self.device, has_gpu=True,
                                      remote=f"remote: {self.root} not answering ({type(e).__name__})")
         return self._mem
 

@@ -9,6 +9,7 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widgets import Static
 
+from app.runtime.remote import RemoteMemory
 from app.runtime.types import ContextInfo, MemoryReport
 from policies.registry import REGISTRY, SpecError, parse_policy
 
@@ -116,8 +117,13 @@ class Gauge(Static):
         r = self.report
         if r is None:
             return Text("waiting for the model…", style="dim")
+        remote = r.remote if isinstance(r, RemoteMemory) else None
+        if remote is not None and not r.host_total:  # a server that reports no byte counts
+            return Text(remote if self.kind == "vram" else "remote: host memory not reported", style="bold")
         width = max(self.content_size.width, 10)
         text = Text()
+        if remote is not None:
+            text.append(remote + "\n", style="bold cyan")
         if self.kind == "host":
             segs, total = host_segments(r)
             text.append(f"{fmt_bytes(r.host_total - r.host_available)} used of {fmt_bytes(r.host_total)}\n")
