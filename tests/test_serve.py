@@ -298,3 +298,22 @@ def test_bench_serve_compares_both_paths(rt, tmp_path):
     assert ask["prefilled2"] == srv["prefilled2"] > 0  # the second turn reads the same new tokens both ways
     assert ask["tokens"] == srv["tokens"] and srv["ttft1_s"] > 0 and ratio["ttft1_s"] > 0
     assert json.loads((tmp_path / "serve.json").read_text())["machine"]["commit"]
+
+
+@pytest.mark.real_model
+def test_real_model_second_turn_through_serve(fresh_smol):
+    serving = Serving(fresh_smol).start()
+    with Background(serving) as url:
+        c, model = _client(url), fresh_smol.model_id
+        ask = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+        r1 = c.chat.completions.create(model=model, messages=ask, max_tokens=32, temperature=0)
+        assert "Paris" in r1.choices[0].message.content
+        turn2 = ask + [{"role": "assistant", "content": r1.choices[0].message.content},
+                       {"role": "user", "content": "And of Italy?"}]
+        stream = c.chat.completions.create(model=model, messages=turn2, max_tokens=32, temperature=0, stream=True,
+                                           stream_options={"include_usage": True})
+        chunks = list(stream)
+        assert "Rome" in "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        usage = chunks[-1].usage
+        assert usage.prompt_tokens_details.cached_tokens == r1.usage.total_tokens
+        assert usage.prompt_tokens - r1.usage.total_tokens < 20  # only the new turn was read
