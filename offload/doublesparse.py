@@ -91,3 +91,16 @@ class DoubleSparseReader(Reader):
 
     def nbytes(self) -> dict:
         return {("gpu", "labels"): self.labels.nbytes}
+
+    def state(self) -> tuple[dict, dict]:
+        return {"labels": self.labels[:, :self.n]}, {"n": self.n, "cap": self.labels.shape[1],
+                                                     "sparse_steps": self.sparse_steps}
+
+    def restore(self, tensors: dict, meta: dict) -> None:
+        n, lab = int(meta["n"]), tensors["labels"]
+        if lab.shape != (self.labels.shape[0], n, self.labels.shape[2]):
+            raise ValueError(f"doublesparse: saved labels {tuple(lab.shape)} for {n} tokens do not fit "
+                             f"[{self.labels.shape[0]}, n, {self.labels.shape[2]}]")
+        self.labels = self.labels.new_zeros(self.labels.shape[0], int(meta["cap"]), self.labels.shape[2])
+        self.labels[:, :n] = lab
+        self.n, self.sparse_steps = n, int(meta["sparse_steps"])

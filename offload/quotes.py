@@ -101,6 +101,23 @@ class Quotes:
     def nbytes(self) -> int:
         return self.ids.nbytes
 
+    _FIELDS = ("n", "version", "point", "_at", "_answer", "_from", "_reading", "_turn", "_run")
+
+    def state(self) -> tuple[dict, dict]:
+        meta = {f: getattr(self, f) for f in self._FIELDS}
+        meta.update(cap=self.ids.shape[0], spans=[list(s) for s in self.spans])
+        return {"ids": self.ids[: self.n]}, meta
+
+    def restore(self, tensors: dict, meta: dict) -> None:
+        for f in self._FIELDS:
+            setattr(self, f, meta[f])
+        ids = tensors["ids"]
+        if ids.shape != (self.n,):
+            raise ValueError(f"quotes: saved token log of {tuple(ids.shape)} ids for n={self.n}")
+        self.ids = torch.zeros(int(meta["cap"]), dtype=torch.long)
+        self.ids[: self.n] = ids
+        self.spans = [(int(a), int(b)) for a, b in meta["spans"]]
+
     # ---- spans --------------------------------------------------------------------------
     def at_prefill_end(self) -> None:
         """The newest chunk was the last of a prefill: spans from what it quotes."""

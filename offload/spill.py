@@ -89,6 +89,19 @@ class OffloadSpill(Spill):
     def token_log(self) -> Quotes | None:
         return self.quotes
 
+    @staticmethod
+    def linked_state(spills: list["OffloadSpill"]) -> tuple[dict, dict]:
+        q = spills[0].quotes
+        return q.state() if q is not None else ({}, {})
+
+    @staticmethod
+    def restore_linked(spills: list["OffloadSpill"], tensors: dict, meta: dict) -> None:
+        q = spills[0].quotes
+        if (q is None) != (not meta):
+            raise ValueError("offload: the saved quote log does not match this spec's `quote` option")
+        if q is not None:
+            q.restore(tensors, meta)
+
     # ---- host tier ----------------------------------------------------------------------
     def _reserve(self, n: int) -> None:
         if n <= self.hk.shape[1]:
@@ -241,6 +254,49 @@ class OffloadSpill(Spill):
         pos = torch.arange(layer.base - m, layer.base, device=self.buf_k.device)
         self.buf_k[:, :m] = rope.rotate(self.buf_k[:, :m], pos, self.info.inv_freq)
         self.m, self.buf_base, self.recalled = m, layer.base, conv
+
+    # ---- cache files --------------------------------------------------------------------
+    _COUNTS = ("n", "m", "buf_base", "steps", "recalls", "_ranked_n", "_qv")
+
+    def state(self) -> tuple[dict, dict]:
+        """Host rows, labels, the recall buffer (decode reads it without a new recall) and the
+        last ranking (quote moves re-rank with it)."""
+        if self._copied is not None:
+            self._copied.synchronize()  # host rows still in flight
+        n, m = self.n, self.m
+        t = {"hk": self.hk[:, :n], "hv": self.hv[:, :n], "hpos": self.hpos[:, :n], "labels": self.labels[:, :n],
+             "buf_k": self.buf_k[:, :m], "buf_v": self.buf_v[:, :m], "recalled": self.recalled}
+        for name, x in (("ranked", self._ranked), ("qs", self._qs)):
+            if x is not None:
+                t[name] = x
+        meta = {c: getattr(self, c) for c in self._COUNTS}
+        meta.update(cap=self.hk.shape[1], buf_cap=self.buf_k.shape[1],
+                    stage=0 if self.stage is None else self.stage[0].shape[1])
+        return t, meta
+
+    def restore(self, tensors: dict, meta: dict) -> None:
+        for c in self._COUNTS:
+            setattr(self, c, int(meta[c]))
+        h, d, dt, dev = self.hk.shape[0], self.hk.shape[2], self.hk.dtype, self.info.device
+        n, m, cap = self.n, self.m, int(meta["cap"])
+        if tensors["hk"].shape != (h, n, d) or tensors["buf_k"].shape != (h, m, d):
+            raise ValueError(f"offload: saved host rows {tuple(tensors['hk'].shape)} / buffer "
+                             f"{tuple(tensors['buf_k'].shape)} do not fit n={n}, m={m} [Hkv, T, D]")
+        self.hk, self.hv = host_empty((h, cap, d), dt, self.cuda), host_empty((h, cap, d), dt, self.cuda)
+        self.hk[:, :n], self.hv[:, :n] = tensors["hk"], tensors["hv"]
+        self.hpos = torch.zeros(h, cap, dtype=torch.long)
+        self.hpos[:, :n] = tensors["hpos"]
+        self.labels = self.labels.new_zeros(h, cap, self.labels.shape[2])
+        self.labels[:, :n] = tensors["labels"]
+        self.buf_k = self.buf_k.new_zeros(h, int(meta["buf_cap"]), d)
+        self.buf_v = torch.zeros_like(self.buf_k)
+        self.buf_k[:, :m], self.buf_v[:, :m] = tensors["buf_k"], tensors["buf_v"]
+        self.recalled = tensors["recalled"].clone()
+        self._ranked = tensors["ranked"].to(dev) if "ranked" in tensors else None
+        self._qs = tensors["qs"].to(dev) if "qs" in tensors else None
+        self._text_order, self._copied, self._staged = None, None, None
+        s = int(meta["stage"])
+        self.stage = tuple(host_empty((h, s, d), dt, True) for _ in range(2)) if s else None
 
     # ---- accounting ---------------------------------------------------------------------
     def nbytes(self) -> dict:

@@ -102,6 +102,13 @@ class FfnSkip(Ffn):
             self._row = [float("nan")] * self.n_layers
             self.record.append(self._row)
 
+    def state(self) -> tuple[dict, dict]:
+        """The answer's counters (a restored cache decoding on skips as this one would)."""
+        return {}, {"tokens": self._tokens, "skipped": self.skipped, "ran": self.ran}
+
+    def restore(self, tensors: dict, meta: dict) -> None:
+        self._tokens, self.skipped, self.ran = int(meta["tokens"]), int(meta["skipped"]), int(meta["ran"])
+
     def eligible(self, i: int) -> bool:
         return self.first <= i < self.n_layers - self.last
 

@@ -116,6 +116,22 @@ class FullStore(Store):
     def nbytes(self) -> dict[str, int]:
         return {"keys": self.k.nbytes, "values": self.v.nbytes}
 
+    def state(self) -> tuple[dict, dict]:
+        n = self.length
+        return {"k": self.k[:, :n], "v": self.v[:, :n]}, {"length": n, "cap": self.k.shape[1]}
+
+    def restore(self, tensors: dict, meta: dict) -> None:
+        """The stored tokens in a buffer of the saved capacity (`nbytes` equal)."""
+        n, k, v = meta["length"], tensors["k"], tensors["v"]
+        want = (self.k.shape[0], n, self.k.shape[2])
+        if tuple(k.shape) != want or tuple(v.shape) != want:
+            raise ValueError(f"saved keys/values {tuple(k.shape)} do not fit {want} [Hkv, T, D]")
+        self.length, self.k, self.v = 0, self.k[:, :0], self.v[:, :0]
+        self.reserve(meta["cap"])  # NOTE: the subclass's reserve (HostStore: pinned on CUDA)
+        self.k[:, :n] = k
+        self.v[:, :n] = v
+        self.length, self._staged = n, 0
+
 
 
 class KeepAll(Selector):

@@ -287,6 +287,41 @@ class KiviStore(Store):
         return {"codes": self.kc.nbytes + self.vc.nbytes, "scales": self.ks.nbytes + self.vs.nbytes,
                 "zeros": self.kz.nbytes + self.vz.nbytes, "residual": res}
 
+    _BUFS = ("kc", "ks", "kz", "vc", "vs", "vz", "kr", "vr")
+    _COUNTS = ("length", "nq", "nv", "rk", "rv", "v0", "shift")
+
+    def state(self) -> tuple[dict, dict]:
+        """The used rows of every buffer; the pending chunk as it is (never laid out here:
+        that would change what the live store does next)."""
+        g, nq, nv, v0 = self.group, self.nq, self.nv, self.v0
+        t = {"kc": self.kc[:, :nq], "ks": self.ks[:, :nq // g], "kz": self.kz[:, :nq // g],
+             "vc": self.vc[:, :nv], "vs": self.vs[:, :nv], "vz": self.vz[:, :nv],
+             "kr": self.kr[:, :self.rk], "vr": self.vr[:, v0:v0 + self.rv]}
+        if self.pending is not None:
+            t["pk"], t["pv"] = self.pending
+        meta = {n: getattr(self, n) for n in self._COUNTS}
+        meta["cap"] = {n: getattr(self, n).shape[1] for n in self._BUFS}
+        return t, meta
+
+    def restore(self, tensors: dict, meta: dict) -> None:
+        """Buffers of the saved capacities, rows where they were (the value window at v0)."""
+        for n in self._COUNTS:
+            setattr(self, n, int(meta[n]))
+        g, v0 = self.group, self.v0
+        at = {"kc": 0, "ks": 0, "kz": 0, "vc": 0, "vs": 0, "vz": 0, "kr": 0, "vr": v0}
+        for n in self._BUFS:
+            old, rows = getattr(self, n), tensors[n]
+            buf = old.new_zeros(old.shape[0], int(meta["cap"][n]), old.shape[2])
+            buf[:, at[n]:at[n] + rows.shape[1]] = rows
+            setattr(self, n, buf)
+        used = {"kc": self.nq, "ks": self.nq // g, "vc": self.nv, "kr": self.rk, "vr": self.rv}
+        bad = [n for n, want in used.items() if tensors[n].shape[1] != want]
+        if bad:
+            raise ValueError(f"kivi: saved {bad[0]} holds {tensors[bad[0]].shape[1]} rows, its counts say {used[bad[0]]}")
+        dev = self.info.device
+        self.pending = (tensors["pk"].to(dev), tensors["pv"].to(dev)) if "pk" in tensors else None
+        self._staged = 0
+
 
 def _check(opts) -> None:
     g, r = opts["group"], opts["residual"]

@@ -81,6 +81,19 @@ class LightTransferSelector(Selector):
         for part in parts:
             part.shared = plan
 
+    @staticmethod
+    def linked_state(parts: list["LightTransferSelector"]) -> tuple[dict, dict]:
+        plan = parts[0].shared
+        return {}, {"heap": plan.heap, "ratios": [[i, r] for i, r in plan.ratios.items()],
+                    "lazy": sorted(plan.lazy), "decided": plan.decided}
+
+    @staticmethod
+    def restore_linked(parts: list["LightTransferSelector"], tensors: dict, meta: dict) -> None:
+        plan = parts[0].shared
+        plan.heap = [(float(r), int(i)) for r, i in meta["heap"]]  # already a heap: saved in heap order
+        plan.ratios = {int(i): float(r) for i, r in meta["ratios"]}
+        plan.lazy, plan.decided = {int(i) for i in meta["lazy"]}, bool(meta["decided"])
+
     @property
     def lazy(self) -> bool:
         return self.layer in self.shared.lazy

@@ -36,6 +36,30 @@ class Part:
         """Exact bytes held by this part, beyond the store's: {(tier, kind): bytes}."""
         return {}
 
+    # Cache files (app/runtime/snapshot.py). NOTE: exactness is the contract: a part built
+    # fresh for the same spec and model, given `restore(*state())`, behaves bit for bit as
+    # this one -- the next forward's outputs and `nbytes()` equal. Options and files read at
+    # construction (heads, channels) are not state: the fresh part has them already.
+    def state(self) -> tuple[dict, dict]:
+        """What this part holds beyond its construction: (tensors {name: Tensor}, which may be
+        views and are copied to the host by the writer; meta {name: JSON value})."""
+        return {}, {}
+
+    def restore(self, tensors: dict, meta: dict) -> None:
+        """Take back what `state` gave (tensors on the host, dtypes as saved), on a part just
+        built. Raises ValueError (or the torch error of a shape that does not fit) for a state
+        made by another spec or model."""
+
+    @staticmethod
+    def linked_state(parts: list) -> tuple[dict, dict]:
+        """Like `state`, for what `link` shares between the layers: saved once per cache,
+        called with this slot's part of every layer (layer order)."""
+        return {}, {}
+
+    @staticmethod
+    def restore_linked(parts: list, tensors: dict, meta: dict) -> None:
+        """Take back `linked_state` on freshly linked parts (before each part's `restore`)."""
+
 
 class Selector(Part):
     """Decides which tokens stay. Called per layer: `score` as a chunk's tokens arrive (before
