@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from policies import ModelInfo, SpecError
-from policies.files import check_digest, digest, find_shipped, model_key, read_meta  # noqa: F401  (re-exported)
+from policies.files import check_digest, digest, find_file, find_shipped, model_key, read_meta  # noqa: F401  (re-exported)
 
 FORMAT = "vramchat-channels-1"
 CHANNELS_DIR = Path(__file__).parent / "channels"
@@ -105,7 +105,7 @@ def load(path: str | Path, info: ModelInfo | None = None) -> tuple[torch.Tensor,
 
 def shipped(info: ModelInfo) -> Path | None:
     """The shipped file for this model (model key and name both match), or None."""
-    return find_shipped(CHANNELS_DIR, info)
+    return find_file("channels", CHANNELS_DIR, info)
 
 
 def find_channels(info: ModelInfo, r: int, path: str = "", policy: str = "offload") -> torch.Tensor:

@@ -48,6 +48,9 @@ class ModelInfo:
     tokenizer: Any = None
     resources: dict = field(default_factory=dict)  # files read once per model (heads, channels)
     kernels: Kernels = field(default_factory=Kernels.from_env)  # which kernel paths run
+    # folders holding files trained or calibrated for models on this machine (DIR/heads/KEY/,
+    # DIR/channels/KEY/), searched before the shipped ones (policies.files.find_file)
+    search_dirs: tuple = ()
 
     @property
     def group(self) -> int:

@@ -55,6 +55,23 @@ def check_digest(path: str | Path, state: dict[str, torch.Tensor], meta: dict, h
                         f"on disk or edited); {hint}")
 
 
+def user_folder(root: str | Path, kind: str, info: ModelInfo) -> Path:
+    """Where a file of `kind` ("heads", "channels") made on this machine for this model lives."""
+    return Path(root) / kind / model_key(info)
+
+
+def find_file(kind: str, shipped: Path, info: ModelInfo) -> Path | None:
+    """The file of `kind` for this model: one made on this machine (info.search_dirs) first,
+    else the shipped one in `shipped`; None if neither exists."""
+    for root in info.search_dirs:
+        folder = user_folder(root, kind, info)
+        if folder.is_dir():
+            found = find_shipped(folder, info)
+            if found is not None:
+                return found
+    return find_shipped(shipped, info)
+
+
 def find_shipped(folder: Path, info: ModelInfo) -> Path | None:
     """The safetensors file in `folder` whose model key and a listed name match, or None."""
     want, name = model_key(info), norm_name(info.model_id or "")

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from .base import ModelInfo
 from .evict import best, max_pool as _pool
-from .files import check_digest, digest, find_shipped, model_key, read_meta
+from .files import check_digest, digest, find_file, model_key, read_meta
 from .registry import Opt, SpecError, register
 from .slots import EvictingSelector
 
@@ -55,7 +55,8 @@ HEADS_DIR = Path(__file__).parent / "heads"
 # default model's trained heads kept token 0 in only ~46 % of heads and answered nothing;
 # with these kept it answered). They count inside the budget, like stabilizers.
 SINKS = 4
-TRAIN_HINT = "train them with `python main.py train-heads --model M --out DIR` and pass `locret:heads=DIR`"
+TRAIN_HINT = ("train them with `python main.py train-heads --model M` (kept for this model and found "
+              "next time), or pass a heads file as `locret:heads=PATH`")
 _ACTS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu,
          "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
          "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
@@ -166,12 +167,14 @@ def find_heads(info: ModelInfo, path: str = "") -> tuple[RetainingHeads, str]:
 
 
 def _shipped(info: ModelInfo) -> Path:
-    found = find_shipped(HEADS_DIR, info)
+    found = find_file("heads", HEADS_DIR, info)
     if found is not None:
         return found
     want = model_key(info)
+    where = ", ".join(str(Path(d) / "heads" / want) for d in info.search_dirs)
     raise SpecError(f"policy `locret` has no retaining heads for model {info.model_id or '?'} (key {want}): "
-                    f"none ship in {HEADS_DIR}; {TRAIN_HINT}")
+                    f"none ship in {HEADS_DIR}{' or were trained into ' + where if where else ''}; "
+                    f"{TRAIN_HINT}; or choose a policy that needs no heads (e.g. `auto`)")
 
 
 # ---- official checkpoints (hyx21/Locret-*) ---------------------------------------------

@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# heads a person trained on this machine must not change what tests see
+os.environ["VRAMCHAT_DATA_DIR"] = tempfile.mkdtemp(prefix="vramchat-test-data-")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

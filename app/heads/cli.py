@@ -12,7 +12,12 @@ from .train import train_heads
 def add_parser(sub):
     p = sub.add_parser("train-heads", help="train Locret retaining heads for a model (backbone frozen)")
     p.add_argument("--model", default=None, help="model id, folder or .gguf (default: the embedded model)")
-    p.add_argument("--out", required=True, help="output folder: heads.safetensors, card.json, checkpoints")
+    p.add_argument("--out", default=None, help="output folder: heads.safetensors, card.json, checkpoints "
+                   "(default: this machine's heads folder for the model, where `locret` finds them next time)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:N]")
+    p.add_argument("--features", choices=("auto", "disk", "recompute"), default="auto",
+                   help="the backbone's hidden states per step: cached on disk (auto on CPU) or recomputed "
+                        "by one forward per step (auto on CUDA: no disk, never all held)")
     p.add_argument("--data", nargs="*", default=[], help="prose text files (default: data/train/python_topics.txt)")
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--docs", type=int, default=128, help="training documents")
@@ -30,25 +35,46 @@ def add_parser(sub):
     return p
 
 
+class Progress:
+    """A bar per phase with its rate and ETA, redrawn at most once a second."""
+
+    def __init__(self, out=sys.stderr):
+        self.out, self.stage, self.t0, self.first, self.last = out, None, 0.0, 0, 0.0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = time.time()
+        if stage != self.stage:  # a resumed phase starts part-way: the rate counts from here
+            self.stage, self.t0, self.first, self.last = stage, now, done - 1, 0.0
+        if now - self.last < 1 and done != total:
+            return
+        self.last = now
+        rate = (done - self.first) / max(now - self.t0, 1e-9)
+        eta = (total - done) / rate if rate > 0 else float("inf")
+        bar = "#" * int(30 * done / total)
+        tail = "done" if done == total else f"ETA {_clock(eta)}"
+        print(f"\r{stage:9s} [{bar:<30}] {done}/{total}  {_clock(now - self.t0)} elapsed, {tail}   ",
+              end="\n" if done == total else "", file=self.out)
+
+
+def _clock(s: float) -> str:
+    if s == float("inf"):
+        return "?"
+    s = int(s)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
 def run(args) -> int:
     if args.import_ckpt:
         card = import_official(args.import_ckpt, args.model, args.out)
         print(f"imported {card['tensors_loaded']} tensors from {args.import_ckpt} into {args.out}")
         return 0
-    last = [0.0]
-
-    def progress(stage, done, total):
-        now = time.time()
-        if now - last[0] > 1 or done == total:
-            last[0] = now
-            bar = "#" * int(30 * done / total)
-            print(f"\r{stage:8s} [{bar:<30}] {done}/{total}", end="\n" if done == total else "", file=sys.stderr)
-
+    progress = Progress()
     card = train_heads(args.model, args.out, args.data, steps=args.steps, docs=args.docs,
                        doc_tokens=args.doc_tokens, d_r=args.width, lr=args.lr, threads=args.threads,
-                       label_mode=args.labels, distractors=args.distractors,
-                       progress=progress, command="python main.py " + " ".join(sys.argv[1:]))
+                       label_mode=args.labels, distractors=args.distractors, device=args.device,
+                       features_mode=args.features, progress=progress,
+                       command="python main.py " + " ".join(sys.argv[1:]))
     v = card["validation"]["after"]
-    print(f"wrote {args.out}/heads.safetensors in {card['wall_time_s']:.0f} s; held-out loss {v['loss']}, "
+    print(f"wrote {card['out']}/heads.safetensors in {card['wall_time_s']:.0f} s; held-out loss {v['loss']}, "
           f"top-10% overlap {v['top10_overlap']:.3f}")
     return 0

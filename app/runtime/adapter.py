@@ -16,6 +16,7 @@ from contextvars import ContextVar
 import torch
 from transformers import AttentionInterface
 
+from app.config import trained_dir
 from policies import Chunk, KVCache, ModelInfo, SpecError
 from policies.kernels import fused
 from policies.kernels.switch import Kernels
@@ -181,7 +182,7 @@ class Adapter:
             n_layers=cfg.num_hidden_layers, n_q_heads=n_q, n_kv_heads=cfg.num_key_value_heads,
             head_dim=head_dim, dtype=dtype, device=p.device, inv_freq=inv_freq.detach().float().clone(),
             window=getattr(cfg, "max_position_embeddings", 0) or 0, model_id=self.model_id,
-            hidden_size=cfg.hidden_size, tokenizer=self.tokenizer)
+            hidden_size=cfg.hidden_size, tokenizer=self.tokenizer, search_dirs=(trained_dir(),))
 
     def new_cache(self, spec: str) -> KVCache:
         return KVCache(spec, self.info)

@@ -1,0 +1,69 @@
+"""`train-heads` for any model: hidden states streamed (disk or recomputed, the same heads),
+stopped and resumed, kept in this machine's heads folder and found there by `locret`."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from app.heads.train import default_out, train_heads
+from app.runtime.engine import Runtime
+from app.runtime.types import Stopped
+from policies import SpecError
+from policies.locret import load_heads
+from tiny import tiny_arch, tiny_pair, tiny_tokenizer
+
+KW = dict(steps=12, docs=3, val_docs=1, doc_tokens=120, d_r=8, warmup=2)
+
+
+def _rt(arch="llama"):
+    if arch == "llama":
+        return Runtime.from_model(*tiny_pair(0), model_id=f"tiny-{arch}", chunk_size=32)
+    return Runtime.from_model(tiny_arch(arch, vocab_size=len(tiny_tokenizer())), tiny_tokenizer(),
+                              model_id=f"tiny-{arch}", chunk_size=32)
+
+
+def test_recomputed_features_train_the_same_heads_as_cached_ones(tmp_path):
+    rt = _rt()
+    train_heads(rt, tmp_path / "disk", features_mode="disk", **KW)
+    train_heads(rt, tmp_path / "re", features_mode="recompute", **KW)
+    assert list((tmp_path / "disk" / ".features").glob("doc*.safetensors"))
+    assert not list((tmp_path / "re" / ".features").glob("doc*.safetensors"))  # labels only
+    a = load_heads(tmp_path / "disk" / "heads.safetensors").state_dict()
+    b = load_heads(tmp_path / "re" / "heads.safetensors").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_stopped_run_resumes_where_it_stopped(tmp_path):
+    rt = _rt()
+    stop, seen = threading.Event(), []
+
+    def progress(phase, done, total):
+        seen.append((phase, done))
+        if phase == "steps" and done == 5:
+            stop.set()
+    with pytest.raises(Stopped, match="resume"):
+        train_heads(rt, tmp_path, progress=progress, stop=stop, **KW)
+    assert not (tmp_path / "heads.safetensors").exists()
+    seen.clear()
+    train_heads(rt, tmp_path, steps=KW["steps"], docs=3, val_docs=1, doc_tokens=120, d_r=8, warmup=2,
+                progress=lambda p, d, t: seen.append((p, d)))
+    assert (tmp_path / "heads.safetensors").is_file()
+    # documents are rebuilt (cheap), features come from the folder, and steps go on from there
+    assert [d for p, d in seen if p == "steps"][0] > 1
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_heads_trained_by_default_are_found_next_time(arch):
+    """No heads ship for the model: `locret` is refused; `train-heads` without --out keeps
+    them in this machine's folder, and the next runtime's `locret` finds them there."""
+    with pytest.raises(SpecError, match="no retaining heads"):
+        _rt(arch).set_policy("locret")
+    rt = _rt(arch)
+    card = train_heads(rt, None, **KW)
+    assert card["out"] == str(default_out(rt.adapter.info))
+    fresh = _rt(arch)
+    fresh.set_policy("locret:budget=32,stabilizers=8")
+    assert fresh.cache.layers[0].selector.source == str(default_out(rt.adapter.info) / "heads.safetensors")
