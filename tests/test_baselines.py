@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from app.runtime.engine import Runtime
+from app.runtime.prefill import chunk_plan, prefill
 from policies import Chunk, SpecError, parse_spec
 from policies.anchor import WARNING, anchor_ids
 from policies.ffnskip import calibrate, resolve_cold, save_calibration
@@ -23,13 +24,8 @@ def _rt(spec, seed=0, model_id="tiny", chunk=32):
 
 def _feed(rt, ids, final_last=True):
     """Prefill ids chunk by chunk as the runtime does; returns the chunks' lengths."""
-    plan, done = rt._chunks(len(ids)), 0
-    x = torch.tensor(ids)
-    for i, n in enumerate(plan):
-        c = Chunk(x[done:done + n], rt.cache.next_position, final=final_last and i == len(plan) - 1)
-        rt.adapter.forward(c.input_ids, rt.cache, c)
-        rt.cache.end_chunk(c)
-        done += n
+    plan = chunk_plan(rt.cache, len(ids), rt.chunk_size)
+    prefill(rt.adapter, rt.cache, ids, plan=plan, final=final_last)
     return plan
 
 
@@ -170,7 +166,7 @@ def test_ffnskip_prefill_never_skips_and_warmup_is_dense():
     ref = _rt("full")
     rt = _rt("ffnskip:threshold=0,warmup=3,cold=1:0")
     ids = _ids(80)
-    torch.testing.assert_close(rt._prefill(ids), ref._prefill(ids))
+    torch.testing.assert_close(rt.prefill(ids), ref.prefill(ids))
     assert rt.cache.ffn.ratio() == 0.0
     a = ref.ask("hi", max_new_tokens=8)
     b = rt.ask("hi", max_new_tokens=8)

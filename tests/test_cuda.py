@@ -46,7 +46,7 @@ def _noise(spec, logits, seed):
         for p in m.parameters():
             p.mul_(1 + 2e-7 * torch.randn(p.shape, generator=g))
     rt = Runtime.from_model(m, t, policy=spec, model_id="tiny", chunk_size=CHUNK)
-    return (rt._prefill(_ids()) - logits).abs().max().item()
+    return (rt.prefill(_ids()) - logits).abs().max().item()
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -55,7 +55,7 @@ def test_gpu_equals_cpu(spec, files):
     spec = spec.format(**files)
     cpu, gpu = _rt(spec, "cpu"), _rt(spec, "cuda")
     assert gpu.device.type == "cuda"
-    a, b = cpu._prefill(_ids()), gpu._prefill(_ids())
+    a, b = cpu.prefill(_ids()), gpu.prefill(_ids())
     assert b.device.type == "cuda"
     if "bits=2" in spec:
         # NOTE: 2-bit codes round the other way on a boundary, and with eviction a flipped
@@ -79,7 +79,7 @@ def test_gpu_equals_cpu(spec, files):
 def test_offload_host_buffers_are_pinned_and_kivi_uses_the_kernel(files):
     rt = _rt("locret:budget=64,stabilizers=8,local=0,heads={heads}+offload:recall=24,channels_file={ch}"
              .format(**files), "cuda")
-    rt._prefill(_ids())
+    rt.prefill(_ids())
     spilled = [l.spill for l in rt.cache.layers if l.spill is not None]
     assert spilled and all(s.hk.is_pinned() and s.hv.is_pinned() for s in spilled)
     kv = _rt("kivi:group=16,residual=32", "cuda")
@@ -95,7 +95,7 @@ def test_cuda_graph_decode_equals_eager(spec, files):
     torch.backends.cuda.matmul.allow_tf32 = False
     spec = spec.format(**files)
     ref, rt = _rt(spec, "cuda"), _rt(spec, "cuda")
-    ref._prefill(_ids()), rt._prefill(_ids())
+    ref.prefill(_ids()), rt.prefill(_ids())
     toks = _ids(13, seed=5)
     with Decoder(ref.adapter, ref.cache, fixed=False) as eager, Decoder(rt.adapter, rt.cache, room=5) as graph:
         assert graph.mode == "cuda graph"

@@ -4,6 +4,7 @@ import torch
 
 from app.runtime.adapter import Adapter
 from app.runtime.engine import Runtime
+from app.runtime.prefill import prefill
 from policies import Chunk
 from tiny import tiny_llama, tiny_pair
 
@@ -23,12 +24,7 @@ def test_chunked_prefill_matches_plain_forward(chunk, over):
     ref = _reference_logits(1, ids, **over)
     ad = Adapter(tiny_llama(1, **over), None)
     cache = ad.new_cache("full")
-    outs = []
-    for s in range(0, len(ids), chunk):
-        c = Chunk(ids[s:s + chunk], cache.next_position, final=s + chunk >= len(ids))
-        outs.append(ad.forward(c.input_ids, cache, c, all_logits=True))
-        cache.end_chunk(c)
-    got = torch.cat(outs)
+    got = prefill(ad, cache, ids, chunk, all_logits=True)
     assert got.shape == ref.shape
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
     assert cache.length == cache.seen == cache.next_position == 150

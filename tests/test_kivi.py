@@ -166,6 +166,7 @@ def test_attend_matches_dequantized_reference_and_residual_is_exact(dtype):
 def test_lossless_setting_equals_full_through_the_adapter():
     pytest.importorskip("transformers")
     from app.runtime.adapter import Adapter
+    from app.runtime.prefill import prefill
     from policies import Chunk
     from tests.tiny import tiny_llama
 
@@ -177,8 +178,7 @@ def test_lossless_setting_equals_full_through_the_adapter():
         cache = ad.new_cache(spec)
         if spec == lossless:
             assert cache.layers[0].store.lossless
-        out = [ad.forward(ids[:128], cache, Chunk(ids[:128], 0), all_logits=True),
-               ad.forward(ids[128:250], cache, Chunk(ids[128:250], 128), all_logits=True)]
+        out = [prefill(ad, cache, ids[:250], plan=[128, 122], all_logits=True)]
         for i in range(250, 300):
             out.append(ad.forward(ids[i:i + 1], cache, Chunk(ids[i:i + 1], i, "decode"))[None])
         logits[spec] = torch.cat(out)

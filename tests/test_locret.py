@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from app.runtime.engine import Runtime
+from app.runtime.prefill import chunk_plan, prefill
 from policies import Chunk, KVCache, SpecError, parse_spec
 from policies.locret import RetainingHeads, fold_qkv, load_heads, model_key, save_heads
 from tiny import tiny_pair
@@ -36,7 +37,7 @@ def test_budget_covering_context_equals_full(tmp_path):
     f = _heads_file(ref, tmp_path)
     rt = _runtime(f"locret:budget=4096,stabilizers=8,local=10,heads={f}")
     ids = _ids(300)
-    a, b = ref._prefill(ids), rt._prefill(ids)
+    a, b = ref.prefill(ids), rt.prefill(ids)
     assert rt.cache.length == 300 and rt.cache.seen == 300
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
     ra = ref.ask("what is it?", max_new_tokens=12)
@@ -64,28 +65,28 @@ def test_eviction_keeps_budget_top_scores_and_stabilizers(tmp_path, share):
     f = _heads_file(rt, tmp_path)
     rt = _runtime(f"locret:budget=32,stabilizers=8,local=10,chunk=16,share={share},pool=3,heads={f}")
     cache = rt.cache
-    x = torch.tensor(_ids(150))
-    plan = rt._chunks(150)
+    plan = chunk_plan(cache, 150, rt.chunk_size)
     assert plan[-1] == 10 and sum(plan) == 150
-    done = 0
-    for i, n in enumerate(plan):
-        chunk = Chunk(x[done:done + n], cache.next_position, final=i == len(plan) - 1)
-        rt.adapter.forward(chunk.input_ids, cache, chunk)
+    at = {}  # what the chunk being read left before its eviction
+
+    def before_eviction(chunk, _logits):
+        n = chunk.n
         if share == "on":
             from policies.locret import _pool
             new = _pool(torch.stack([l.scores[:, -n:] for l in cache.layers]).mean((0, 1))[None], 3)[0]
             cache._share_scores(cache.layers[0].selector)  # end_chunk's own call is then a no-op
             for l in cache.layers:
                 torch.testing.assert_close(l.scores[:, -n:], new.expand(l.scores.shape[0], -1))
-        before = [(l.positions().clone(), l.scores.clone()) for l in cache.layers]
-        cache.end_chunk(chunk)
+        at["before"] = [(l.positions().clone(), l.scores.clone()) for l in cache.layers]
+        at["final"] = chunk.final
+
+    def after_eviction(done, _total):
         if share == "on":
             assert all(torch.equal(l.positions(), cache.layers[0].positions().expand_as(l.positions()))
                        for l in cache.layers), "every layer and head keeps the same tokens"
-        done += n
-        for l, (pos0, sc0) in zip(cache.layers, before):
+        for l, (pos0, sc0) in zip(cache.layers, at["before"]):
             kept = l.positions()
-            if chunk.final:
+            if at["final"]:
                 assert l.length == min(done, 32 + 10)
                 assert all(set(range(done - 10, done)) <= set(row.tolist()) for row in kept)
                 continue
@@ -103,6 +104,7 @@ def test_eviction_keeps_budget_top_scores_and_stabilizers(tmp_path, share):
                 assert not lost_s or min(kept_s) >= max(lost_s)
             assert torch.equal(kept, kept.sort(1).values), "kept tokens stay in order"
         assert cache.next_position == cache.length
+    prefill(rt.adapter, cache, _ids(150), plan=plan, on_chunk=before_eviction, progress=after_eviction)
 
 
 def test_pool_takes_the_window_max_and_refuses_even_windows(tmp_path):
@@ -117,7 +119,7 @@ def test_pool_takes_the_window_max_and_refuses_even_windows(tmp_path):
         _runtime(f"locret:pool=4,heads={f}")
     # pooling keeps a span: the neighbours of the best-scored token survive with it
     rt = _runtime(f"locret:budget=16,stabilizers=2,local=4,chunk=16,pool=5,share=off,heads={f}")
-    rt._prefill(_ids(80))
+    rt.prefill(_ids(80))
     sel = rt.cache.layers[0].selector
     assert sel.pool == 5 and not sel.share_scores
 
@@ -129,7 +131,7 @@ def test_compacted_keys_are_rope_at_new_slots(tmp_path):
     f = _heads_file(rt, tmp_path)
     rt = _runtime(f"locret:budget=24,stabilizers=4,local=0,chunk=16,heads={f}")
     ids = _ids(100, seed=3)
-    rt._prefill(ids)
+    rt.prefill(ids)
     model = rt.adapter.model
     layer, info = rt.cache.layers[0], rt.adapter.info
     with torch.no_grad():
@@ -154,7 +156,7 @@ def test_logits_equal_reference_over_kept_tokens_at_compacted_positions(tmp_path
     f = _heads_file(base, tmp_path)
     rt = _runtime(f"locret:budget=20,stabilizers=4,local=0,chunk=16,heads={f}", **over)
     ids = _ids(90, seed=5)
-    rt._prefill(ids)
+    rt.prefill(ids)
     kept = rt.cache.layers[0].positions()[0].tolist()
     assert len(kept) < 90
     ref = KVCache("full", base.adapter.info)
@@ -285,7 +287,7 @@ def test_shipped_heads_answer_passkey_at_3k(fresh_smol):
     res = trial(fresh_smol, "locret:budget=512,stabilizers=128", 3200, depth=0.4, seed=1, max_new=14)
     assert "policies/heads" in fresh_smol.cache.layers[0].selector.source
     assert fresh_smol.cache.length <= 512 + 100 + 14
-    fresh_smol._reset_cache("full")
+    fresh_smol.reset_cache("full")
     assert res["correct"], res["answer"]
 
 

@@ -8,13 +8,15 @@ clean re-read).
 """
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 
 import pytest
 import torch
 
 from app.runtime.engine import Runtime  # noqa: F401  (imports offload: its policies register)
-from policies import REGISTRY, Chunk, SpecError
+from app.runtime.prefill import chunk_plan, prefill
+from policies import REGISTRY, SpecError
 from policies.base import FullStore
 from policies.kivi import KiviStore
 from policies.locret import RetainingHeads, model_key, save_heads
@@ -114,7 +116,7 @@ def test_lossless_equals_full(name, heads):
     spec = _spec(LOSSLESS, name, heads) or name
     ref, rt = _rt("full"), _rt(spec)
     ids = _ids()
-    a, b = ref._prefill(ids), rt._prefill(ids)
+    a, b = ref.prefill(ids), rt.prefill(ids)
     assert rt.cache.length == rt.cache.seen == N
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
     ra, rb = ref.ask("what is it?", max_new_tokens=8), rt.ask("what is it?", max_new_tokens=8)
@@ -125,7 +127,7 @@ def test_lossless_equals_full(name, heads):
 def test_nbytes_exact(name, heads):
     spec = _spec(SMALL, name, heads) or _spec(LOSSLESS, name, heads) or name
     rt = _rt(spec)
-    rt._prefill(_ids())
+    rt.prefill(_ids())
     rt.ask("and then?", max_new_tokens=5)
     want = _hand_count(rt.cache)
     if want is None:
@@ -143,15 +145,14 @@ def test_eviction_keeps_budget(name, heads):
     spec, budget, exact = SMALL[name]
     rt = _rt(spec.format(heads=heads))
     ids = _ids()
-    plan = rt._chunks(len(ids))
+    plan = chunk_plan(rt.cache, len(ids), rt.chunk_size)
     assert len(plan) > 3
-    done = 0
-    for i, n in enumerate(plan):
-        c = Chunk(torch.tensor(ids[done:done + n]), rt.cache.next_position, final=i == len(plan) - 1)
-        rt.adapter.forward(c.input_ids, rt.cache, c)
-        rt.cache.end_chunk(c)
-        done += n
-        cap = budget + (n if c.final else 0)
+    ends = list(itertools.accumulate(plan))
+
+    def check(done, total):  # after each chunk, its eviction done
+        i = ends.index(done)
+        n, final = plan[i], done == total
+        cap = budget + (n if final else 0)
         for l in rt.cache.layers:
             lazy = getattr(l.selector, "lazy", True)
             if exact and lazy:
@@ -164,6 +165,7 @@ def test_eviction_keeps_budget(name, heads):
             assert p.shape == (rt.cache.info.n_kv_heads, l.length)
             assert bool((p[:, 1:] > p[:, :-1]).all())  # order kept, no duplicates
             assert l.base + l.length == rt.cache.next_position  # the positions invariant
+    prefill(rt.adapter, rt.cache, ids, plan=plan, progress=check)
     if name == "lighttransfer":
         assert len(rt.cache.layers[0].selector.shared.lazy) == 2  # round(0.5 * 3 layers)
 

@@ -22,13 +22,9 @@ def test_chunked_prefill_equals_plain_forward_on_real_model(fresh_smol):
     rt = fresh_smol
     text = ("Long documents are read in chunks; each chunk attends to everything before it. " * 8)
     ids = torch.tensor(rt.tokens(text))
-    from policies import Chunk
+    from app.runtime.prefill import prefill
     cache = rt.adapter.new_cache("full")
-    outs = []
-    for s in range(0, len(ids), 96):
-        c = Chunk(ids[s:s + 96], cache.next_position)
-        outs.append(rt.adapter.forward(c.input_ids, cache, c, all_logits=True))
-    got = torch.cat(outs)
+    got = prefill(rt.adapter, cache, ids, 96, all_logits=True)
     model = rt.adapter.model
     model.set_attn_implementation("eager")
     try:

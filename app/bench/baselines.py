@@ -58,9 +58,9 @@ def passkey(rt, spec: str, n: int, depth: float, seed: int, max_new: int = 12) -
 
 def teacher_forced(rt, spec: str, ids: list[int], n_prefill: int, n_next: int):
     """-> (log-probs [n_next, V] of tokens n_prefill.., prefill s, decode s, peak bytes)."""
-    rt._reset_cache(spec)
+    rt.reset_cache(spec)
     t0 = time.perf_counter()
-    logits = rt._prefill(ids[:n_prefill])
+    logits = rt.prefill(ids[:n_prefill])
     t1 = time.perf_counter()
     rows = [logits.log_softmax(-1)]
     with Decoder(rt.adapter, rt.cache) as dec:
@@ -104,9 +104,8 @@ def _ppl(lp: torch.Tensor, target: torch.Tensor) -> float:
 
 
 def answer(rt, spec: str, q: str, max_new: int):
-    rt._reset_cache(spec)
+    rt.reset_cache(spec)
     rt.conv.messages.clear()
-    rt.cached_text, rt._answer_start = "", None
     return rt.ask(q, max_new_tokens=max_new)
 
 
@@ -174,8 +173,8 @@ def run(rt=None, names=None, budget: int = 1024, chunk: int = 512, lengths=(4096
                 emit(_kl_row(name, ref, lp, target, kl_tokens, tp, td, threads))
     if "lazy" in parts and "lighttransfer" in names:
         for spec in (specs["lighttransfer"], specs["lighttransfer"] + "+kivi"):  # kivi: non-lazy layers only
-            rt._reset_cache(spec)
-            rt._prefill(prose[:kl_tokens])
+            rt.reset_cache(spec)
+            rt.prefill(prose[:kl_tokens])
             plan = rt.cache.layers[0].selector.shared
             per = [sum(l.nbytes().values()) for l in rt.cache.layers]
             full_per = kl_tokens * rt.adapter.info.kv_bytes_per_token()

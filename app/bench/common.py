@@ -15,7 +15,8 @@ import torch
 
 from app.runtime.adapter import ATTN_NAME, Adapter
 from app.runtime.decode import Decoder
-from policies import Chunk, KVCache
+from app.runtime.prefill import prefill
+from policies import KVCache
 
 
 def machine() -> dict:
@@ -55,22 +56,6 @@ class Bar:
               file=sys.stderr, flush=True)
 
 
-def prefill_ids(ad: Adapter, cache: KVCache, ids: torch.Tensor, chunk: int, decode_first: bool = True):
-    """Chunked prefill of ids [T] through `cache` (selector plan honoured). -> last logits."""
-    sel = cache.layers[0].selector
-    size = getattr(sel, "chunk", None) or chunk
-    n = ids.shape[0]
-    plan = sel.plan(n, size) if hasattr(sel, "plan") else [min(size, n - s) for s in range(0, n, size)]
-    done, logits = 0, None
-    cache.expect(n, plan[0] if plan else 0)
-    for i, m in enumerate(plan):
-        c = Chunk(ids[done:done + m], cache.next_position, "prefill", final=i == len(plan) - 1)
-        logits = ad.forward(c.input_ids, cache, c)
-        cache.end_chunk(c)
-        done += m
-    return logits
-
-
 def decode_steps(ad: Adapter, cache: KVCache, logits: torch.Tensor, n: int, dec: Decoder | None = None):
     """n greedy decode steps (the content does not matter for speed or memory), through
     `dec` or a Decoder of its own (closed here). -> the last logits."""
@@ -95,7 +80,7 @@ def warm_up(ad: Adapter, chunk: int) -> None:
     ad.bench_warm = True
     cache = KVCache("full", ad.info)
     ids = random_ids(2 * chunk, ad.model.config.vocab_size, 1, ad.info.device)
-    decode_steps(ad, cache, prefill_ids(ad, cache, ids, chunk), 2)
+    decode_steps(ad, cache, prefill(ad, cache, ids, chunk), 2)
     sync(ad.info.device)
 
 
@@ -107,7 +92,7 @@ def timed_prefill_decode(ad: Adapter, cache: KVCache, ids: torch.Tensor, chunk: 
     warm_up(ad, chunk)
     sync(dev)
     t0 = time.perf_counter()
-    logits = prefill_ids(ad, cache, ids, chunk)
+    logits = prefill(ad, cache, ids, chunk)
     sync(dev)
     prefill_s = time.perf_counter() - t0
     with Decoder(ad, cache) as dec:

@@ -76,7 +76,7 @@ def _random_heads(info, folder):
 def trial(rt, spec: str, n_tokens: int, depth: float, seed: int, scorer: str = "heads", max_new: int = 10):
     """One pass-key trial on a fresh cache -> dict(correct, answer, prefill_tok_s, kv_peak_bytes)."""
     r = rt
-    r._reset_cache(spec)  # a fresh cache on the same model (no second adapter and hooks)
+    r.reset_cache(spec)  # a fresh cache on the same model (no second adapter and hooks)
     ids, key = passkey_prompt(r, n_tokens, depth, seed)
     if scorer == "streaming":
         for layer in r.cache.layers:
@@ -87,7 +87,7 @@ def trial(rt, spec: str, n_tokens: int, depth: float, seed: int, scorer: str = "
         for layer in r.cache.layers:
             _oracle(layer.selector, set(range(at, at + len(needle))))
     t0 = time.perf_counter()
-    logits = r._prefill(ids)
+    logits = r.prefill(ids)
     dt = time.perf_counter() - t0
     out = []
     with Decoder(r.adapter, r.cache) as dec:

@@ -7,9 +7,10 @@ import gc
 import psutil
 import torch
 
+from app.runtime.prefill import prefill
 from policies import KVCache, Policy, parse_spec
 
-from .common import Bar, decode_steps, plot, prefill_ids, random_ids, sync, table, write_json
+from .common import Bar, decode_steps, plot, random_ids, sync, table, write_json
 
 DEFAULT_POLICIES = ("full", "kivi", "kivi:bits=4", "locret:budget=1024", "locret:budget=1024+kivi",
                     "streaming:window=1020")
@@ -77,7 +78,7 @@ def run(rt_or_adapter, policies=DEFAULT_POLICIES, lengths=(1024, 2048, 4096, 819
             row = {"policy": spec, "context": n}
             try:
                 cache = KVCache(spec, info)
-                logits = prefill_ids(ad, cache, random_ids(n, vocab, n, info.device), chunk)
+                logits = prefill(ad, cache, random_ids(n, vocab, n, info.device), chunk)
                 after_prefill = cache.track_peak()
                 held_now = cache.length
                 decode_steps(ad, cache, logits, decode)

@@ -10,15 +10,21 @@ Other caches, and the CPU, decode eagerly, one forward per token (`mode` says wh
 why). The fixed-shape step also runs without a graph: that is how CI tests it.
 
 Use as a context manager: leaving it commits the steps taken to the cache, whatever
-happened in between.
+happened in between. `generate` is the answer's loop around it: sampling, stop tokens and
+the stop flag, detokenizing, timing, out-of-memory recovery.
 """
 from __future__ import annotations
 
-import os
+import threading
+import time
+from dataclasses import dataclass
 
 import torch
 
 from policies import Chunk, KVCache, static
+
+from .sampling import sample
+from .types import OnToken, Sampling
 
 ROOM = 256  # decode steps per window: the span attention reads grows by at most this
 
@@ -28,7 +34,7 @@ class Decoder:
 
     fixed: None picks (fixed shapes + CUDA graph on CUDA where the cache allows, eager
     elsewhere); True forces fixed shapes (graph only on CUDA), False forces eager.
-    VRAMCHAT_CUDA_GRAPHS=0 in the environment turns the graph off.
+    `ModelInfo.kernels.graphs` (VRAMCHAT_CUDA_GRAPHS=0 in the environment) turns the graph off.
     """
 
     def __init__(self, adapter, cache: KVCache, fixed: bool | None = None, room: int = ROOM):
@@ -40,7 +46,7 @@ class Decoder:
         if fixed and why:
             raise ValueError(f"policy `{cache.spec}` cannot decode with fixed shapes: {why}")
         self.fixed = fixed
-        self.graphs = fixed and dev.type == "cuda" and os.environ.get("VRAMCHAT_CUDA_GRAPHS", "1") != "0"
+        self.graphs = fixed and dev.type == "cuda" and cache.info.kernels.graphs
         self.mode = ("cuda graph" if self.graphs else "fixed shapes") if fixed else (
             f"eager ({why})" if why and dev.type == "cuda" else "eager")
         self._st = None  # the open window
@@ -120,3 +126,80 @@ class Decoder:
             self.mode = f"fixed shapes (graph capture failed: {str(e).splitlines()[0][:120]})"
             return
         self._graph = graph
+
+
+_OOM_WORDS = ("out of memory", "can't allocate memory", "not enough memory")
+
+
+def is_oom(e: BaseException) -> bool:
+    """Whether e is the device (or host) running out of memory."""
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and any(w in str(e).lower() for w in _OOM_WORDS))
+
+
+def free_cached(device: torch.device) -> None:
+    """Give the allocator's cached blocks back to the device (after an out-of-memory, or
+    when a cache is dropped) so the next allocation does not fail on fragments."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@dataclass
+class Generated:
+    ids: list[int]  # the answer's tokens, all in the cache (a stop token is not)
+    text: str  # decoded without special tokens
+    finish: str  # "stop" (a stop token), "length", "stopped" (the flag), "oom"
+    first_s: float | None  # perf_counter when the first token was sampled
+    end_s: float  # perf_counter when decoding ended
+    mode: str  # Decoder.mode
+
+
+def generate(adapter, cache: KVCache, logits: torch.Tensor, tok, *, stop_ids: set[int], max_new_tokens: int,
+             sampling: Sampling, gen: torch.Generator, on_token: OnToken | None = None,
+             stop: threading.Event | None = None, on_step=None) -> Generated:
+    """Decode an answer after a prefill whose last logits [V] are `logits`.
+
+    Checks `stop` before every token; streams text pieces to on_token (a piece that ends
+    in half a UTF-8 character waits for the next token); calls on_step() after every
+    step. Out of memory in a step ends the answer (finish "oom") with the tokens that
+    reached the cache; the caller reports it.
+    """
+    out: list[int] = []
+    text, finish, first = "", "length", None
+    with Decoder(adapter, cache) as dec:
+        while len(out) < max_new_tokens:
+            if stop is not None and stop.is_set():
+                finish = "stopped"
+                break
+            t = sample(logits, sampling, gen)
+            if t in stop_ids:
+                finish = "stop"
+                break
+            out.append(t)
+            piece, text = _detok(tok, out, text)
+            if first is None:
+                first = time.perf_counter()
+            if piece and on_token is not None:
+                on_token(piece)
+            try:
+                logits = dec.step(t)
+            except BaseException as e:
+                if not is_oom(e):
+                    raise
+                free_cached(adapter.info.device)
+                finish = "oom"
+                out.pop()  # that token never reached the cache
+                break
+            if on_step is not None:
+                on_step()
+    cache.track_peak()  # NOTE: decode only appends, so the end is the peak
+    end = time.perf_counter()
+    return Generated(out, tok.decode(out, skip_special_tokens=True), finish, first, end, dec.mode)
+
+
+def _detok(tok, ids: list[int], prev: str) -> tuple[str, str]:
+    """-> (new piece, whole text) for ids, given the text of all but the last."""
+    text = tok.decode(ids, skip_special_tokens=True)
+    if text.endswith("\ufffd"):
+        return "", prev  # an incomplete UTF-8 sequence: wait for the next token
+    return text[len(prev):] if text.startswith(prev) else text, text

@@ -1,34 +1,32 @@
 """The Runtime: one model, one tokenizer, one KV cache, one conversation.
 
-Prefill runs chunk by chunk through the policy stack; decode streams tokens to a
-callback and checks a stop flag every token. Work that fails (stop, out of memory)
-leaves the conversation as it was before that work began.
+A turn renders the conversation, prefills what the cache does not hold yet (`prefill.py`)
+and decodes the answer (`decode.py`). Work that fails (stop, out of memory) leaves the
+conversation as it was before that work began. Every change holds the lock and publishes
+a `CacheState` as it goes, so the gauge reads memory from any thread without waiting.
 """
 from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 import offload  # noqa: F401  (registers offload's policies)
-from policies import Chunk, parse_spec
+from policies import parse_spec
 
 from . import documents, loader, memory
 from .adapter import Adapter
-from .decode import Decoder
-from .sampling import sample, stop_token_ids
+from .decode import free_cached, generate, is_oom
+from .prefill import chunk_plan, prefill
+from .sampling import stop_token_ids
 from .session import Conversation, common_prefix
-from .types import (ContextInfo, ConversionResult, DocumentInfo, MemoryReport, Sampling, Stopped,
-                    TurnResult, VramchatError)
+from .types import (CacheState, ContextInfo, ConversionResult, DocumentInfo, MemoryReport, Progress, Sampling,
+                    Stopped, TurnResult, VramchatError)
 
-_OOM_WORDS = ("out of memory", "can't allocate memory", "not enough memory")
-
-
-def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or (
-        isinstance(e, RuntimeError) and any(w in str(e).lower() for w in _OOM_WORDS))
+PUBLISH_S = 0.1  # while decoding, publish the cache's state at most this often (it walks every layer)
 
 
 class Runtime:
@@ -46,10 +44,12 @@ class Runtime:
         self.stop_ids = stop_token_ids(tokenizer, model)
         self.conv = Conversation()
         self.cache = self.adapter.new_cache(policy)
-        self.cached_text = ""
+        self.cached_text = ""  # the rendering of the conversation the cache holds
         self._answer_start = None  # index in cached_text where the last answer began
         self._weights_bytes = self.adapter.weights_bytes()
         self._lock = threading.RLock()
+        self._state: CacheState = memory.cache_state(self.cache, self.context())
+        self._published = 0.0
 
     # ---- construction -------------------------------------------------------------
     @classmethod
@@ -81,49 +81,70 @@ class Runtime:
         return ContextInfo(read=self.cache.seen, retained=self.cache.length, window=self.window)
 
     def memory(self) -> MemoryReport:
-        return memory.report(self.device, self.cache, self._weights_bytes)
+        """Device and host memory now, the cache as of its last published state: never
+        blocks, from any thread."""
+        return memory.report(self.device, self._state, self._weights_bytes)
+
+    def snapshot(self) -> CacheState:
+        """The cache's last published state (policy, bytes, context): from any thread."""
+        return self._state
 
     def policy_warnings(self) -> list[str]:
         """What the current policy says a person should know (e.g. `anchor` on a model
         not trained for it)."""
         return self.cache.warnings()
 
-    def layer_bytes(self) -> list[int]:
-        """KV bytes held per decoder layer (all tiers): policies like `lighttransfer` keep
-        some layers short."""
-        return [sum(layer.nbytes().values()) for layer in self.cache.layers]
-
     def tokens(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
-    # ---- prefill ------------------------------------------------------------------
-    def _chunks(self, n: int) -> list[int]:
-        sel = self.cache.layers[0].selector
-        size = getattr(sel, "chunk", None) or self.chunk_size
-        if hasattr(sel, "plan"):
-            return sel.plan(n, size)
-        return [min(size, n - s) for s in range(0, n, size)]
+    # ---- changes ----------------------------------------------------------------
+    @contextmanager
+    def _changing(self):
+        """Hold the lock for a change of the cache or conversation; publish on the way out."""
+        with self._lock:
+            try:
+                yield
+            finally:
+                self._publish()
 
-    def _prefill(self, ids: list[int], progress=None, stop: threading.Event | None = None) -> torch.Tensor:
-        """Feed ids through the cache chunk by chunk; returns the last token's logits."""
-        x = torch.tensor(ids, dtype=torch.long, device=self.device)
-        done, logits = 0, None
-        plan = self._chunks(len(ids))
-        self.cache.expect(len(ids), plan[0] if plan else 0)
-        for i, n in enumerate(plan):
-            if stop is not None and stop.is_set():
-                raise Stopped(f"stopped after {done:,} of {len(ids):,} tokens")
-            chunk = Chunk(x[done:done + n], self.cache.next_position, "prefill", final=i == len(plan) - 1)
-            logits = self.adapter.forward(chunk.input_ids, self.cache, chunk)
-            self.cache.end_chunk(chunk)
-            done += n
-            if progress is not None:
-                progress(done, len(ids))
-        return logits
+    def _publish(self) -> None:
+        """Replace the state the gauge reads by the cache's now (on the thread that changes it).
+        A cache mid-replacement (None, or layers freed by a failed conversion) keeps the last."""
+        cache = self.cache
+        if cache is None or any(layer is None for layer in cache.layers):
+            return
+        self._state = memory.cache_state(cache, self.context())
+        self._published = time.monotonic()
+
+    def reset_cache(self, spec: str | None = None) -> None:
+        """An empty cache under `spec` (default: the current policy). The conversation is
+        kept; its next turn reads it again."""
+        with self._changing():
+            spec = spec or self.cache.spec
+            self.cache = None  # NOTE: the old cache's memory goes before the new one's is taken
+            self._set_cached("")
+            free_cached(self.device)
+            self.cache = self.adapter.new_cache(spec)
+
+    def _set_cached(self, text: str, answer_start: int | None = None) -> None:
+        """The cache now holds the rendering `text`; the last answer begins at answer_start."""
+        self.cached_text, self._answer_start = text, answer_start
+
+    # ---- prefill ------------------------------------------------------------------
+    def prefill(self, ids, progress: Progress | None = None, stop: threading.Event | None = None) -> torch.Tensor:
+        """Read token ids (list or tensor [T]) into the cache, outside the conversation (the
+        conversation does not know of them: benchmarks and tests). -> last logits [V]."""
+        with self._changing():
+            def chunk_done(done: int, total: int) -> None:
+                self._publish()
+                if progress is not None:
+                    progress(done, total)
+            return prefill(self.adapter, self.cache, ids, self.chunk_size, progress=chunk_done, stop=stop)
 
     def _check_fit(self, n_new: int, extra: int = 0) -> None:
         """Refuse (before reading) what the policy cannot hold in this device's memory."""
-        need_tokens = self.cache.projected_length(n_new + extra, self._chunks(max(n_new, 1))[0])
+        need_tokens = self.cache.projected_length(n_new + extra, chunk_plan(self.cache, max(n_new, 1),
+                                                                           self.chunk_size)[0])
         per_tok = self.cache.bytes_per_token()
         need = need_tokens * per_tok - sum(self.cache.bytes_by_tier().values())
         if self.device.type == "cuda":
@@ -160,42 +181,31 @@ class Runtime:
         """Prefill ids; on stop or out-of-memory put the cache back as it was."""
         seen0, text0, ans0 = self.cache.seen, self.cached_text, self._answer_start
         try:
-            logits = self._prefill(ids, progress, stop)
+            logits = self.prefill(ids, progress, stop)
         except BaseException as e:
             if not self.cache.truncate(seen0):
-                self._reset_cache(self.cache.spec)
-                self.cached_text, self._answer_start = "", None
+                self.reset_cache()
             else:
-                self.cached_text, self._answer_start = text0, ans0
-            if _is_oom(e):
-                self._free()
+                self._set_cached(text0, ans0)
+            if is_oom(e):
+                free_cached(self.device)
                 raise VramchatError(
                     f"out of memory while reading {len(ids):,} new tokens with policy `{self.policy}`; "
                     "the conversation is intact (that input was not added). Try a smaller --chunk-size, "
                     "`locret` or `kivi`.") from e
             raise
-        self.cached_text, self._answer_start = target, None
+        self._set_cached(target)
         return logits
 
     def _rebuild(self, target, progress=None, stop=None):
-        self._reset_cache(self.cache.spec)
-        self.cached_text, self._answer_start = "", None
+        self.reset_cache()
         ids = self.tokens(target)
         self._check_fit(len(ids))
         return self._atomic(ids, target, progress, stop), len(ids)
 
-    def _reset_cache(self, spec: str) -> None:
-        self.cache = None
-        self._free()
-        self.cache = self.adapter.new_cache(spec)
-
-    def _free(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
     # ---- conversation -------------------------------------------------------------
     def load_document(self, path: str, progress=None, stop=None) -> DocumentInfo:
-        with self._lock:
+        with self._changing():
             text = documents.read_document(path)
             name = Path(path).name
             msg = {"role": "document", "name": name, "content": text, "path": str(Path(path).resolve())}
@@ -215,7 +225,7 @@ class Runtime:
         if max_new_tokens < 1:
             raise VramchatError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
         sampling = sampling or Sampling()
-        with self._lock:
+        with self._changing():
             msg = {"role": "user", "content": question}
             target = self.conv.render(self.tok, pending=[msg])
             t0 = time.perf_counter()
@@ -228,73 +238,43 @@ class Runtime:
             gen = torch.Generator(device="cpu")
             if sampling.seed is not None:
                 gen.manual_seed(sampling.seed)
-            out: list[int] = []
-            text, finish, t_first = "", "length", None
-            with Decoder(self.adapter, self.cache) as dec:
-                while len(out) < max_new_tokens:
-                    if stop is not None and stop.is_set():
-                        finish = "stopped"
-                        break
-                    tok = sample(logits, sampling, gen)
-                    if tok in self.stop_ids:
-                        finish = "stop"
-                        break
-                    out.append(tok)
-                    piece, text = self._detok(out, text)
-                    if t_first is None:
-                        t_first = time.perf_counter()
-                    if piece and on_token is not None:
-                        on_token(piece)
-                    try:
-                        logits = dec.step(tok)
-                    except BaseException as e:
-                        if not _is_oom(e):
-                            raise
-                        self._free()
-                        finish = "oom"
-                        out.pop()  # that token never reached the cache
-                        text = self.tok.decode(out, skip_special_tokens=True)
-                        break
-            self.cache.track_peak()  # NOTE: decode only appends, so the end is the peak
-            t_end = time.perf_counter()
-            text = self.tok.decode(out, skip_special_tokens=True)
-            self.cached_text += self.tok.decode(out, skip_special_tokens=False)
-            n = len(out)
-            decode_s = (t_end - t_first) if t_first else 0.0
+            g = generate(self.adapter, self.cache, logits, self.tok, stop_ids=self.stop_ids,
+                         max_new_tokens=max_new_tokens, sampling=sampling, gen=gen, on_token=on_token, stop=stop,
+                         on_step=self._publish_now_and_then)
+            self.cached_text += self.tok.decode(g.ids, skip_special_tokens=False)
+            n, t_end = len(g.ids), g.end_s
+            decode_s = (t_end - g.first_s) if g.first_s else 0.0
             res = TurnResult(
-                question=question, answer=text, prompt_tokens=n_prompt, new_tokens=n,
-                ttft_s=(t_first or t_end) - t0, prefill_tok_s=n_prompt / t_prefill if t_prefill > 0 else 0.0,
+                question=question, answer=g.text, prompt_tokens=n_prompt, new_tokens=n,
+                ttft_s=(g.first_s or t_end) - t0, prefill_tok_s=n_prompt / t_prefill if t_prefill > 0 else 0.0,
                 decode_tok_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0, policy=self.policy,
-                stopped=finish in ("stopped", "oom"), finish=finish,
+                stopped=g.finish in ("stopped", "oom"), finish=g.finish,
                 ffn_skip_ratio=self.cache.ffn.ratio() if self.cache.ffn is not None else None,
-                decode_mode=dec.mode)
-            self.conv.messages.append({"role": "assistant", "content": text, "partial": res.stopped,
+                decode_mode=g.mode)
+            self.conv.messages.append({"role": "assistant", "content": g.text, "partial": res.stopped,
                                        "stats": res.to_json()})
-            if finish == "oom":
+            if g.finish == "oom":
                 raise VramchatError(f"out of memory after {n} generated tokens; the partial answer is kept. "
                                     "Try `kivi` or a smaller budget.")
             return res
 
-    def _detok(self, ids: list[int], prev: str) -> tuple[str, str]:
-        text = self.tok.decode(ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return "", prev  # an incomplete UTF-8 sequence: wait for the next token
-        return text[len(prev):] if text.startswith(prev) else text, text
+    def _publish_now_and_then(self) -> None:
+        if time.monotonic() - self._published >= PUBLISH_S:
+            self._publish()
 
     def set_system(self, text: str | None) -> None:
-        with self._lock:
+        with self._changing():
             self.conv.system = text or None  # the next turn re-prefills if the prefix changed
 
     def clear(self) -> None:
-        with self._lock:
+        with self._changing():
             self.conv = Conversation(system=self.conv.system)
-            self._reset_cache(self.cache.spec)
-            self.cached_text, self._answer_start = "", None
+            self.reset_cache()
 
     # ---- policies -----------------------------------------------------------------
     def set_policy(self, spec: str, progress=None, stop=None, reprefill: bool = False) -> ConversionResult:
         from .convert import convert
-        with self._lock:
+        with self._changing():
             parse_spec(spec)
             old = self.cache
             before = sum(old.bytes_by_tier().values())
@@ -302,16 +282,14 @@ class Runtime:
             try:
                 new, lossy, note = (None, False, "") if reprefill else convert(old, self.adapter.info, spec)
             except BaseException as e:
-                if not _is_oom(e):
+                if not is_oom(e):
                     if any(l is None for l in old.layers):  # convert freed some old layers: re-read next turn
-                        self._reset_cache(old_spec)
-                        self.cached_text, self._answer_start = "", None
+                        self.reset_cache(old_spec)
                     raise
                 new, note = None, "out of memory while converting"
             if new is None:
                 target = self.conv.render(self.tok, open_user=self._open_user())
-                self._reset_cache(spec)
-                self.cached_text, self._answer_start = "", None
+                self.reset_cache(spec)
                 if target:
                     try:
                         self._rebuild(target, progress, stop)
@@ -326,7 +304,7 @@ class Runtime:
             self.cache.give_tokens(lambda: self.tokens(self.cached_text))
             self.cache.track_peak()
             del old
-            self._free()
+            free_cached(self.device)
             after = sum(self.cache.bytes_by_tier().values())
             return ConversionResult(old_spec, self.policy, before, after, False, lossy, note)
 
@@ -339,7 +317,7 @@ class Runtime:
         return {"model": self.model_id, "policy": self.policy, **self.conv.to_json()}
 
     def restore(self, data: dict, progress=None, stop=None) -> None:
-        with self._lock:
+        with self._changing():
             msgs = data.get("messages")
             if not isinstance(msgs, list) or not all(
                     isinstance(m, dict) and m.get("role") in ("user", "assistant", "document")
@@ -350,9 +328,7 @@ class Runtime:
                 if m["role"] == "document" and not isinstance(m.get("name"), str):
                     m["name"] = "document"
             self.conv = Conversation(system=data.get("system") or None, messages=list(msgs))
-            self._reset_cache(self.cache.spec)
-            self.cached_text, self._answer_start = "", None
+            self.reset_cache()
             target = self.conv.render(self.tok, open_user=self._open_user())
             if target:
                 self._rebuild(target, progress, stop)
-

@@ -3,11 +3,12 @@ the cache for its own bytes, psutil for the host."""
 from __future__ import annotations
 
 import resource
+from collections import Counter
 
 import psutil
 import torch
 
-from .types import MemoryReport
+from .types import CacheState, MemoryReport
 
 _nvml_handles: dict = {}
 
@@ -33,15 +34,22 @@ def rss_peak_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def report(device: torch.device, cache=None, weights_bytes: int = 0) -> MemoryReport:
+def cache_state(cache, context) -> CacheState:
+    """What the gauge shows of `cache` now (call it on the thread that changes the cache)."""
+    per = [layer.nbytes() for layer in cache.layers]
+    kv: Counter = Counter()
+    for c in per:
+        kv.update(c)
+    return CacheState(policy=cache.spec, kv=tuple((t, k, n) for (t, k), n in sorted(kv.items())),
+                      peak=cache.peak_bytes, layers=tuple(sum(c.values()) for c in per), context=context)
+
+
+def report(device: torch.device, state: CacheState | None = None, weights_bytes: int = 0) -> MemoryReport:
+    """The device and host now, the cache as of `state` (from any thread)."""
     proc = psutil.Process()
     vm = psutil.virtual_memory()
-    kv: dict = {"gpu": {}, "host": {}}
-    peak = 0
-    if cache is not None:
-        for (tier, kind), n in cache.nbytes().items():
-            kv.setdefault(tier, {})[kind] = kv.get(tier, {}).get(kind, 0) + n
-        peak = cache.peak_bytes
+    kv = state.kv_by_tier() if state is not None else {"gpu": {}, "host": {}}
+    peak = state.peak if state is not None else 0
     rep = MemoryReport(
         device=str(device), has_gpu=device.type == "cuda", kv=kv, kv_peak_bytes=peak,
         weights_bytes=weights_bytes, rss=proc.memory_info().rss, rss_peak=rss_peak_bytes(),

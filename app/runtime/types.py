@@ -64,11 +64,31 @@ class ConversionResult:
     message: str
 
 
-@dataclass
+@dataclass(frozen=True)
 class ContextInfo:
     read: int  # tokens the conversation has put through the model so far
     retained: int  # tokens per KV head the cache holds now
     window: int  # the model's native context window
+
+
+@dataclass(frozen=True)
+class CacheState:
+    """The cache as the gauge and panels show it, taken on the model thread between two
+    changes (after every prefill chunk, during decoding, after a conversion or a clear)
+    and replaced whole: any thread may read the last one while the cache changes."""
+
+    policy: str
+    kv: tuple = ()  # ((tier, kind, bytes), ...): the cache's own nbytes
+    peak: int = 0  # the cache's peak bytes, all tiers
+    layers: tuple = ()  # KV bytes per decoder layer, all tiers
+    context: ContextInfo = ContextInfo(0, 0, 0)
+
+    def kv_by_tier(self) -> dict:
+        """{"gpu": {kind: bytes}, "host": {kind: bytes}} (a fresh dict)."""
+        out: dict = {"gpu": {}, "host": {}}
+        for tier, kind, n in self.kv:
+            out.setdefault(tier, {})[kind] = out.get(tier, {}).get(kind, 0) + n
+        return out
 
 
 @dataclass
