@@ -174,3 +174,32 @@ def folder_facts(folder: Path) -> dict:
         raise VramchatError("config.json but no weights (*.safetensors or *.bin): an incomplete download?")
     return {"arch": arch, "params": params, "quant": quant, "context": text.get("max_position_embeddings"),
             "config": text, "vocab": text.get("vocab_size", 0)}
+
+
+def gguf_config(path: Path):
+    """A transformers config from a GGUF header alone, as transformers' own GGUF loader maps
+    it (its key table; the llama->mistral, *moe and gemma3->gemma3_text renames; tied
+    embeddings where there is no output tensor). Reading the header is milliseconds where
+    transformers' reader builds the whole vocabulary first (~20 s for a 49K-token one here)."""
+    from transformers import AutoConfig
+    from transformers.modeling_gguf_pytorch_utils import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_TO_TRANSFORMERS_MAPPING
+    gguf_facts(path)  # refuses what transformers cannot load, with the reason
+    meta, tensors = read_gguf_header(path)
+    arch = meta["general.architecture"]
+    model_type = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}.get(arch, arch)
+    if arch == "llama" and "mistral" in str(meta.get("general.name", "")).lower():
+        model_type = "mistral"
+    table = GGUF_TO_TRANSFORMERS_MAPPING["config"]
+    cfg = dict(GGUF_CONFIG_DEFAULTS_MAPPING.get(model_type, {}))
+    for key, value in meta.items():
+        prefix, _, rest = key.partition(".")
+        prefix = model_type if prefix == arch else prefix
+        name = table.get(prefix, {}).get(rest)
+        if name not in (None, -1) and prefix != "general":
+            cfg[name] = value
+    cfg["tie_word_embeddings"] = all(name != "output.weight" for name, _, _ in tensors)
+    if "vocab_size" not in cfg:
+        tokens = meta.get("tokenizer.ggml.tokens", 0)
+        cfg["vocab_size"] = tokens if isinstance(tokens, int) else len(tokens)
+    model_type = {"gemma3": "gemma3_text"}.get(model_type, model_type)  # the GGUF holds the text model
+    return AutoConfig.for_model(model_type, **cfg)

@@ -1,0 +1,148 @@
+"""`main.py plan` against measured bytes: a tiny model saved to a folder, `bench memory`
+(the real caches, prefill then decode) vs plan's estimate from the folder's metadata."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from app import plan
+from app.runtime.types import VramchatError
+from policies import SpecError
+from tiny import tiny_pair
+
+N, CHUNK, ANSWER = 700, 128, 8
+# (spec, held tokens per KV head exactly as plan says?)
+SPECS = [("full", True), ("kivi", True), ("kivi:bits=4,residual=64", True),
+         ("streaming:sinks=4,window=124", True), ("h2o:budget=128,recent=16", True),
+         ("snapkv:budget=128,window=8", True), ("locret:budget=128,stabilizers=8,local=20,heads={heads}", True),
+         ("locret:budget=128,stabilizers=8,local=20,heads={heads}+kivi", True),
+         ("locret:budget=128,stabilizers=8,local=20,heads={heads}+offload:channels_file={ch},recall=32", True),
+         ("offload", True), ("anchor:budget=128,local=32", False)]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A tiny Llama whose head_dim (32) takes kivi's groups, saved as a user's would be,
+    with random retaining heads and channels made for it."""
+    from app.runtime.adapter import Adapter
+    from offload.calibrate import save
+    from policies.locret import RetainingHeads, model_key, save_heads
+    d = tmp_path_factory.mktemp("plan")
+    model, tok = tiny_pair(0, hidden_size=128, intermediate_size=256)
+    model.save_pretrained(d / "model")
+    tok.save_pretrained(d / "model")
+    info = Adapter(model, tok, "tiny").info
+    torch.manual_seed(0)
+    save_heads(RetainingHeads(info.n_layers, info.hidden_size, 16, info.n_kv_heads), d / "heads.safetensors",
+               model_key(info), ["tiny"])
+    stat = torch.rand(info.n_layers, info.n_kv_heads, info.head_dim, generator=torch.Generator().manual_seed(0))
+    save(d / "ch.safetensors", stat, 4, model_key(info), ["tiny"], 0, "random (test)")
+    return d
+
+
+def _spec(spec, folder):
+    return spec.format(heads=folder / "heads.safetensors", ch=folder / "ch.safetensors")
+
+
+@pytest.fixture(scope="module")
+def measured(folder):
+    """`bench memory` on the loaded folder: {spec: its row}."""
+    from app.bench import memory
+    from app.runtime.engine import Runtime
+    rt = Runtime.load(str(folder / "model"), device="cpu", weights="fp32")
+    specs = [_spec(s, folder) for s, _ in SPECS]
+    rows = memory.run(rt, policies=specs, lengths=(N,), chunk=CHUNK, decode=ANSWER)
+    return {r["policy"]: r for r in rows}, rt
+
+
+@pytest.mark.parametrize("spec,exact", SPECS, ids=[s.split(":")[0] + str(i) for i, (s, _) in enumerate(SPECS)])
+def test_kv_estimate_matches_bench_memory(spec, exact, folder, measured):
+    rows, rt = measured
+    spec = _spec(spec, folder)
+    row = rows[spec]
+    assert "error" not in row, row["error"]
+    m = plan.describe(str(folder / "model"))
+    est = plan.estimate(m, spec, N, CHUNK, ANSWER, "fp32", "cpu")
+    got_host = row["kv_host"]
+    got_gpu = row["kv"] - got_host
+    assert est["kv_gpu_end"] == pytest.approx(got_gpu, rel=0.10), (spec, est, row)
+    assert est["kv_host_end"] == pytest.approx(got_host, rel=0.10, abs=1), (spec, est, row)
+    # the tracker samples after each chunk's eviction; plan's peak is before it: never below
+    assert est["kv_gpu"] + est["kv_host"] >= 0.97 * row["kv_peak"], (spec, est, row)
+    if exact:
+        assert est["held"] == row["retained"] + ANSWER, (spec, est, row)
+    else:
+        assert est["held"] >= row["retained"] + ANSWER
+
+
+def test_weights_bytes_equal_the_loaded_model(folder, measured):
+    _, rt = measured
+    m = plan.describe(str(folder / "model"))
+    assert plan.weights_bytes(m, "fp32") == rt.adapter.weights_bytes()
+    assert plan.weights_bytes(m, "bf16") - m.buffers == (rt.adapter.weights_bytes() - m.buffers) // 2
+    assert plan.weights_bytes(m, "4bit") < plan.weights_bytes(m, "8bit") < plan.weights_bytes(m, "bf16")
+    assert (m.info.n_layers, m.info.n_kv_heads, m.info.head_dim, m.window) == (3, 2, 32, 512)
+
+
+def test_gguf_metadata(tmp_path):
+    """A GGUF header alone gives the same shapes transformers' loader builds."""
+    from app.runtime.facts import gguf_facts
+    from stores_fixture import write_gguf
+    g = write_gguf(tmp_path / "t.gguf")
+    m = plan.describe(str(g))
+    assert (m.arch, m.info.n_layers, m.info.n_q_heads, m.info.n_kv_heads, m.info.head_dim, m.window) == \
+        ("llama", 2, 4, 2, 16, 512)
+    assert m.linear + m.other == gguf_facts(g)["params"]
+    assert plan.weights_bytes(m, "fp32") == 4 * gguf_facts(g)["params"] + m.buffers
+
+
+def test_plan_command(folder, capsys):
+    from app.cli import main
+    model = str(folder / "model")
+    args = ["plan", "--model", model, "--context", "100000", "--gpu-gib", "0.05", "--weights", "bf16",
+            "--policy", "full", "--policy", "streaming:window=256", "--policy", "locret", "--json"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = {r["policy"]: r for r in out["policies"]}
+    assert out["capacity_bytes"] == int(0.05 * 2**30) and out["weights"] == "bf16"
+    full, stream = rows["full"], rows["streaming:window=256"]
+    m = plan.describe(model)
+    assert not full["fits"] and full["peak"] > out["capacity_bytes"]
+    big = full["largest_context"]
+    assert 10000 < big < 100000
+    at = plan.estimate(m, "full", big, out["chunk"], out["answer"], "bf16", "cuda")["peak"]
+    over = plan.estimate(m, "full", big + max(1, big // 256), out["chunk"], out["answer"], "bf16", "cuda")["peak"]
+    assert at <= out["capacity_bytes"] < over
+    assert stream["fits"] and stream["largest_context"] == plan.MAX_SEARCH  # bounded: any length
+    assert "no retaining heads" in rows["locret"]["error"]  # refused for this model, with the reason
+    assert main(args[:-1]) == 0
+    text = capsys.readouterr().out
+    assert "largest context" in text and "locret: policy `locret` has no retaining heads" in text
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--context", "0"], "--context 0"),
+    (["--context", "100", "--gpu-gib", "-1"], "--gpu-gib"),
+    (["--context", "100", "--weights", "4bit"], "needs a CUDA GPU"),
+    (["--context", "100", "--model", "/no/such/model"], "not found on this machine"),
+])
+def test_plan_bad_input(args, words, folder, capsys):
+    from app.cli import main
+    if "--model" not in args:
+        args = ["--model", str(folder / "model"), *args]
+    if torch.cuda.is_available() and "4bit" in args:
+        pytest.skip("this machine has a GPU")
+    assert main(["plan", *args]) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_bad_spec_is_one_row(folder):
+    p = plan.plan(str(folder / "model"), 100, ["full", "nosuch"], gpu_gib=1)
+    rows = {r["policy"]: r for r in p["policies"]}
+    assert "fits" in rows["full"] and "unknown policy" in rows["nosuch"]["error"]
+    with pytest.raises(SpecError):
+        plan.kv_bytes(plan.describe(str(folder / "model")), "nosuch", 10, 8, 1, "fp32")
+    with pytest.raises(VramchatError):
+        plan.plan(str(folder / "model"), 100, ["full"], weights="int3")
