@@ -30,9 +30,9 @@ log = logging.getLogger("vramchat.serve")
 class Busy(Exception):
     """The queue is full; retry after `retry_after` seconds."""
 
-    def __init__(self, retry_after: int, waiting: int):
-        super().__init__(f"the server is busy: {waiting} request(s) are waiting and the queue is full; "
-                         f"retry in {retry_after} s")
+    def __init__(self, retry_after: int, waiting: int, why: str = ""):
+        why = why or f"the server is busy: {waiting} request(s) are waiting and the queue is full"
+        super().__init__(f"{why}; retry in {retry_after} s")
         self.retry_after = retry_after
 
 
@@ -104,6 +104,7 @@ class Serving:
         self.running: Job | None = None
         self.served = 0
         self.last: Outcome | None = None
+        self._closed = False
         self._built: set[str] = set()  # policy specs known to build a cache for this model
         self._service_s = 1.0  # moving average of one job's time, for Retry-After
         self._thread = threading.Thread(target=self._loop, name="vramchat-serve", daemon=True)
@@ -114,20 +115,28 @@ class Serving:
         return self
 
     def close(self) -> None:
+        """Stop the running answer, answer the queued ones "gone", end the thread."""
+        self._closed = True
         job = self.running
         if job is not None:
             job.stop.set()
-        while True:  # jobs still queued are answered "gone": their clients are leaving too
+        while True:
             try:
                 waiting = self._q.get_nowait()
+                if waiting is not None:
+                    waiting.post("gone", None)
             except queue.Empty:
-                break
-            if waiting is not None:
-                waiting.post("gone", None)
-        self._q.put(None)
-        self._thread.join(timeout=30)
+                try:
+                    self._q.put_nowait(None)
+                    break
+                except queue.Full:  # a request slipped in meanwhile: answer it too
+                    continue
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
 
     def submit(self, job: Job) -> None:
+        if self._closed:
+            raise Busy(5, 0, "the server is shutting down")
         try:
             self._q.put_nowait(job)
         except queue.Full:
