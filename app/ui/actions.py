@@ -1,8 +1,9 @@
 """What each command does: a job for the model thread plus what the screen shows when it ends.
 
 A mixin of `VramchatApp` (kept apart so the layout file stays short). Runtime methods are only
-ever called inside a job's function, i.e. on the model thread; `memory()` is the exception
-(cheap and thread-safe by contract, polled by the gauge).
+ever called inside a job's function, on the model thread, through `ctx.runtime`; `memory()` is
+the exception (it reads a published snapshot: any thread, never blocks; polled by the gauge).
+A job returns what its `done` shows; it never assigns the app's state.
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ class Actions:
     # ---- model ----------------------------------------------------------------------------
     def start_model(self) -> None:
         def fn(ctx):
-            self.runtime = self.make_runtime(ctx.status)
-            return self.runtime
+            ctx.runtime = self.make_runtime(ctx.status)
+            return ctx.runtime, ctx.runtime.policy_warnings()
         self.submit(Job("loading model", fn, done=self._model_ready, failed=self._model_failed))
 
     def _loading_note(self, text: str, kind: str) -> None:
@@ -33,11 +34,12 @@ class Actions:
             note.update(text)
             note.set_classes(f"note {kind}")
 
-    def _model_ready(self, rt) -> None:
+    def _model_ready(self, result) -> None:
+        rt, warnings = result
         self._loading_note(
             f"Loaded {rt.model_id} on {rt.device} ({rt.weights}, window {rt.window:,} tokens), "
-            f"policy {rt.policy}. Ask a question, /load a document (Ctrl+O), F1 for help.", "info")
-        self._policy_warnings(rt.policy_warnings())
+            f"policy {self.snapshot.policy}. Ask a question, /load a document (Ctrl+O), F1 for help.", "info")
+        self._policy_warnings(warnings)
 
     def _policy_warnings(self, warnings) -> None:
         for w in warnings:
@@ -53,26 +55,27 @@ class Actions:
             return
         if not self.needs_model():
             return
+        name = self.conv_name
 
         def fn(ctx):
-            old = self.runtime
+            old, ctx.runtime = ctx.runtime, None
             data, old_id = old.to_json(), old.model_id
-            self.autosave(data)
-            self.runtime = None
+            self.autosave(ctx, name, data)
             del old
             gc.collect()  # free the old weights and cache before loading the new model
             try:
                 rt = self.make_runtime_for(model_id, ctx.status)
             except BaseException as e:
-                self.runtime = self.make_runtime_for(old_id, ctx.status)
-                self.runtime.restore(data, progress=ctx.progress("restoring conversation"), stop=ctx.stop)
+                ctx.runtime = self.make_runtime_for(old_id, ctx.status)
+                ctx.runtime.restore(data, progress=ctx.progress("restoring conversation"), stop=ctx.stop)
                 raise VramchatError(f"could not load `{model_id}`: {e}\n\nBack on {old_id}; "
                                     "the conversation is kept.") from e
-            self.runtime = rt
+            ctx.runtime = rt
             if data.get("messages") or data.get("system"):
                 rt.restore(data, progress=ctx.progress("re-reading conversation"), stop=ctx.stop)
             return rt.system, list(rt.messages)
-        self.submit(Job("switching model", fn, done=self._model_switched, failed=self._after_restore_failed))
+        if self.submit(Job("switching model", fn, done=self._model_switched, failed=self._after_restore_failed)):
+            self.runtime = None  # NOTE: only the job holds the old model now, so it can free it before the load
 
     async def _model_switched(self, result) -> None:
         await self.transcript.rebuild(*result)
@@ -121,6 +124,7 @@ class Actions:
         await self.transcript.add(self.answer)
         cfg = self.config
         sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p)
+        name = self.conv_name
 
         def fn(ctx):
             pieces, last = [], [time.monotonic()]
@@ -130,11 +134,11 @@ class Actions:
                 pieces.append(piece)
                 if time.monotonic() - last[0] >= self.PARTIAL_SAVE_S:  # a kill mid-answer keeps it
                     last[0] = time.monotonic()
-                    self.autosave(self._with_partial(question, "".join(pieces)))
-            result = self.runtime.ask(question, max_new_tokens=cfg.max_new_tokens, sampling=sampling,
-                                      on_token=on_token, progress=ctx.progress("reading the question"),
-                                      stop=ctx.stop)
-            self.autosave()
+                    self.autosave(ctx, name, _with_partial(ctx.runtime, question, "".join(pieces)))
+            result = ctx.runtime.ask(question, max_new_tokens=cfg.max_new_tokens, sampling=sampling,
+                                     on_token=on_token, progress=ctx.progress("reading the question"),
+                                     stop=ctx.stop)
+            self.autosave(ctx, name)
             return result
         self.submit(Job("generating", fn, done=self._answered, failed=self._answer_failed))
 
@@ -156,13 +160,14 @@ class Actions:
         if not self.needs_model():
             return
         p = Path(path).expanduser()
+        name = self.conv_name
 
         def fn(ctx):
-            rt = self.runtime
+            rt = ctx.runtime
             info = rt.load_document(str(p), progress=ctx.progress(f"reading {p.name}"), stop=ctx.stop)
             docs = [m for m in rt.messages if m.get("role") == "document"]
             content = str(docs[-1].get("content", ""))[:4000] if docs else ""
-            self.autosave()
+            self.autosave(ctx, name)
             return info, content
         self.submit(Job("reading document", fn, done=self._document_loaded))
 
@@ -179,28 +184,30 @@ class Actions:
             return
         if not self.needs_model():
             return
+        name = self.conv_name
 
         def fn(ctx):
-            result = self.runtime.set_policy(spec, progress=ctx.progress("converting the cache"), stop=ctx.stop)
-            self.autosave()
-            return result
+            result = ctx.runtime.set_policy(spec, progress=ctx.progress("converting the cache"), stop=ctx.stop)
+            self.autosave(ctx, name)
+            return result, ctx.runtime.policy_warnings()
         self.submit(Job("switching policy", fn, done=self._policy_switched))
 
-    async def _policy_switched(self, r) -> None:
+    async def _policy_switched(self, result) -> None:
+        r, warnings = result
         how = "re-read the conversation" if r.reprefilled else "converted in place"
         lossy = ", lossy" if r.lossy else ""
         await self.transcript.add(Note(f"Policy {r.old_policy} → {r.new_policy}: KV {fmt_bytes(r.before_bytes)} → "
                                        f"{fmt_bytes(r.after_bytes)} ({r.message or how}{lossy})", "policy"))
-        if self.runtime is not None:
-            self._policy_warnings(self.runtime.policy_warnings())
+        self._policy_warnings(warnings)
 
     def set_system(self, text: str | None) -> None:
         if not self.needs_model():
             return
+        name = self.conv_name
 
         def fn(ctx):
-            self.runtime.set_system(text)
-            self.autosave()
+            ctx.runtime.set_system(text)
+            self.autosave(ctx, name)
         note = f"System prompt: {text}" if text else "System prompt removed."
         self.submit(Job("setting the system prompt", fn,
                         done=lambda _: self.transcript.add(Note(note, "system"))))
@@ -210,7 +217,7 @@ class Actions:
             return
 
         def fn(ctx):
-            self.runtime.clear()
+            ctx.runtime.clear()
         self.submit(Job("clearing", fn, done=self._cleared))
 
     async def _cleared(self, _) -> None:
@@ -221,22 +228,13 @@ class Actions:
     # ---- saving ---------------------------------------------------------------------------
     PARTIAL_SAVE_S = 1.0  # while an answer streams, autosave it (marked partial) this often
 
-    def _with_partial(self, question: str, text: str) -> dict:
-        """The conversation as it would reopen if the process died now: the answer so far, partial."""
-        data = self.runtime.to_json()
-        msgs = data["messages"] = [dict(m) for m in data.get("messages", [])]
-        if not msgs or msgs[-1].get("role") != "user" or msgs[-1].get("content") != question:
-            msgs.append({"role": "user", "content": question})  # not yet appended by the runtime
-        msgs.append({"role": "assistant", "content": text, "partial": True})
-        return data
-
-    def autosave(self, data: dict | None = None) -> None:
-        """Runs on the model thread after every turn; an error is reported, never raised."""
-        rt = self.runtime
+    def autosave(self, ctx, name: str, data: dict | None = None) -> None:
+        """On the model thread, after every turn: ctx.runtime's conversation (or `data`) saved
+        as `name`. An error is reported to the UI (once per job), never raised."""
         try:
-            store.save(self.conv_dir, self.conv_name, data if data is not None else rt.to_json())
+            store.save(self.conv_dir, name, data if data is not None else ctx.runtime.to_json())
         except (OSError, TypeError, ValueError) as e:
-            self.autosave_error = str(e)
+            ctx.warn(f"Autosave failed: {e}")
 
     def save(self, name: str = "") -> None:
         if not self.needs_model():
@@ -246,7 +244,7 @@ class Actions:
         conv_name = self.conv_name
 
         def fn(ctx):
-            return store.save(self.conv_dir, conv_name, self.runtime.to_json())
+            return store.save(self.conv_dir, conv_name, ctx.runtime.to_json())
 
         def done(path):
             self.main_screen.query_one(ChatInput).saved_names = [p.stem for p in store.list_saved(self.conv_dir)]
@@ -272,10 +270,12 @@ class Actions:
         if not self.needs_model():
             return
 
+        name = self.conv_name
+
         def fn(ctx):
-            self.autosave()  # the conversation being replaced stays on disk
-            self.runtime.restore(data, progress=ctx.progress(f"re-reading {path.stem}"), stop=ctx.stop)
-            return self.runtime.system, list(self.runtime.messages)
+            self.autosave(ctx, name)  # the conversation being replaced stays on disk
+            ctx.runtime.restore(data, progress=ctx.progress(f"re-reading {path.stem}"), stop=ctx.stop)
+            return ctx.runtime.system, list(ctx.runtime.messages)
 
         async def done(result) -> None:
             self.conv_name = path.stem
@@ -291,7 +291,7 @@ class Actions:
         self.push_screen(FilePicker(Path.cwd()), chosen)
 
     def action_policy(self) -> None:
-        current = self.runtime.policy if self.runtime is not None else self.config.policy
+        current = self.snapshot.policy if self.snapshot is not None else self.config.policy
 
         def chosen(spec: str | None) -> None:
             if spec:
@@ -311,3 +311,13 @@ class Actions:
                 return
         self.copy_to_clipboard(text)
         self.notify(f"Copied {'code block' if code else 'answer'} ({len(text):,} characters).")
+
+
+def _with_partial(rt, question: str, text: str) -> dict:
+    """The conversation as it would reopen if the process died now: the answer so far, partial."""
+    data = rt.to_json()
+    msgs = data["messages"] = [dict(m) for m in data.get("messages", [])]
+    if not msgs or msgs[-1].get("role") != "user" or msgs[-1].get("content") != question:
+        msgs.append({"role": "user", "content": question})  # not yet appended by the runtime
+    msgs.append({"role": "assistant", "content": text, "partial": True})
+    return data

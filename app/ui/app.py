@@ -23,7 +23,7 @@ from app.ui.commands import PolicyCommands
 from app.ui.panels import ContextMeter, Gauge, PolicyPanel, StatusLine
 from app.ui.screens import ErrorDialog, HelpScreen
 from app.ui.transcript import Note, Transcript
-from app.ui.worker import Job, JobDone, ModelWorker, Progress, Status, Tokens
+from app.ui.worker import Job, JobDone, ModelWorker, Notice, Progress, Status, Tokens
 from policies.registry import SpecError
 
 MakeRuntime = Callable[[Callable[[str], None]], object]
@@ -56,15 +56,14 @@ class VramchatApp(Actions, App):
         self.config = config or Config()
         self.make_runtime = make_runtime
         self.make_runtime_for = make_runtime_for
-        self.runtime = None  # set by the model thread once loaded
+        self.runtime = None  # the loaded runtime, taken from each JobDone (UI thread only)
         self.worker = ModelWorker(self)
         self.busy: Job | None = None
         self.pending_docs = list(doc_paths)
         self.conv_name = store.new_name()
         self.conv_dir = self.config.conversations_dir()
-        self.autosave_error: str | None = None
         self.answer = None  # the Answer being streamed
-        self.snapshot = None  # (policy, ContextInfo, layer bytes) taken on the model thread after each job
+        self.snapshot = None  # the runtime's CacheState, taken on the model thread after each job
 
     # ---- layout ---------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -121,22 +120,9 @@ class VramchatApp(Actions, App):
         if self.busy is not None:
             self.notify(f"Busy {self.busy.kind}; wait, or press Esc to stop it.", severity="warning")
             return None
-        fn = job.fn
-
-        def run(ctx):
-            try:
-                return fn(ctx)
-            finally:
-                rt = self.runtime
-                if rt is not None:
-                    try:
-                        self.snapshot = (rt.policy, rt.context(), rt.layer_bytes())
-                    except Exception:  # noqa: BLE001 -- the panels keep their last values
-                        pass
-        job.fn = run
         self.busy = job
         self.status.state = job.kind
-        return self.worker.submit(job)
+        return self.worker.submit(job, self.runtime)
 
     def needs_model(self) -> bool:
         if self.runtime is None:
@@ -152,6 +138,7 @@ class VramchatApp(Actions, App):
 
     async def on_job_done(self, msg: JobDone) -> None:
         self.busy = None
+        self.runtime, self.snapshot = msg.runtime, msg.state
         self.status.state = "idle"
         self.main_screen.query_one("#progress-row").display = False
         if msg.error is None:
@@ -162,9 +149,6 @@ class VramchatApp(Actions, App):
                 await _maybe_await(msg.job.failed(msg.error))
             self.report_error(msg.job.kind, msg.error)
         self.refresh_panels()
-        if self.autosave_error:
-            self.notify(f"Autosave failed: {self.autosave_error}", severity="warning")
-            self.autosave_error = None
         if msg.error is None and self.pending_docs and self.runtime is not None:
             self.load_document(self.pending_docs.pop(0))
 
@@ -190,6 +174,7 @@ class VramchatApp(Actions, App):
             await self.answer.write(text)
             self.transcript.follow()
             self.status.state = f"generating · {len(self.answer.text):,} chars"
+        self.poll_memory()  # the gauge follows the work, not only the clock
 
     def on_progress(self, msg: Progress) -> None:
         row = self.main_screen.query_one("#progress-row")
@@ -202,9 +187,13 @@ class VramchatApp(Actions, App):
         self.main_screen.query_one("#progress-label", Static).update(
             f"{msg.label}: {msg.done:,}/{msg.total:,} tok · {rate:,.0f} tok/s · ETA {eta:.0f} s · Esc stops")
         self.status.state = f"{msg.label} {pct:.0f}%"
+        self.poll_memory()
 
     def on_status(self, msg: Status) -> None:
         self.status.state = f"loading: {msg.text}"
+
+    def on_notice(self, msg: Notice) -> None:
+        self.notify(msg.text, severity="warning")
 
     def on_chat_input_hint(self, msg: ChatInput.Hint) -> None:
         self.main_screen.query_one("#hint", Static).update(msg.text)
@@ -237,11 +226,11 @@ class VramchatApp(Actions, App):
             return
         self.status.model, self.status.device, self.status.weights = rt.model_id, rt.device, rt.weights
         if self.snapshot is not None:
-            policy, context, layers = self.snapshot
+            state = self.snapshot
             try:
                 panel = self.main_screen.query_one(PolicyPanel)
-                panel.spec, panel.layers = policy, layers
-                self.main_screen.query_one(ContextMeter).info = context
+                panel.spec, panel.layers = state.policy, list(state.layers)
+                self.main_screen.query_one(ContextMeter).info = state.context
             except NoMatches:  # the app is quitting and its widgets are already gone
                 return
         self.poll_memory()

@@ -3,7 +3,10 @@
 Every runtime call (load, prefill, decode, convert, restore, to_json) runs here, one job at a
 time, so the model is never used from two threads. Jobs report back as Textual messages;
 `Tokens` and `Progress` may be replaced in the queue by a newer one, so a fast stream never
-floods the UI (the token text itself sits in a buffer that the handler drains).
+floods the UI (the token text itself sits in a buffer that the handler drains). A job never
+assigns the app's state: it works on `ctx.runtime` (and may replace it, e.g. a model
+switch), and `JobDone` carries the runtime and its cache state back for the UI thread to
+take.
 """
 from __future__ import annotations
 
@@ -40,10 +43,23 @@ class Status(Message):
         self.text = text
 
 
+class Notice(Message):
+    """Something the person should know that did not stop the job (an autosave failed)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+
 class JobDone(Message):
-    def __init__(self, job: "Job", result: Any, error: BaseException | None) -> None:
+    """A job ended. runtime: the runtime after it (None if none is loaded); state: that
+    runtime's `snapshot()` taken on the model thread, for the panels."""
+
+    def __init__(self, job: "Job", result: Any, error: BaseException | None, runtime: Any = None,
+                 state: Any = None) -> None:
         super().__init__()
         self.job, self.result, self.error = job, result, error
+        self.runtime, self.state = runtime, state
 
 
 @dataclass
@@ -58,10 +74,12 @@ class Job:
 
 
 class JobContext:
-    """What a job's function gets: callbacks that post messages back to the UI."""
+    """What a job's function gets: the runtime it works on (a job that loads a model sets
+    it), and callbacks that post messages back to the UI."""
 
-    def __init__(self, worker: "ModelWorker", job: Job) -> None:
-        self.worker, self.job, self.stop = worker, job, job.stop
+    def __init__(self, worker: "ModelWorker", job: Job, runtime: Any) -> None:
+        self.worker, self.job, self.stop, self.runtime = worker, job, job.stop, runtime
+        self._warned: set[str] = set()
 
     def progress(self, label: str) -> Callable[[int, int], None]:
         started = time.monotonic()
@@ -73,6 +91,12 @@ class JobContext:
 
     def status(self, text: str) -> None:
         self.worker.target.post_message(Status(str(text)))
+
+    def warn(self, text: str) -> None:
+        """Tell the person, once per job (a failing autosave during an answer repeats)."""
+        if text not in self._warned:
+            self._warned.add(text)
+            self.worker.target.post_message(Notice(str(text)))
 
     def on_token(self, piece: str) -> None:
         with self.worker.lock:
@@ -86,7 +110,7 @@ class ModelWorker:
 
     def __init__(self, target) -> None:
         self.target = target  # the App: receives the messages
-        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.jobs: queue.Queue[tuple[Job, Any] | None] = queue.Queue()
         self.lock = threading.Lock()
         self.buffer: list[str] = []
         self.current: Job | None = None
@@ -95,8 +119,9 @@ class ModelWorker:
     def start(self) -> None:
         self.thread.start()
 
-    def submit(self, job: Job) -> Job:
-        self.jobs.put(job)
+    def submit(self, job: Job, runtime: Any) -> Job:
+        """Queue job to run on `runtime` (the one the app holds now; None before a load)."""
+        self.jobs.put((job, runtime))
         return job
 
     def take_tokens(self) -> str:
@@ -120,15 +145,21 @@ class ModelWorker:
 
     def _loop(self) -> None:
         while True:
-            job = self.jobs.get()
-            if job is None:
+            item = self.jobs.get()
+            if item is None:
                 return
+            job, runtime = item
+            del item
             self.current = job
-            result, error = None, None
+            ctx = JobContext(self, job, runtime)
+            del runtime  # NOTE: only ctx holds it, so a model switch can free the old model
+            result, error, state = None, None, None
             try:
-                result = job.fn(JobContext(self, job))
+                result = job.fn(ctx)
             except BaseException as e:  # noqa: BLE001 -- reported to the UI, never kills the thread
                 error = e
             finally:
                 self.current = None
-            self.target.post_message(JobDone(job, result, error))
+            if ctx.runtime is not None:
+                state = ctx.runtime.snapshot()
+            self.target.post_message(JobDone(job, result, error, ctx.runtime, state))

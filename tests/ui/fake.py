@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from app.runtime.types import (ContextInfo, ConversionResult, DocumentInfo, MemoryReport, Sampling,
+from app.runtime.types import (CacheState, ContextInfo, ConversionResult, DocumentInfo, MemoryReport, Sampling,
                                Stopped, TurnResult, VramchatError)
 from policies.registry import parse_spec
 
@@ -145,6 +145,9 @@ class FakeRuntime:
 
     def context(self) -> ContextInfo:
         return ContextInfo(read=self.read, retained=self._retained(), window=self.window)
+
+    def snapshot(self) -> CacheState:
+        return CacheState(policy=self.policy, layers=tuple(self.layer_bytes()), context=self.context())
 
     def layer_bytes(self) -> list[int]:
         """Four layers; under `lighttransfer` the last two are lazy (a quarter the bytes)."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+from textual.command import CommandList
 from textual.widgets import Markdown
 
 from app.runtime.types import VramchatError
@@ -227,11 +228,19 @@ def test_command_palette_switches_policy(tmp_path):
             await settle(pilot, app)
             await pilot.press("ctrl+p")
             await pilot.press(*"Policy: full")
-            await pilot.pause(0.3)
+            await wait_for(pilot, lambda: _highlighted(app).startswith("Policy: full"))
             await pilot.press("enter")
             await settle(pilot, app)
             assert "set_policy full" in app.fake.calls
     run(main())
+
+
+def _highlighted(app) -> str:
+    """The command palette's highlighted command ("" while it has none)."""
+    lists = app.screen.query(CommandList)
+    if not lists or lists.first().highlighted is None:
+        return ""
+    return str(lists.first().highlighted_option.prompt)
 
 
 def test_system_clear_and_help(tmp_path):

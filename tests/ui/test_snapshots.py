@@ -7,7 +7,10 @@ from __future__ import annotations
 import pytest
 
 import policies.registry as registry
+from textual.widgets.markdown import MarkdownBlock
+
 from app.ui.chat_input import ChatInput
+from app.ui.panels import Gauge
 from tests.ui.conftest import make_app, settle, submit, wait_for
 from tests.ui.fake import FakeRuntime, answer_for
 
@@ -22,6 +25,11 @@ def only_full_policy():
     registry.REGISTRY["full"] = saved["full"]
     yield
     registry.REGISTRY.update(saved)
+
+
+def _paragraphs(md) -> list[str]:
+    """The text of a Markdown widget's mounted blocks."""
+    return [str(b.content).strip() for b in md.children if isinstance(b, MarkdownBlock)]
 
 
 def _ready(app):
@@ -55,7 +63,10 @@ def test_streaming_answer(snap_compare, tmp_path):
         expected = "".join(w + " " for w in answer_for("Explain the cache").split(" ")[:9])
         await wait_for(pilot, lambda: app.answer is not None and app.answer.text == expected)
         await wait_for(pilot, lambda: app.answer.markdown.source == expected)
-        await pilot.pause(0.3)
+        # the stream mounts the parsed blocks after it takes the source: wait for them
+        await wait_for(pilot, lambda: _paragraphs(app.answer.markdown) == ["You asked: Explain the cache.",
+                                                                           "The document says the cache"])
+        await wait_for(pilot, lambda: app.query_one("#vram", Gauge).report == fake.memory())
     assert snap_compare(app, terminal_size=SIZE, run_before=before)
     fake.release.set()
 
