@@ -135,7 +135,8 @@ def parse(raw: bytes, models: list[str], max_tokens_limit: int, default_max_toke
         raise RequestError("", "the request body must be a JSON object", "invalid_json")
     model = body.get("model")
     if not isinstance(model, str):
-        raise RequestError("model", "required: a model id from GET /v1/models",
+        raise RequestError("model", "required: a model id from GET /v1/models" if model is None
+                           else "must be a string: a model id from GET /v1/models",
                            "missing" if model is None else "invalid_type")
     if model not in models:
         raise RequestError("model", f"unknown model {model!r}; this server serves {', '.join(map(repr, models))}",
