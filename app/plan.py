@@ -1,334 +1,16 @@
 """`main.py plan`: will a model, a context length and a policy fit? From the model's
-metadata alone (config.json, a GGUF header, a hub-cache entry): no weights are read.
-
-- Weights: the model built on the `meta` device (shapes, no memory), its parameters counted
-  at each `--weights` choice (4/8-bit: the decoder's Linear weights quantized as
-  bitsandbytes stores them, everything else in bf16).
-- KV: the policy's own cache built on `meta` (the runtime's ModelInfo, from an Adapter over
-  the meta model) and replayed through a prefill of the context and an answer: tokens held
-  follow the selector's own chunk plan (`plan`), `budget` and final-chunk rule; bytes are
-  the store's own growing buffers (`reserve` on meta tensors: exact, no memory) or its
-  declared `token_bytes()`, plus the selector's per-token index and scores.
-- Peak: weights + KV at its peak + one prefill chunk's activations (+ attention scores on a
-  CPU, which has no flash attention).
-"""
+metadata alone (config.json, a GGUF header, a hub-cache entry): no weights are read. The
+estimate itself is app/estimate.py; this is the command, and the line the app shows
+before /load reads a document."""
 from __future__ import annotations
 
-import dataclasses
-import inspect
-import math
 from pathlib import Path
 
 import torch
 
+from app.estimate import CHOICES, MAX_SEARCH, _model, describe, estimate, largest, weights_bytes
 from app.runtime.types import VramchatError, fmt_bytes
-from policies import KVCache
 
-CHOICES = ("fp32", "bf16", "fp16", "8bit", "4bit")
-_ELT = {"fp32": 4, "bf16": 2, "fp16": 2, "8bit": 2, "4bit": 2}  # bytes of what is not quantized
-NF4_BLOCK = 64  # bitsandbytes 4-bit: one fp32 absmax per 64 weights
-MAX_SEARCH = 1 << 24  # the largest context `largest` looks for (16M tokens)
-
-
-@dataclasses.dataclass
-class Model:
-    model_id: str
-    arch: str
-    info: object  # policies.ModelInfo on the meta device
-    linear: int  # parameters of the decoder layers' Linear weights (what 4/8-bit quantizes)
-    other: int  # every other parameter (embeddings, lm head, norms, biases)
-    buffers: int  # bytes of the model's buffers (RoPE frequencies: kept in fp32)
-    window: int
-    intermediate: int
-    vocab: int
-
-
-class _Vocab:
-    """A tokenizer stand-in that knows only its length: a model's key for its heads and
-    channels (`policies.files.model_key`) counts the vocabulary, and building a GGUF's
-    tokenizer means reading every token (seconds). A policy that needs more of it fails
-    to build here and says so in its row."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-
-def _tokenizer(path: Path, vocab: int, trust_remote_code: bool):
-    """The model's tokenizer where it is cheap to read (a folder; the embedded model's
-    converted copy), else a `_Vocab` of the GGUF's token count."""
-    from transformers import AutoTokenizer
-    if path.is_dir() and any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
-        try:
-            return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError):
-            pass
-    return _Vocab(vocab)
-
-
-def _config(model: str | None, trust_remote_code: bool):
-    """-> (transformers config, the id to show, its folder or GGUF, vocabulary size) without
-    reading weights."""
-    from transformers import AutoConfig
-    from app.runtime import loader, stores
-    from app.runtime.facts import gguf_config
-    from app.runtime.facts import read_gguf_header
-    if model in (None, "", "default", loader.DEFAULT_MODEL):
-        gguf = loader.default_gguf()
-        cached = loader.gguf_cache_dir(gguf)  # the converted copy every start after the first loads
-        path = cached if loader.check_cached(cached) else gguf
-        return gguf_config(gguf), loader.DEFAULT_MODEL, path, gguf_config(gguf).vocab_size
-    path = Path(model).expanduser()
-    found = None if path.exists() else stores.resolve(model)
-    if found:
-        path, model = found
-    if path.is_file():
-        cfg = gguf_config(path)
-        tokens = read_gguf_header(path)[0].get("tokenizer.ggml.tokens", cfg.vocab_size)
-        return cfg, model, path, tokens if isinstance(tokens, int) else len(tokens)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise VramchatError(f"{path} has no config.json: not a Hugging Face model folder")
-        cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        return cfg, model, path, getattr(cfg.get_text_config(), "vocab_size", 0)
-    raise VramchatError(f"model {model!r} not found on this machine (plan reads only local metadata): "
-                        "pass a model folder, a .gguf file, a cached Hugging Face id or a `main.py models` name")
-
-
-def describe(model: str | None = None, trust_remote_code: bool = False) -> Model:
-    """The model's shapes and the runtime's ModelInfo for it, on the meta device."""
-    from transformers import AutoModelForCausalLM
-    from app.runtime.adapter import Adapter
-    cfg, model_id, path, vocab = _config(model, trust_remote_code)
-    try:
-        with torch.device("meta"):
-            hf = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
-    except ValueError as e:
-        raise VramchatError(f"{model_id}: transformers cannot build a causal LM from its config ({e})") from None
-    linear = sum(m.weight.numel() for name, m in hf.named_modules()
-                 if isinstance(m, torch.nn.Linear) and ".layers." in f".{name}")
-    total = sum(p.numel() for p in {id(p): p for p in hf.parameters()}.values())
-    buffers = sum(b.numel() * b.element_size() for b in hf.buffers())
-    info = Adapter(hf, _tokenizer(path, vocab, trust_remote_code), model_id).info
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    return Model(model_id, getattr(cfg, "model_type", "?"), info, linear, total - linear, buffers, info.window,
-                 getattr(text, "intermediate_size", 4 * info.hidden_size), getattr(text, "vocab_size", 0))
-
-
-def weights_bytes(m: Model, choice: str) -> int:
-    if choice in ("fp32", "bf16", "fp16"):
-        return (m.linear + m.other) * _ELT[choice] + m.buffers
-    if choice == "8bit":  # int8 weights + one fp32 scale per output row (~hidden rows: counted as 1/1024)
-        return m.linear + m.linear * 4 // 1024 + m.other * 2 + m.buffers
-    return m.linear // 2 + m.linear * 4 // NF4_BLOCK + m.other * 2 + m.buffers
-
-
-def _dtype(choice: str) -> torch.dtype:
-    return {"fp32": torch.float32, "fp16": torch.float16}.get(choice, torch.bfloat16)
-
-
-REPLAY_MAX = 1 << 18  # contexts up to this replay an explicit store chunk by chunk
-REPLAY_ANSWER = 32  # answer tokens replayed one by one; the rest are counted at the store's rate
-_RATES: dict = {}
-
-
-def _replay(pol, info, plan: list[int], budget: int | None, answer: int) -> tuple[int, int]:
-    """(peak, end) bytes of one layer's store of `pol` through a prefill in `plan`'s chunks
-    (kept to `budget` after each non-final one), then `answer` decode tokens: the store's own
-    code on random K/V on the CPU with one KV head (its bytes scale with the heads), so a
-    quantized store's groups, full-precision window, pending chunk and buffer growth all
-    count as they will."""
-    from policies import REGISTRY
-    cpu = torch.device("cpu")
-    one = dataclasses.replace(info, n_kv_heads=1, n_q_heads=info.group, n_layers=1, device=cpu,
-                              inv_freq=torch.zeros(info.inv_freq.shape), resources={})
-    store = REGISTRY[pol.name].build(pol, one, 0)
-    g = torch.Generator().manual_seed(0)
-
-    def kv(t):
-        return [torch.randn(1, t, info.head_dim, generator=g).to(info.dtype) for _ in range(2)]
-
-    def size():
-        return sum(store.nbytes().values())
-
-    peak = 0
-    with torch.inference_mode():
-        for i, t in enumerate(plan):
-            store.append(*kv(t))
-            peak = max(peak, size())
-            if budget is not None and i < len(plan) - 1 and store.length > budget:
-                idx = torch.arange(store.length - budget, store.length)[None]
-                store.compact(idx, torch.zeros_like(idx))
-        for _ in range(answer):
-            store.append(*kv(1))
-            peak = max(peak, size())
-    return peak * info.n_kv_heads, size() * info.n_kv_heads
-
-
-def _rates(pol, info) -> tuple[float, float, float]:
-    """(bytes per stored token, fixed bytes, extra bytes per token of a prefill chunk just
-    appended) of an explicit store, from two one-chunk replays (4K, 8K tokens): for the
-    answer's tokens past the first REPLAY_ANSWER, contexts past REPLAY_MAX and `largest`'s
-    search (buffer growth headroom is left out there). Cached per spec and shape."""
-    key = (pol.spec(), info.dtype, info.n_kv_heads, info.head_dim)
-    if key not in _RATES:
-        got = [_replay(pol, info, [n], None, 1) for n in (4096, 8192)]
-        slope = (got[1][1] - got[0][1]) / 4096
-        _RATES[key] = (slope, max(0.0, got[0][1] - slope * 4097), max(0.0, got[1][0] - got[1][1]) / 8192)
-    return _RATES[key]
-
-
-def _layer_bytes(layer, info, n: int, chunk: int, answer: int, spill_opts: dict, store_pol,
-                 exact: bool = True, device: str = "cuda") -> dict:
-    """One layer's KV at its peak while reading n tokens then answering `answer`, and after
-    the answer. -> {"gpu", "host", "gpu_end", "host_end", "held"} (held: tokens per KV head
-    at the end). The default store's buffers grow on meta tensors through its own `reserve`
-    (exact, no memory); an explicit store (a spec's `store` slot) is replayed (`_replay`)."""
-    sel, store = layer.selector, layer.store
-    size = sel.chunk or chunk
-    plan = sel.plan(n, size) if n else []
-    budget = sel.budget if sel.evicts else None
-    held = peak = 0
-    spilled = [0]  # tokens evicted so far, after each eviction
-    for i, t in enumerate(plan):  # the EvictingSelector contract (policies/slots.py)
-        held += t
-        peak = max(peak, held)
-        if budget is not None and i < len(plan) - 1 and held > budget:
-            spilled.append(spilled[-1] + held - budget)
-            held = budget
-    evicted = spilled[-1] > 0
-    end = held + answer
-    peak = max(peak, end)
-    # per token and KV head: its conversation index once anything was evicted, and its score
-    meta_bytes = info.n_kv_heads * ((8 if evicted else 0) + (4 if sel.needs_scores or sel.reads_attention else 0))
-    per_token = store.token_bytes()
-    if store_pol is not None and store.tier == "gpu":
-        if exact and n + answer <= REPLAY_MAX:
-            kv, kv_end = _replay(store_pol, info, plan, budget, min(answer, REPLAY_ANSWER))
-            rest = max(0, answer - REPLAY_ANSWER) * _rates(store_pol, info)[0] if answer > REPLAY_ANSWER else 0
-            kv, kv_end = kv + rest, kv_end + rest
-        else:
-            rate, fixed, transient = _rates(store_pol, info)
-            kv = peak * rate + fixed + transient * max(plan, default=0)
-            kv_end = end * rate + fixed
-    else:
-        # NOTE: a host-tier store pins real host memory in reserve(): its growth (the same
-        # rule and block, offload/host.py) is replayed on a default store over meta tensors
-        from policies.full import FullStore
-        buf = store if store.tier == "gpu" else FullStore(dataclasses.replace(info, n_layers=1, resources={}))
-        if store.reserve_ahead:  # KVCache.expect reserves the projected length plus an answer up front
-            ahead = inspect.signature(KVCache.expect).parameters["answer"].default
-            buf.reserve(min(n + ahead, budget + size + sel.local) if budget is not None else n + ahead)
-        cap, at = sum(buf.nbytes().values()), 0
-        for i, t in enumerate([*plan, *([1] * answer)]):
-            at += t
-            buf.reserve(at)
-            cap = max(cap, sum(buf.nbytes().values()))
-            if budget is not None and i < len(plan) - 1:
-                at = min(at, budget)
-        kv = kv_end = max(cap, math.ceil(peak * per_token))  # buffers keep their room
-    kv += peak * meta_bytes
-    kv_end += end * meta_bytes
-    out = {"gpu": 0, "host": 0, "gpu_end": 0, "host_end": 0, "held": end}
-    out[store.tier] += kv
-    out[store.tier + "_end"] += kv_end
-    if store.tier == "host" and device == "cuda":  # streamed in per layer: two layers' buffers on the device
-        out["gpu"] += 2 * kv / info.n_layers
-        out["gpu_end"] += 2 * kv_end / info.n_layers
-    if layer.spill is not None:
-        _spill(spill_opts, info, spilled, out)
-    return out
-
-
-def _spill(opts: dict, info, spilled: list[int], out: dict) -> None:
-    """offload behind a selector: the evicted tokens' K/V and conversation index on the host,
-    their labels (`channels` per KV head) and the recall buffer on the device.
-    NOTE: the spill's host rows grow by the rule and block of the default store's buffers
-    (offload/spill.py `_reserve`), replayed here through FullStore.reserve on meta tensors;
-    the spill itself copies to the host, so it cannot be replayed on meta."""
-    from policies.full import FullStore
-    elt = torch.empty(0, dtype=info.dtype).element_size()
-    probe = FullStore(dataclasses.replace(info, n_kv_heads=1, head_dim=1, n_layers=1, resources={}))
-    for n in spilled:
-        probe.reserve(n)
-    cap = sum(probe.nbytes().values()) // (2 * elt)
-    host = cap * (info.kv_bytes_per_token() + 8 * info.n_kv_heads)
-    gpu = cap * opts["channels"] * elt * info.n_kv_heads + (opts["recall"] * info.kv_bytes_per_token() if cap else 0)
-    for tier, n in (("host", host), ("gpu", gpu)):
-        out[tier] += n
-        out[tier + "_end"] += n
-
-
-def kv_bytes(m: Model, spec: str, n: int, chunk: int, answer: int, choice: str, exact: bool = True,
-             device: str = "cuda") -> dict:
-    """KV of `spec` over all layers while reading n tokens and answering `answer`: at its
-    peak {"gpu", "host"}, after the answer {"gpu_end", "host_end"}, and tokens held per KV
-    head at the end; a spec that cannot be built for this model raises SpecError."""
-    info = dataclasses.replace(m.info, dtype=_dtype(choice), resources=m.info.resources)
-    cache = KVCache(spec, info)
-    total = {"gpu": 0, "host": 0, "gpu_end": 0, "host_end": 0, "held": 0}
-    kinds: dict = {}
-    spill = cache.slots["spill"].opts if "spill" in cache.slots else {}
-    for layer in cache.layers:
-        key = (type(layer.selector), type(layer.store))
-        if key not in kinds:
-            kinds[key] = _layer_bytes(layer, info, n, chunk, answer, spill, cache.slots.get("store"), exact, device)
-        got = kinds[key]
-        for k in ("gpu", "host", "gpu_end", "host_end"):
-            total[k] += got[k]
-        total["held"] = max(total["held"], got["held"])
-    return total
-
-
-def workspace(m: Model, chunk: int, held: int, choice: str, device: str) -> int:
-    """One prefill chunk's activations: the MLP's three intermediate tensors, a few hidden
-    states and the q/k/v projections in the compute dtype, RMSNorm's fp32 upcast, the last
-    token's fp32 logits; on a CPU the attention scores of the chunk against what is held."""
-    info = m.info
-    elt = 4 if choice == "fp32" else 2
-    qkv = (info.n_q_heads + 2 * info.n_kv_heads) * info.head_dim
-    act = chunk * (3 * m.intermediate + 4 * info.hidden_size + qkv) * elt + chunk * info.hidden_size * 8
-    act += m.vocab * 4
-    if device == "cpu":
-        act += info.n_q_heads * chunk * (held + chunk) * 4
-    return act
-
-
-def estimate(m: Model, spec: str, n: int, chunk: int, answer: int, choice: str, device: str,
-             exact: bool = True) -> dict:
-    """Bytes of `spec` reading n tokens then answering `answer`: KV at its peak and after the
-    answer by tier, tokens held, and the device's peak (weights + KV + workspace). exact=False
-    uses per-token rates for replayed stores (fast; `largest`'s search)."""
-    kv = kv_bytes(m, spec, n, chunk, answer, choice, exact, device)
-    w = weights_bytes(m, choice)
-    return {"kv_gpu": int(kv["gpu"]), "kv_host": int(kv["host"]), "held": kv["held"],
-            "kv_gpu_end": int(kv["gpu_end"]), "kv_host_end": int(kv["host_end"]),
-            "peak": int(w + kv["gpu"] + workspace(m, chunk, kv["held"], choice, device))}
-
-
-def largest(m: Model, spec: str, chunk: int, answer: int, choice: str, device: str, gpu: int,
-            host: int | None) -> int:
-    """The longest context (tokens read before an answer of `answer`) whose peak fits `gpu`
-    bytes (and whose host KV fits `host`); MAX_SEARCH where nothing binds, 0 where none does."""
-    def fits(n):
-        e = estimate(m, spec, n, chunk, answer, choice, device, exact=False)
-        return e["peak"] <= gpu and (host is None or e["kv_host"] <= host)
-    if not fits(1):
-        return 0
-    lo, hi = 1, 2
-    while hi < MAX_SEARCH and fits(hi):
-        lo, hi = hi, hi * 2
-    if hi >= MAX_SEARCH and fits(MAX_SEARCH):
-        return MAX_SEARCH
-    while hi - lo > max(1, lo // 512):  # 0.2 %: the estimate is not finer than that
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
-
-
-# ---- the command --------------------------------------------------------------------
 
 def capacity(gpu_gib: float | None) -> tuple[str, int, int | None, str]:
     """-> (device kind, bytes the peak must fit, host bytes for host-tier KV, label)."""
@@ -430,3 +112,20 @@ def run(args) -> int:
              args.chunk_size, args.answer, args.trust_remote_code)
     print(json.dumps(p, indent=1) if args.json else render(p))
     return 0
+
+
+def before_load(rt, path: str, answer: int = 1024) -> str:
+    """The line the app shows before /load reads a document: its tokens, and what the
+    policy will hold for the conversation with it, by the same estimate as `plan` (per-token
+    rates for a replayed store: this runs before every document)."""
+    from app.runtime import documents
+    n = len(rt.tokens(documents.read_document(path)))
+    m = _model(rt.adapter.model, rt.adapter.info, rt.model_id)
+    choice = rt.weights if rt.weights in CHOICES else "fp32"
+    device, fit, host, where = capacity(None)
+    e = estimate(m, rt.policy, rt.cache.seen + n, rt.chunk_size, answer, choice, device, exact=False)
+    peak = e["peak"] - weights_bytes(m, choice) + rt.memory().weights_bytes
+    verdict = "fits" if peak <= fit and (host is None or e["kv_host"] <= host) else "does NOT fit"
+    host_kv = f" + {fmt_bytes(e['kv_host'])} on the host" if e["kv_host"] else ""
+    return (f"{Path(path).name}: {n:,} tokens; `{rt.policy}` will hold {fmt_bytes(e['kv_gpu'])} of KV{host_kv} "
+            f"(peak {fmt_bytes(peak)} of {fmt_bytes(fit)}: {verdict}; `main.py plan` compares policies)")

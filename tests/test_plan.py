@@ -1,5 +1,6 @@
-"""`main.py plan` against measured bytes: a tiny model saved to a folder, `bench memory`
-(the real caches, prefill then decode) vs plan's estimate from the folder's metadata."""
+"""`main.py plan` against measured bytes: a tiny model saved to a folder, its real caches
+measured as `bench memory` measures them (prefill then decode) vs plan's estimate from the
+folder's metadata alone."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import json
 import pytest
 import torch
 
-from app import plan
+from app import estimate as est, plan
 from app.runtime.types import VramchatError
 from policies import SpecError
 from tiny import tiny_pair
@@ -48,41 +49,50 @@ def _spec(spec, folder):
 
 @pytest.fixture(scope="module")
 def measured(folder):
-    """`bench memory` on the loaded folder: {spec: its row}."""
-    from app.bench import memory
+    """The real caches on the loaded folder, measured as `bench memory` does (random ids, the
+    runtime's chunked prefill, greedy decode steps): {spec: bytes by tier after the answer,
+    the tracked peak, tokens held after the prefill}."""
+    from app.bench.common import decode_steps, random_ids
     from app.runtime.engine import Runtime
+    from app.runtime.prefill import prefill
+    from policies import KVCache
     rt = Runtime.load(str(folder / "model"), device="cpu", weights="fp32")
-    specs = [_spec(s, folder) for s, _ in SPECS]
-    rows = memory.run(rt, policies=specs, lengths=(N,), chunk=CHUNK, decode=ANSWER)
-    return {r["policy"]: r for r in rows}, rt
+    rows = {}
+    for spec, _ in SPECS:
+        spec = _spec(spec, folder)
+        cache = KVCache(spec, rt.adapter.info)
+        logits = prefill(rt.adapter, cache, random_ids(N, 264, N), CHUNK)
+        retained = cache.length
+        decode_steps(rt.adapter, cache, logits, ANSWER)
+        tiers = cache.bytes_by_tier()
+        rows[spec] = {"kv_gpu": tiers["gpu"], "kv_host": tiers["host"], "kv_peak": cache.peak_bytes,
+                      "retained": retained}
+    return rows, rt
 
 
 @pytest.mark.parametrize("spec,exact", SPECS, ids=[s.split(":")[0] + str(i) for i, (s, _) in enumerate(SPECS)])
-def test_kv_estimate_matches_bench_memory(spec, exact, folder, measured):
+def test_kv_estimate_matches_measured(spec, exact, folder, measured):
     rows, rt = measured
     spec = _spec(spec, folder)
     row = rows[spec]
-    assert "error" not in row, row["error"]
-    m = plan.describe(str(folder / "model"))
-    est = plan.estimate(m, spec, N, CHUNK, ANSWER, "fp32", "cpu")
-    got_host = row["kv_host"]
-    got_gpu = row["kv"] - got_host
-    assert est["kv_gpu_end"] == pytest.approx(got_gpu, rel=0.10), (spec, est, row)
-    assert est["kv_host_end"] == pytest.approx(got_host, rel=0.10, abs=1), (spec, est, row)
+    m = est.describe(str(folder / "model"))
+    e = est.estimate(m, spec, N, CHUNK, ANSWER, "fp32", "cpu")
+    assert e["kv_gpu_end"] == pytest.approx(row["kv_gpu"], rel=0.10), (spec, e, row)
+    assert e["kv_host_end"] == pytest.approx(row["kv_host"], rel=0.10, abs=1), (spec, e, row)
     # the tracker samples after each chunk's eviction; plan's peak is before it: never below
-    assert est["kv_gpu"] + est["kv_host"] >= 0.97 * row["kv_peak"], (spec, est, row)
+    assert e["kv_gpu"] + e["kv_host"] >= 0.97 * row["kv_peak"], (spec, e, row)
     if exact:
-        assert est["held"] == row["retained"] + ANSWER, (spec, est, row)
+        assert e["held"] == row["retained"] + ANSWER, (spec, e, row)
     else:
-        assert est["held"] >= row["retained"] + ANSWER
+        assert e["held"] >= row["retained"] + ANSWER
 
 
 def test_weights_bytes_equal_the_loaded_model(folder, measured):
     _, rt = measured
-    m = plan.describe(str(folder / "model"))
-    assert plan.weights_bytes(m, "fp32") == rt.adapter.weights_bytes()
-    assert plan.weights_bytes(m, "bf16") - m.buffers == (rt.adapter.weights_bytes() - m.buffers) // 2
-    assert plan.weights_bytes(m, "4bit") < plan.weights_bytes(m, "8bit") < plan.weights_bytes(m, "bf16")
+    m = est.describe(str(folder / "model"))
+    assert est.weights_bytes(m, "fp32") == rt.adapter.weights_bytes()
+    assert est.weights_bytes(m, "bf16") - m.buffers == (rt.adapter.weights_bytes() - m.buffers) // 2
+    assert est.weights_bytes(m, "4bit") < est.weights_bytes(m, "8bit") < est.weights_bytes(m, "bf16")
     assert (m.info.n_layers, m.info.n_kv_heads, m.info.head_dim, m.window) == (3, 2, 32, 512)
 
 
@@ -91,11 +101,11 @@ def test_gguf_metadata(tmp_path):
     from app.runtime.facts import gguf_facts
     from stores_fixture import write_gguf
     g = write_gguf(tmp_path / "t.gguf")
-    m = plan.describe(str(g))
+    m = est.describe(str(g))
     assert (m.arch, m.info.n_layers, m.info.n_q_heads, m.info.n_kv_heads, m.info.head_dim, m.window) == \
         ("llama", 2, 4, 2, 16, 512)
     assert m.linear + m.other == gguf_facts(g)["params"]
-    assert plan.weights_bytes(m, "fp32") == 4 * gguf_facts(g)["params"] + m.buffers
+    assert est.weights_bytes(m, "fp32") == 4 * gguf_facts(g)["params"] + m.buffers
 
 
 def test_plan_command(folder, capsys):
@@ -108,14 +118,14 @@ def test_plan_command(folder, capsys):
     rows = {r["policy"]: r for r in out["policies"]}
     assert out["capacity_bytes"] == int(0.05 * 2**30) and out["weights"] == "bf16"
     full, stream = rows["full"], rows["streaming:window=256"]
-    m = plan.describe(model)
+    m = est.describe(model)
     assert not full["fits"] and full["peak"] > out["capacity_bytes"]
     big = full["largest_context"]
     assert 10000 < big < 100000
-    at = plan.estimate(m, "full", big, out["chunk"], out["answer"], "bf16", "cuda")["peak"]
-    over = plan.estimate(m, "full", big + max(1, big // 256), out["chunk"], out["answer"], "bf16", "cuda")["peak"]
+    at = est.estimate(m, "full", big, out["chunk"], out["answer"], "bf16", "cuda")["peak"]
+    over = est.estimate(m, "full", big + max(1, big // 256), out["chunk"], out["answer"], "bf16", "cuda")["peak"]
     assert at <= out["capacity_bytes"] < over
-    assert stream["fits"] and stream["largest_context"] == plan.MAX_SEARCH  # bounded: any length
+    assert stream["fits"] and stream["largest_context"] == est.MAX_SEARCH  # bounded: any length
     assert "no retaining heads" in rows["locret"]["error"]  # refused for this model, with the reason
     assert main(args[:-1]) == 0
     text = capsys.readouterr().out
@@ -143,6 +153,20 @@ def test_bad_spec_is_one_row(folder):
     rows = {r["policy"]: r for r in p["policies"]}
     assert "fits" in rows["full"] and "unknown policy" in rows["nosuch"]["error"]
     with pytest.raises(SpecError):
-        plan.kv_bytes(plan.describe(str(folder / "model")), "nosuch", 10, 8, 1, "fp32")
+        est.kv_bytes(est.describe(str(folder / "model")), "nosuch", 10, 8, 1, "fp32")
     with pytest.raises(VramchatError):
         plan.plan(str(folder / "model"), 100, ["full"], weights="int3")
+
+
+def test_before_load_line(folder, measured, tmp_path):
+    """What the app shows before /load reads a document: the same estimate as `plan`."""
+    _, rt = measured
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    n = len(rt.tokens(doc.read_text()))
+    line = plan.before_load(rt, str(doc))
+    m = est.describe(str(folder / "model"))
+    kv = est.estimate(m, rt.policy, rt.cache.seen + n, rt.chunk_size, 1024, "fp32", "cpu", exact=False)["kv_gpu"]
+    from app.runtime.types import fmt_bytes
+    assert line.startswith(f"doc.txt: {n:,} tokens; `{rt.policy}` will hold {fmt_bytes(kv)} of KV")
+    assert "fits" in line
