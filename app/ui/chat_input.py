@@ -1,5 +1,11 @@
 """The message box: multi-line, Enter sends, Ctrl+J (or Shift+Enter) inserts a newline,
-Up/Down walk the history from the first/last line, Tab completes slash commands."""
+Up/Down walk the history from the first/last line, Tab completes slash commands.
+
+NOTE: send and newline are handled in the box's own key handler, in order with the
+characters, not as priority bindings. A priority binding runs when the app first sees
+the key, before the box has inserted the characters queued ahead of it: a burst such as
+`tmux send-keys "question" Enter` (or a pasted line ending in a newline) then sent the
+old, empty text and left the question in the box."""
 from __future__ import annotations
 
 from textual import events
@@ -12,8 +18,8 @@ from app.ui import commands
 
 class ChatInput(TextArea):
     BINDINGS = [
-        Binding("enter", "send", "Send", id="send", priority=True),
-        Binding("ctrl+j,shift+enter", "newline", "Newline", id="newline", priority=True),
+        Binding("enter", "send", "Send", id="send"),
+        Binding("ctrl+j,shift+enter", "newline", "Newline", id="newline"),
     ]
 
     class Submitted(Message):
@@ -44,6 +50,13 @@ class ChatInput(TextArea):
         self.clear()
         self.post_message(self.Submitted(text))
 
+    def _own_keys(self) -> dict:
+        """key -> this box's bindings, with the app's keymap (config [keymap]) applied as
+        Textual applies it to the binding chain (on a copy, per lookup)."""
+        bindings = self._bindings.copy()
+        bindings.apply_keymap(self.app._keymap)  # NOTE: Textual keeps the keymap here (8.x)
+        return bindings.key_to_bindings
+
     def action_newline(self) -> None:
         self.insert("\n")
 
@@ -73,6 +86,12 @@ class ChatInput(TextArea):
         return True
 
     async def _on_key(self, event: events.Key) -> None:
+        for binding in self._own_keys().get(event.key, ()):
+            if binding.action in ("send", "newline"):
+                event.stop()
+                event.prevent_default()
+                self.action_send() if binding.action == "send" else self.action_newline()
+                return
         row = self.cursor_location[0]
         if event.key == "up" and row == 0 and self.history_step(-1):
             event.stop()
