@@ -1,10 +1,12 @@
-"""`kivi`: keys and values in 2 or 4 bits with a full-precision residual (arXiv 2402.02750).
+"""`kivi`: keys and values in 2, 4 or 8 bits with a full-precision residual (arXiv 2402.02750).
 
 Layout (per layer, batch 1). Keys are quantized per channel, a group being G consecutive
 tokens of one channel; values per token, a group being G consecutive channels. Both use
 asymmetric min/max with an epsilon, codes packed 32/bits per int32 along channels, and
 scales/zeros in the cache dtype (fp16 for an fp16 model: 2-bit, G=32 costs 2 + 2*16/32 =
-3 bits per element). The newest tokens stay in full precision:
+3 bits per element). Keys and values take their bits separately (`kbits`, `vbits`; `bits`
+sets both): keys carry most of the error (BENCHMARKS.md, KIVI). The newest tokens stay in
+full precision:
 
 - keys fill-then-flush: when the key residual holds >= R tokens, its oldest
   r - r % G tokens are quantized, whole G-aligned groups only (NOTE: never one token at a
@@ -55,21 +57,36 @@ def _grow(t: torch.Tensor, rows: int, keep: int, block: int, limit: int | None =
     return new
 
 
+DEFAULT_BITS = (2, 2)  # (keys, values) when neither `bits` nor `kbits`/`vbits` is given
+
+
+def bits_of(opts: dict) -> tuple[int, int]:
+    """(key bits, value bits) of `kivi` options: kbits/vbits, else `bits` for both, else the default."""
+    both = opts.get("bits")
+    return opts.get("kbits") or both or DEFAULT_BITS[0], opts.get("vbits") or both or DEFAULT_BITS[1]
+
+
 class KiviStore(Store):
-    """Quantized keys/values (2 or 4 bits) plus a full-precision residual window."""
+    """Quantized keys/values (2, 4 or 8 bits each) plus a full-precision residual window."""
 
     BLOCK = 256
 
-    def __init__(self, info: ModelInfo, bits: int = 2, group: int = 32, residual: int = 128, fit: str = "mse"):
+    def __init__(self, info: ModelInfo, bits: int | None = None, group: int = 32, residual: int = 128,
+                 fit: str = "mse", kbits: int | None = None, vbits: int | None = None):
         h, d = info.n_kv_heads, info.head_dim
+        given = {"kbits": kbits, "vbits": vbits}
+        kbits, vbits = bits_of({"bits": bits, **given})
         if d % group:
             raise SpecError(f"option `group` of policy `kivi`: {group} must divide head_dim {d}")
-        if d % per_word(bits):
-            raise SpecError(f"option `bits` of policy `kivi`: head_dim {d} is not a multiple of "
-                            f"{per_word(bits)} codes per int32 word at {bits} bits")
+        for name, b in (("kbits", kbits), ("vbits", vbits)):
+            name = name if given[name] or not bits else "bits"
+            if d % per_word(b):
+                raise SpecError(f"option `{name}` of policy `kivi`: head_dim {d} is not a multiple of "
+                                f"{per_word(b)} codes per int32 word at {b} bits")
         _check({"bits": bits, "group": group, "residual": residual})
         super().__init__(info)
-        self.info, self.bits, self.group, self.residual, self.fit = info, bits, group, residual, fit
+        self.info, self.group, self.residual, self.fit = info, group, residual, fit
+        self.kbits, self.vbits = kbits, vbits
         self.lossless = info.window > 0 and residual >= info.window
         self.length = 0
         self.nq = 0  # quantized keys, a multiple of G
@@ -82,11 +99,10 @@ class KiviStore(Store):
         self._staged = 0
         self.kernel = info.kernels.on("kivi", info.device)  # decode through the Triton kernel
         dev, dt = info.device, info.dtype
-        w = d // per_word(bits)
-        self.kc = torch.empty(h, 0, w, dtype=torch.int32, device=dev)  # [H, capQ, D/PK]
+        self.kc = torch.empty(h, 0, d // per_word(kbits), dtype=torch.int32, device=dev)  # [H, capQ, D/PKk]
         self.ks = torch.empty(h, 0, d, dtype=dt, device=dev)  # [H, capQ/G, D]
         self.kz = torch.empty_like(self.ks)
-        self.vc = torch.empty(h, 0, w, dtype=torch.int32, device=dev)  # [H, capV, D/PK]
+        self.vc = torch.empty(h, 0, d // per_word(vbits), dtype=torch.int32, device=dev)  # [H, capV, D/PKv]
         self.vs = torch.empty(h, 0, d // group, dtype=dt, device=dev)  # [H, capV, D/G]
         self.vz = torch.empty_like(self.vs)
         self.kr = torch.empty(h, 0, d, dtype=dt, device=dev)  # [H, <=R, D] post-RoPE
@@ -99,18 +115,18 @@ class KiviStore(Store):
             self.kc[:, : self.nq], self.ks[:, : self.nq // g], self.kz[:, : self.nq // g],
             self.kr[:, : self.rk + k_extra], self.vc[:, : self.nv], self.vs[:, : self.nv],
             self.vz[:, : self.nv], self.vr[:, self.v0: self.v0 + self.rv + v_extra],
-            self.shift, self.bits, g, self.info.inv_freq)
+            self.shift, self.kbits, self.vbits, g, self.info.inv_freq)
 
     def _frame(self) -> torch.Tensor:
         """Stored (dequantized, store-frame) quantized keys, float32 [H, nq, D]."""
         g = self.group
         return dequantize_keys(self.kc[:, : self.nq], self.ks[:, : self.nq // g],
-                               self.kz[:, : self.nq // g], self.bits, g)
+                               self.kz[:, : self.nq // g], self.kbits, g)
 
     def _values32(self) -> torch.Tensor:
         """Every value, float32 [H, L, D]."""
         vq = dequantize_values(self.vc[:, : self.nv], self.vs[:, : self.nv], self.vz[:, : self.nv],
-                               self.bits, self.group)
+                               self.vbits, self.group)
         parts = [vq, self.vr[:, self.v0: self.v0 + self.rv].float()]
         if self.pending is not None:
             parts.append(self.pending[1].float())
@@ -139,7 +155,7 @@ class KiviStore(Store):
             else:
                 pos = torch.arange(self.nq, self.nq + m, device=kp.device) + self.shift
                 kf = rope.rotate(kp[:, :m].float(), -pos, self.info.inv_freq)
-            codes, sc, zr = quantize_keys(kf, self.bits, g, dt, self.fit)
+            codes, sc, zr = quantize_keys(kf, self.kbits, g, dt, self.fit)
             end = self.nq + m
             self.kc = _grow(self.kc, end, self.nq, self.BLOCK)
             rows = -(-self.kc.shape[1] // g)  # one scale row per G rows of codes capacity
@@ -161,7 +177,7 @@ class KiviStore(Store):
         s = vp.shape[1]
         m = max(0, s - res)
         if m:
-            codes, sc, zr = quantize_values(vp[:, :m], self.bits, g, dt, self.fit)
+            codes, sc, zr = quantize_values(vp[:, :m], self.vbits, g, dt, self.fit)
             end = self.nv + m
             self.vc = _grow(self.vc, end, self.nv, self.BLOCK)
             self.vs = _grow(self.vs, end, self.nv, self.BLOCK, limit=self.vc.shape[1])
@@ -279,6 +295,13 @@ class KiviStore(Store):
         idx = torch.arange(n, device=self.info.device).expand(self.info.n_kv_heads, -1)
         self.compact(idx, torch.zeros_like(idx))
 
+    def token_bytes(self) -> float:
+        """Bytes per quantized token (this layer, K + V): codes, key scales/zeros shared by G
+        tokens of a channel, value scales/zeros per G channels of a token."""
+        h, d, g = self.info.n_kv_heads, self.info.head_dim, self.group
+        elt = self.kr.element_size()
+        return h * (d * (self.kbits + self.vbits) / 8 + 2 * d * elt / g + 2 * (d // g) * elt)
+
     def nbytes(self) -> dict[str, int]:
         """Exact bytes held, by kind (allocated buffers, as FullStore reports)."""
         res = self.kr.nbytes + self.vr.nbytes
@@ -317,7 +340,8 @@ class KiviStore(Store):
         used = {"kc": self.nq, "ks": self.nq // g, "vc": self.nv, "kr": self.rk, "vr": self.rv}
         bad = [n for n, want in used.items() if tensors[n].shape[1] != want]
         if bad:
-            raise ValueError(f"kivi: saved {bad[0]} holds {tensors[bad[0]].shape[1]} rows, its counts say {used[bad[0]]}")
+            raise ValueError(f"kivi: saved {bad[0]} holds {tensors[bad[0]].shape[1]} rows; "
+                             f"its counts say {used[bad[0]]}")
         dev = self.info.device
         self.pending = (tensors["pk"].to(dev), tensors["pv"].to(dev)) if "pk" in tensors else None
         self._staged = 0
@@ -332,12 +356,15 @@ def _check(opts) -> None:
 
 
 @register("kivi", "store", {
-    "bits": Opt(int, 2, "bits per code", choices=(2, 4)),
+    "bits": Opt(int, None, f"bits per code of keys and values (default K{DEFAULT_BITS[0]}V{DEFAULT_BITS[1]})",
+                choices=(2, 4, 8)),
+    "kbits": Opt(int, None, "bits per key code (overrides `bits` for keys)", choices=(2, 4, 8)),
+    "vbits": Opt(int, None, "bits per value code (overrides `bits` for values)", choices=(2, 4, 8)),
     "group": Opt(int, 32, "tokens per key group / channels per value group", min=1),
     "residual": Opt(int, 128, "newest tokens kept in full precision (a multiple of group)", min=1),
     "fit": Opt(str, "mse", "each group's range: mse (the least squared error of six, default) or minmax "
                            "(the paper's)", choices=("mse", "minmax")),
-}, "2/4-bit keys (per channel) and values (per token) with a full-precision residual (KIVI)",
+}, "2/4/8-bit keys (per channel) and values (per token) with a full-precision residual (KIVI)",
     check=_check)
 def build(policy, info, layer):
     return KiviStore(info, **policy.opts)

@@ -6,10 +6,11 @@ A KIVI cache (batch 1) is a `QuantView`:
   R(-(i + shift)) applied to its post-RoPE key, so attention rotates it by R(i + shift)
   at read time (pre-RoPE up to one fixed rotation; see policies/kivi.py for why);
 - keys nq..L-1 in full precision, post-RoPE (`kr`);
-- values 0..nv-1 quantized per token; values nv..L-1 in full precision (`vr`).
+- values 0..nv-1 quantized per token; values nv..L-1 in full precision (`vr`);
+- keys and values each in 2, 4 or 8 bits (`kbits`, `vbits`).
 
 The kernel runs one program per (KV head, token split): it unpacks and dequantizes
-2/4-bit codes in registers, rotates quantized keys (RoPE tables, partial rotary too),
+2/4/8-bit codes in registers, rotates quantized keys (RoPE tables, partial rotary too),
 takes logits for all query heads of the GQA group against quantized + residual keys,
 keeps an online softmax, and sums quantized + residual values. A small torch step merges
 the splits (flash-decoding). Triton is optional: `triton_ok()` says whether it can run.
@@ -37,14 +38,15 @@ class QuantView(NamedTuple):
     vz: torch.Tensor  # [H, nv, D/G] value zeros
     vr: torch.Tensor  # [H, L-nv, D] full-precision values
     shift: int  # quantized key i is rotated by i + shift positions at read time
-    bits: int
+    kbits: int  # bits per key code
+    vbits: int  # bits per value code
     group: int
     inv_freq: torch.Tensor  # [rot/2] float32
 
 
 def quant_keys(view: QuantView) -> torch.Tensor:
     """Dequantized post-RoPE keys of the quantized region, float32 [H, nq, D]."""
-    k = dequantize_keys(view.kc, view.ks, view.kz, view.bits, view.group)
+    k = dequantize_keys(view.kc, view.ks, view.kz, view.kbits, view.group)
     pos = torch.arange(view.shift, view.shift + k.shape[1], device=k.device)
     return rope.rotate(k, pos, view.inv_freq)
 
@@ -52,7 +54,7 @@ def quant_keys(view: QuantView) -> torch.Tensor:
 def dense(view: QuantView, dtype: torch.dtype):
     """All keys and values in full precision, (k, v) [H, L, D] in `dtype`."""
     k = torch.cat((quant_keys(view).to(dtype), view.kr.to(dtype)), 1)
-    vq = dequantize_values(view.vc, view.vs, view.vz, view.bits, view.group)
+    vq = dequantize_values(view.vc, view.vs, view.vz, view.vbits, view.group)
     v = torch.cat((vq.to(dtype), view.vr.to(dtype)), 1)
     return k, v
 
@@ -79,7 +81,7 @@ def decode_torch(q: torch.Tensor, view: QuantView, scale: float) -> torch.Tensor
     qg = q.reshape(h, hq // h, d).float()  # query head j reads KV head j // group
     logits = torch.cat((qg @ quant_keys(view).transpose(1, 2), qg @ view.kr.float().transpose(1, 2)), -1)
     p = (logits * scale).softmax(-1)  # [H, g, L]
-    vq = dequantize_values(view.vc, view.vs, view.vz, view.bits, view.group)
+    vq = dequantize_values(view.vc, view.vs, view.vz, view.vbits, view.group)
     out = p[..., :nv] @ vq + p[..., nv:] @ view.vr.float()
     return out.reshape(hq, 1, d).to(q.dtype)
 
@@ -124,12 +126,14 @@ if triton is not None:
                      s_kc0, s_kc1, s_ks0, s_ks1, s_kr0, s_kr1,
                      s_vc0, s_vc1, s_vs0, s_vs1, s_vr0, s_vr1,
                      GQ: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                     BITS: tl.constexpr, G: tl.constexpr, BT: tl.constexpr):
+                     KBITS: tl.constexpr, VBITS: tl.constexpr, G: tl.constexpr, BT: tl.constexpr):
         h = tl.program_id(0)
         sp = tl.program_id(1)
         n_split = tl.num_programs(1)
-        PK: tl.constexpr = 32 // BITS
-        QMAX: tl.constexpr = (1 << BITS) - 1
+        PK: tl.constexpr = 32 // KBITS  # key codes per int32 word
+        QMAX: tl.constexpr = (1 << KBITS) - 1
+        PV: tl.constexpr = 32 // VBITS
+        VMAX: tl.constexpr = (1 << VBITS) - 1
         cc = tl.arange(0, DP)  # [DP] channel
         cok = cc < D
         gi = tl.arange(0, GP)  # [GP] query head within the GQA group
@@ -152,11 +156,11 @@ if triton is not None:
             kbase = kc_ptr + h * s_kc0 + t[:, None] * s_kc1
             sbase = h * s_ks0 + (t // G)[:, None] * s_ks1
             w = tl.load(kbase + (cc // PK)[None, :], mask=m2, other=0)
-            code = ((w >> ((cc % PK) * BITS)[None, :]) & QMAX).to(tl.float32)
+            code = ((w >> ((cc % PK) * KBITS)[None, :]) & QMAX).to(tl.float32)
             kd = code * tl.load(ks_ptr + sbase + cc[None, :], mask=m2, other=0.0).to(tl.float32) \
                 + tl.load(kz_ptr + sbase + cc[None, :], mask=m2, other=0.0).to(tl.float32)
             w2 = tl.load(kbase + (pc // PK)[None, :], mask=m2, other=0)
-            code2 = ((w2 >> ((pc % PK) * BITS)[None, :]) & QMAX).to(tl.float32)
+            code2 = ((w2 >> ((pc % PK) * KBITS)[None, :]) & QMAX).to(tl.float32)
             kp = code2 * tl.load(ks_ptr + sbase + pc[None, :], mask=m2, other=0.0).to(tl.float32) \
                 + tl.load(kz_ptr + sbase + pc[None, :], mask=m2, other=0.0).to(tl.float32)
             ang = (t + shift).to(tl.float32)[:, None] * freq[None, :]  # [BT, DP]
@@ -173,8 +177,8 @@ if triton is not None:
             # values: quantized per token (groups of G channels) or full-precision residual
             vq = live & (t < nv)
             m3 = vq[:, None] & cok[None, :]
-            wv = tl.load(vc_ptr + h * s_vc0 + t[:, None] * s_vc1 + (cc // PK)[None, :], mask=m3, other=0)
-            cv = ((wv >> ((cc % PK) * BITS)[None, :]) & QMAX).to(tl.float32)
+            wv = tl.load(vc_ptr + h * s_vc0 + t[:, None] * s_vc1 + (cc // PV)[None, :], mask=m3, other=0)
+            cv = ((wv >> ((cc % PV) * VBITS)[None, :]) & VMAX).to(tl.float32)
             vsb = h * s_vs0 + t[:, None] * s_vs1 + (cc // G)[None, :]
             vd = cv * tl.load(vs_ptr + vsb, mask=m3, other=0.0).to(tl.float32) \
                 + tl.load(vz_ptr + vsb, mask=m3, other=0.0).to(tl.float32)
@@ -228,7 +232,7 @@ def decode(q: torch.Tensor, view: QuantView, scale: float, splits: int | None = 
         view.kc.stride(0), view.kc.stride(1), view.ks.stride(0), view.ks.stride(1),
         kr.stride(0), kr.stride(1), view.vc.stride(0), view.vc.stride(1),
         view.vs.stride(0), view.vs.stride(1), vr.stride(0), vr.stride(1),
-        GQ=gq, GP=gp, D=d, DP=dp, BITS=view.bits, G=view.group, BT=block, num_warps=warps)
+        GQ=gq, GP=gp, D=d, DP=dp, KBITS=view.kbits, VBITS=view.vbits, G=view.group, BT=block, num_warps=warps)
     w = torch.exp(m - m.amax(1, keepdim=True))  # [H, S, GP]
     out = (acc * w[..., None]).sum(1) / (l * w).sum(1)[..., None]  # [H, GP, DP]
     return out[:, :gq, :d].reshape(hq, 1, d).to(q.dtype)

@@ -15,7 +15,7 @@ import torch
 
 
 def per_word(bits: int) -> int:
-    """Codes per int32 word (16 at 2 bits, 8 at 4 bits)."""
+    """Codes per int32 word (16 at 2 bits, 8 at 4 bits, 4 at 8 bits)."""
     return 32 // bits
 
 
