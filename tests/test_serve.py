@@ -89,6 +89,16 @@ def test_second_turn_reads_only_its_new_tokens(served, rt):
     assert other.usage.prompt_tokens_details.cached_tokens == 0
 
 
+def test_an_answer_the_client_changed_is_read_as_sent(served, rt):
+    _, url = served
+    c = _client(url)
+    r1 = c.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, temperature=0)
+    edited = HELLO + [{"role": "assistant", "content": "Foxes are red."}, {"role": "user", "content": "More?"}]
+    r2 = c.chat.completions.create(model="tiny", messages=edited, max_tokens=4, temperature=0)
+    assert r2.usage.prompt_tokens_details.cached_tokens == r1.usage.prompt_tokens  # cut back before the answer
+    assert "Foxes are red.<|im_end|>" in rt.cached_text and r1.choices[0].message.content not in rt.cached_text
+
+
 BAD = [
     (b"{not json", None, "invalid_json"),
     (b"[1, 2]", None, "invalid_json"),
