@@ -34,8 +34,8 @@ def add_parser(sub) -> None:
                         "(quantized = transformers' QuantizedCache, 4-bit, quanto backend: pip install -e .[bench])")
     p.add_argument("--trials", type=int, default=None, help="quality: trials per cell")
     p.add_argument("--parts", default=None,
-                   help="quality: comma-separated parts, any of kl,lazy,passkey,ffnskip,random-heads,needles,copy "
-                        "(default: all)")
+                   help="quality: comma-separated parts, any of kl,lazy,passkey,ffnskip,random-heads,needles,copy,"
+                        "kvbits (default: all; kvbits takes whole specs in --policies)")
     p.add_argument("--turns", type=int, default=100,
                    help="soak: turns per policy against one document (its length: first of --lengths, default 8192)")
     g = p.add_argument_group("gpu128k")
@@ -69,7 +69,7 @@ def run(args) -> int:
         from .quality import PARTS, check_parts
         parts = parts or PARTS
         try:
-            check_parts(parts)  # before the model loads
+            check_parts(parts, pols)  # before the model loads
         except ValueError as e:
             raise SystemExit(str(e)) from None
     elif parts:

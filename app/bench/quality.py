@@ -14,7 +14,9 @@
   (`recall.copy_fidelity`): `full` on a 5.6K-token document (inside the window),
   `locret` and `locret+offload` on a 16K-token one, budget as given;
 - `ffnskip`: short factual questions `full` answers correctly, answered again with FFN
-  skipping, with the skip ratio.
+  skipping, with the skip ratio;
+- `kvbits`: any specs (`--policies`; default `full` and `kivi` at K2V2, K4V2, K2V4, K4V4,
+  K8V4): KL from `full`, bytes per token and the pass key at each length (app/bench/kvbits.py).
 Defaults (pass key at 4K and 9K, 2 trials) fit in 15 minutes on a 2-core CPU; `--trials`
 and `--lengths` scale it, `--parts` picks parts; the time of each part is printed and kept.
 """
@@ -23,7 +25,7 @@ from __future__ import annotations
 import sys
 import time
 
-from . import baselines, locret, recall
+from . import baselines, kvbits, locret, recall
 from .common import plot, table, write_json
 
 KL_EXTRA = ("kivi", "doublesparse")  # (+ kivi 2/4-bit one-pass vs QuantizedCache: peer_bits)
@@ -46,19 +48,27 @@ def copy_rows(rt, budget: int, trials: int, full_tokens: int = 5632, doc_tokens:
     return out
 
 
-PARTS = ("kl", "lazy", "passkey", "ffnskip", "random-heads", "needles", "copy")
+PARTS = ("kl", "lazy", "passkey", "ffnskip", "random-heads", "needles", "copy", "kvbits")
+NAMED = ("kl", "lazy", "passkey", "ffnskip")  # parts whose --policies are names of baselines.policies_at
 
 
-def check_parts(parts) -> None:
-    """Refuse an unknown part by name, with the list to choose from."""
+def check_parts(parts, policies=None) -> None:
+    """Refuse an unknown part by name, with the list to choose from; and --policies that are
+    not policy names where a part takes names (`kvbits` takes whole specs)."""
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise ValueError(f"bench quality: unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    named = [p for p in parts if p in NAMED]
+    specs = sorted(set(policies or ()) - set(baselines.policies_at(1024, 512)))
+    if named and specs:
+        raise ValueError(f"bench quality: --policies {' '.join(specs)} are not policy names, which parts "
+                         f"{','.join(named)} take (names: {', '.join(baselines.policies_at(1024, 512))}); "
+                         "whole specs go to part kvbits alone (--parts kvbits)")
 
 
 def run(rt, out_dir=None, trials=None, lengths=None, policies=None, budget: int = 1024, chunk: int = 512,
         parts=PARTS):
-    check_parts(parts)
+    check_parts(parts, policies)
     trials = trials or 2
     lengths = lengths or (4096, 9216)
     rows: list[dict] = []
@@ -85,13 +95,16 @@ def run(rt, out_dir=None, trials=None, lengths=None, policies=None, budget: int 
     timed("needles", lambda: [dict(r, kind="needles") for r in recall.needles(rt, doc_tokens=8192, budget=budget)])
     # NOTE: one depth at the default 2 trials (16K prefills are the suite's slowest part)
     timed("copy", lambda: [dict(r, kind="copy") for r in copy_rows(rt, budget, max(1, trials - 1), progress=show)])
+    timed("kvbits", lambda: kvbits.run(rt, specs=policies or kvbits.DEFAULT, lengths=lengths, trials=trials,
+                                       progress=show))
     for kind, cols in (("kl", ["policy", "kl_nats", "ppl_full", "ppl_spec", "kv_peak_bytes"]),
                        ("passkey", ["policy", "tokens", "trials", "correct", "accuracy", "skipped"]),
                        ("passkey-random-heads", ["policy", "length", "trials", "correct", "accuracy"]),
                        ("needles", ["spec", "question", "answer", "correct"]),
                        ("copy", ["spec", "doc_tokens", "depth", "tokens", "correct", "accuracy"]),
                        ("ffnskip", ["policy", "questions", "correct_full", "correct_ffnskip", "skip_ratio"]),
-                       ("lazy", ["policy", "tokens", "lazy_layers", "saved"])):
+                       ("lazy", ["policy", "tokens", "lazy_layers", "saved"]),
+                       ("kvbits", kvbits.columns([r for r in rows if r.get("kind") == "kvbits"]))):
         part = [r for r in rows if r.get("kind") == kind]
         if part:
             print(f"\n{kind}\n" + table(part, [c for c in cols if any(c in r for r in part)]))

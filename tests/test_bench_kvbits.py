@@ -1,0 +1,38 @@
+"""Part `kvbits` of `bench quality`: KL, bytes per token and pass key per whole spec."""
+from __future__ import annotations
+
+import pytest
+
+
+def test_kvbits_rows_per_spec():
+    from app.bench import kvbits
+    from app.runtime.engine import Runtime
+    from tiny import tiny_pair
+    m, t = tiny_pair(0, max_position_embeddings=4096)
+    rt = Runtime.from_model(m, t, model_id="tiny", chunk_size=128)
+    specs = ("full", "kivi:kbits=2,vbits=2,group=16,residual=16", "kivi:kbits=8,vbits=8,group=16,residual=16")
+    rows = kvbits.run(rt, specs=specs, lengths=(300,), trials=2, kl_tokens=256, kl_next=8)
+    by = {r["policy"]: r for r in rows}
+    assert list(by) == list(specs)
+    assert by["full"]["kl_nats"] == pytest.approx(0, abs=1e-6)
+    k2, k8 = by[specs[1]], by[specs[2]]
+    assert k8["kl_nats"] < 0.5 * k2["kl_nats"] and k2["kl_nats"] > 1e-4
+    info = rt.adapter.info
+    elt = 4  # the tiny model runs in fp32
+    per = info.n_layers * info.n_kv_heads
+    assert by["full"]["bytes_per_token"] == 2 * per * info.head_dim * elt
+    assert k2["bytes_per_token"] == round(per * (info.head_dim * 4 / 8 + 2 * info.head_dim * elt / 16
+                                                 + 2 * (info.head_dim // 16) * elt))
+    assert k2["bytes_per_token"] < k8["bytes_per_token"] < by["full"]["bytes_per_token"]
+    for r in rows:
+        c, n = map(int, r["passkey_300"].split("/"))
+        assert n == 2 and 0 <= c <= 2 and len(r["answers"][300]) == 2
+    assert kvbits.columns(rows)[-1] == "passkey_300"
+
+
+def test_named_parts_refuse_whole_specs():
+    from app.bench.quality import check_parts
+    check_parts(("kvbits",), ["kivi:kbits=4,vbits=2", "locret+kivi"])
+    check_parts(("kl", "passkey"), ["full", "locret"])
+    with pytest.raises(ValueError, match="kivi:kbits=4,vbits=2 are not policy names.*--parts kvbits"):
+        check_parts(("kl", "kvbits"), ["full", "kivi:kbits=4,vbits=2"])
