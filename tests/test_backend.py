@@ -149,7 +149,7 @@ def test_backend_errors_say_what_to_do(served):
 def test_local_only_options_and_commands_refused(served, capsys):
     _, url = served
     assert main(["ask", "--backend", url, "--policy", "kivi", "q"]) == 2
-    assert "--policy configure the local runtime" in capsys.readouterr().err
+    assert "--policy shapes the local runtime" in capsys.readouterr().err
     assert main(["bench", "memory", "--backend", url]) == 2
     assert "`bench` needs the local runtime" in capsys.readouterr().err
 
