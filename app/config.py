@@ -19,6 +19,12 @@ from platformdirs import user_config_dir, user_data_dir
 APP = "vramchat"
 
 
+def trained_dir() -> Path:
+    """Where files made on this machine for a model live (retaining heads from `train-heads`,
+    under heads/MODEL_KEY/): the user data dir, or $VRAMCHAT_DATA_DIR (tests set it)."""
+    return Path(os.environ.get("VRAMCHAT_DATA_DIR") or user_data_dir(APP))
+
+
 class ConfigError(ValueError):
     """The config file cannot be used; the message names the file and the bad key."""
 
