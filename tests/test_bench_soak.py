@@ -11,8 +11,8 @@ from app.bench import soak
 from app.outlier_channels import collect
 from app.runtime.engine import Runtime
 from offload import calibrate
-from policies.locret import RetainingHeads, model_key, save_heads
-from tiny import tiny_pair
+from policies.locret import model_key
+from tiny import random_heads, tiny_pair
 
 TURNS = 6
 
@@ -26,9 +26,7 @@ def rows_and_json(tmp_path_factory):
     model, tok = tiny_pair(3)
     rt = Runtime.from_model(model, tok, model_id="tiny", chunk_size=64)
     info = rt.adapter.info
-    torch.manual_seed(1)
-    heads = tmp / "heads.safetensors"
-    save_heads(RetainingHeads(info.n_layers, info.hidden_size, 16, info.n_kv_heads), heads, model_key(info), ["tiny"])
+    heads = random_heads(info, tmp / "heads.safetensors")
     gen = torch.Generator().manual_seed(0)
     stats = collect(rt.adapter, [torch.randint(4, 260, (64,), generator=gen) for _ in range(2)])
     ch = tmp / "ch.safetensors"

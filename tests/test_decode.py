@@ -18,8 +18,7 @@ from policies import static
 from policies.kernels.switch import Kernels
 from policies.attention import _splits, attend, attend_window
 from policies.kernels import triton_ok
-from policies.locret import RetainingHeads, model_key, save_heads
-from tiny import tiny_pair
+from tiny import random_heads, tiny_pair
 
 
 def _rt(spec, seed=0):
@@ -31,10 +30,7 @@ def _rt(spec, seed=0):
 def heads(tmp_path_factory):
     rt = _rt("full")
     info = rt.adapter.info
-    torch.manual_seed(3)
-    f = tmp_path_factory.mktemp("heads") / "heads.safetensors"
-    save_heads(RetainingHeads(info.n_layers, info.hidden_size, 16, info.n_kv_heads), f, model_key(info), ["tiny"])
-    return f
+    return random_heads(info, tmp_path_factory.mktemp("heads") / "heads.safetensors", seed=3)
 
 
 def _ids(n, seed=0):

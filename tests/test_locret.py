@@ -9,22 +9,13 @@ import torch.nn.functional as F
 from app.runtime.engine import Runtime
 from app.runtime.prefill import chunk_plan, prefill
 from policies import Chunk, KVCache, SpecError, parse_spec
-from policies.locret import RetainingHeads, fold_qkv, load_heads, model_key, save_heads
-from tiny import tiny_pair
+from policies.locret import fold_qkv, load_heads
+from tiny import random_heads, tiny_pair
 
 
 def _runtime(spec="full", seed=0, **over):
     m, t = tiny_pair(seed, **over)
     return Runtime.from_model(m, t, policy=spec, model_id="tiny", chunk_size=16)
-
-
-def _heads_file(rt, path, seed=1, d_r=16):
-    info = rt.adapter.info
-    torch.manual_seed(seed)
-    heads = RetainingHeads(info.n_layers, info.hidden_size, d_r, info.n_kv_heads)
-    f = path / "heads.safetensors"
-    save_heads(heads, f, model_key(info), ["tiny"])
-    return f
 
 
 def _ids(n, seed=0):
@@ -34,7 +25,7 @@ def _ids(n, seed=0):
 
 def test_budget_covering_context_equals_full(tmp_path):
     ref = _runtime("full")
-    f = _heads_file(ref, tmp_path)
+    f = random_heads(ref.adapter.info, tmp_path / "heads.safetensors")
     rt = _runtime(f"locret:budget=4096,stabilizers=8,local=10,heads={f}")
     ids = _ids(300)
     a, b = ref.prefill(ids), rt.prefill(ids)
@@ -62,7 +53,7 @@ def test_eviction_keeps_budget_top_scores_and_stabilizers(tmp_path, share):
     """share=off: each head keeps its own best; share=on: the scores of a chunk's tokens
     become their mean over every layer and head first, so every layer keeps the same."""
     rt = _runtime("full")
-    f = _heads_file(rt, tmp_path)
+    f = random_heads(rt.adapter.info, tmp_path / "heads.safetensors")
     rt = _runtime(f"locret:budget=32,stabilizers=8,local=10,chunk=16,share={share},pool=3,heads={f}")
     cache = rt.cache
     plan = chunk_plan(cache, 150, rt.chunk_size)
@@ -114,7 +105,7 @@ def test_pool_takes_the_window_max_and_refuses_even_windows(tmp_path):
     assert _pool(s, 5).tolist() == [[5, 5, 5, 5, 5, 1, 1], [3, 3, 3, 0, 0, 0, 0]]
     assert torch.equal(_pool(s, 1), s)
     rt = _runtime("full")
-    f = _heads_file(rt, tmp_path)
+    f = random_heads(rt.adapter.info, tmp_path / "heads.safetensors")
     with pytest.raises(SpecError, match="option `pool` .4. must be odd"):
         _runtime(f"locret:pool=4,heads={f}")
     # pooling keeps a span: the neighbours of the best-scored token survive with it
@@ -128,7 +119,7 @@ def test_compacted_keys_are_rope_at_new_slots(tmp_path):
     """Layer 0's keys depend only on the token: after eviction, stored key j must be the
     token's pre-RoPE key rotated (by the model's own rotary) to position base + j."""
     rt = _runtime("full")
-    f = _heads_file(rt, tmp_path)
+    f = random_heads(rt.adapter.info, tmp_path / "heads.safetensors")
     rt = _runtime(f"locret:budget=24,stabilizers=4,local=0,chunk=16,heads={f}")
     ids = _ids(100, seed=3)
     rt.prefill(ids)
@@ -153,7 +144,7 @@ def test_logits_equal_reference_over_kept_tokens_at_compacted_positions(tmp_path
     reading only those tokens at positions 0..n-1 must give the same next logits."""
     over = dict(num_hidden_layers=1, num_key_value_heads=1)
     base = _runtime("full", **over)
-    f = _heads_file(base, tmp_path)
+    f = random_heads(base.adapter.info, tmp_path / "heads.safetensors")
     rt = _runtime(f"locret:budget=20,stabilizers=4,local=0,chunk=16,heads={f}", **over)
     ids = _ids(90, seed=5)
     rt.prefill(ids)
@@ -169,7 +160,7 @@ def test_logits_equal_reference_over_kept_tokens_at_compacted_positions(tmp_path
 
 def test_many_turns_stay_bounded(tmp_path):
     rt = _runtime("full")
-    f = _heads_file(rt, tmp_path)
+    f = random_heads(rt.adapter.info, tmp_path / "heads.safetensors")
     rt = _runtime(f"locret:budget=48,stabilizers=8,local=16,chunk=32,heads={f}")
     doc = tmp_path / "doc.txt"
     doc.write_text("The quick brown fox jumps over the lazy dog. " * 20)
@@ -185,7 +176,7 @@ def test_many_turns_stay_bounded(tmp_path):
 
 def test_convert_from_full_reprefills_and_locret_shrinks_in_place(tmp_path):
     rt = _runtime("full")
-    f = _heads_file(rt, tmp_path)
+    f = random_heads(rt.adapter.info, tmp_path / "heads.safetensors")
     doc = tmp_path / "doc.txt"
     doc.write_text("Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 6)
     rt.load_document(str(doc))
@@ -200,7 +191,7 @@ def test_refusals(tmp_path):
     with pytest.raises(SpecError, match="train-heads"):
         _runtime("locret:budget=64,stabilizers=8")  # no heads ship for the tiny model: never random heads
     other = _runtime("full", num_key_value_heads=4)
-    f = _heads_file(other, tmp_path)
+    f = random_heads(other.adapter.info, tmp_path / "heads.safetensors")
     with pytest.raises(SpecError, match="key"):
         _runtime(f"locret:budget=64,stabilizers=8,heads={f}")
     with pytest.raises(SpecError, match="does not exist"):

@@ -19,8 +19,7 @@ from app.runtime.prefill import chunk_plan, prefill
 from policies import REGISTRY, SpecError
 from policies.base import FullStore
 from policies.kivi import KiviStore
-from policies.locret import RetainingHeads, model_key, save_heads
-from tiny import tiny_pair
+from tiny import random_heads, tiny_pair
 
 NAMES = sorted(REGISTRY)
 CHUNK = 32
@@ -50,10 +49,7 @@ def heads(tmp_path_factory):
     m, t = tiny_pair(0)
     rt = Runtime.from_model(m, t, model_id="tiny", chunk_size=CHUNK)
     info = rt.adapter.info
-    torch.manual_seed(5)
-    f = tmp_path_factory.mktemp("heads") / "heads.safetensors"
-    save_heads(RetainingHeads(info.n_layers, info.hidden_size, 16, info.n_kv_heads), f, model_key(info), ["tiny"])
-    return str(f)
+    return str(random_heads(info, tmp_path_factory.mktemp("heads") / "heads.safetensors", seed=5))
 
 
 def _spec(table, name, heads):

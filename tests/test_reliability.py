@@ -20,8 +20,8 @@ from app.runtime.types import VramchatError
 from offload import calibrate
 from policies import SpecError
 from policies.kivi import KiviStore
-from policies.locret import RetainingHeads, model_key, save_heads
-from tiny import tiny_pair
+from policies.locret import model_key
+from tiny import random_heads, tiny_pair
 
 REPO = Path(__file__).resolve().parents[1]
 KIVI = "kivi:group=16,residual=32"  # fits head_dim 16 of the tiny model
@@ -33,15 +33,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _runtime(spec="full", chunk_size=64):
     model, tok = tiny_pair(3)
     return Runtime.from_model(model, tok, policy=spec, model_id="tiny", chunk_size=chunk_size)
-
-
-def _heads_file(rt, path: Path, seed=1, **shape) -> Path:
-    """Random retaining heads for rt's model (shape overrides make a mismatched file)."""
-    info = rt.adapter.info
-    torch.manual_seed(seed)
-    dims = dict(n_layers=info.n_layers, d_in=info.hidden_size, d_r=16, n_kv=info.n_kv_heads) | shape
-    save_heads(RetainingHeads(**dims), path, model_key(info), ["tiny"])
-    return path
 
 
 def _channels_file(rt, path: Path, seed=0) -> Path:
@@ -172,7 +163,7 @@ def _each_corruption_refused(good: Path, spec, tmp_path):
 def test_truncated_or_garbage_heads_file_is_refused_with_its_path(tmp_path):
     rt = _runtime()
     spec = lambda f: f"locret:budget=128,stabilizers=16,heads={f}"  # noqa: E731
-    for bad in _each_corruption_refused(_heads_file(rt, tmp_path / "good.safetensors"), spec, tmp_path):
+    for bad in _each_corruption_refused(random_heads(rt.adapter.info, tmp_path / "good.safetensors"), spec, tmp_path):
         with pytest.raises(SpecError, match="truncated or corrupt"):
             rt.set_policy(spec(bad))
         assert rt.policy == "full"
@@ -181,7 +172,7 @@ def test_truncated_or_garbage_heads_file_is_refused_with_its_path(tmp_path):
 @pytest.mark.parametrize("policy", ["offload", "doublesparse"])
 def test_corrupt_calibration_file_is_refused_with_its_path(tmp_path, policy):
     rt = _runtime()
-    heads = _heads_file(rt, tmp_path / "heads.safetensors")
+    heads = random_heads(rt.adapter.info, tmp_path / "heads.safetensors")
     good = _channels_file(rt, tmp_path / "good.safetensors")
     selector = f"locret:budget=128,stabilizers=16,heads={heads}+" if policy == "offload" else ""
     spec = lambda f: f"{selector}{policy}:channels_file={f}"  # noqa: E731
@@ -199,7 +190,7 @@ def _flip_a_data_byte(path):
 
 def test_a_flipped_byte_in_heads_or_channels_is_caught_by_the_checksum(tmp_path):
     rt = _runtime()
-    heads = _heads_file(rt, tmp_path / "heads.safetensors")
+    heads = random_heads(rt.adapter.info, tmp_path / "heads.safetensors")
     chans = _channels_file(rt, tmp_path / "ch.safetensors")
     _runtime(f"locret:budget=128,stabilizers=16,heads={heads}+offload:channels_file={chans}")  # both good
     _flip_a_data_byte(heads)
@@ -222,17 +213,17 @@ def test_heads_file_with_shapes_of_another_model_is_refused_with_its_path(tmp_pa
     # made for another model: its key says so
     other, tok = tiny_pair(3, hidden_size=32, intermediate_size=64)
     small = Runtime.from_model(other, tok, model_id="tiny")
-    f = _heads_file(small, tmp_path / "other.safetensors")
+    f = random_heads(small.adapter.info, tmp_path / "other.safetensors")
     with pytest.raises(SpecError) as e:
         _runtime(f"locret:heads={f}")
     assert str(f) in str(e.value) and "trained for a model with key" in str(e.value)
     # the right key but a head count that does not fit this model
-    f = _heads_file(rt, tmp_path / "kv.safetensors", n_kv=info.n_kv_heads + 1)
+    f = random_heads(rt.adapter.info, tmp_path / "kv.safetensors", n_kv=info.n_kv_heads + 1)
     with pytest.raises(SpecError, match=f"locret heads {f}: shapes .* do not fit this model"):
         _runtime(f"locret:heads={f}")
     # metadata that lies about the tensors inside
     from safetensors.torch import load_file, save_file
-    f = _heads_file(rt, tmp_path / "lies.safetensors")
+    f = random_heads(rt.adapter.info, tmp_path / "lies.safetensors")
     from policies.files import read_meta
     meta = read_meta(f) | {"d_r": "8"}
     save_file(load_file(str(f)), str(f), metadata=meta)
@@ -258,7 +249,7 @@ def test_soak_turns_do_not_grow_the_cache(tmp_path, store):
     and (1.125 x evicted + one block) x bytes-per-token (its growth step), plus the token
     log (8 B per token read, grown by 1/4)."""
     rt = _runtime()
-    heads = _heads_file(rt, tmp_path / "heads.safetensors")
+    heads = random_heads(rt.adapter.info, tmp_path / "heads.safetensors")
     if store == "+offload":
         store += f":channels_file={_channels_file(rt, tmp_path / 'ch.safetensors')}"
     rt = _runtime(f"locret:budget={BUDGET},chunk=64,stabilizers=16,local={LOCAL},heads={heads}{store}")

@@ -84,6 +84,17 @@ def tiny_pair(seed: int = 0, **over):
     return tiny_llama(seed, **over), tiny_tokenizer()
 
 
+def random_heads(info, path, seed: int = 1, **shape):
+    """Random Locret retaining heads for the model `info` describes (tiny models ship none),
+    saved at `path` -> path. shape overrides n_layers, d_in, d_r (16) or n_kv: a file made
+    for another model."""
+    from policies.locret import RetainingHeads, model_key, save_heads
+    torch.manual_seed(seed)
+    dims = dict(n_layers=info.n_layers, d_in=info.hidden_size, d_r=16, n_kv=info.n_kv_heads) | shape
+    save_heads(RetainingHeads(**dims), path, model_key(info), ["tiny"])
+    return path
+
+
 def tiny_policy_files(folder, **over) -> dict:
     """Random retaining heads and channels calibrated on random tokens for the tiny runtime
     (tiny_pair(0, **over) behind a Runtime, tokenizer included: its model key).
@@ -91,13 +102,11 @@ def tiny_policy_files(folder, **over) -> dict:
     from app.outlier_channels import collect
     from app.runtime.engine import Runtime
     from offload.calibrate import save
-    from policies.locret import RetainingHeads, model_key, save_heads
+    from policies.locret import model_key
     m, t = tiny_pair(0, **over)
     ad = Runtime.from_model(m, t, model_id="tiny").adapter
     info = ad.info
-    torch.manual_seed(5)
-    save_heads(RetainingHeads(info.n_layers, info.hidden_size, 16, info.n_kv_heads), f"{folder}/heads.safetensors",
-               model_key(info), ["tiny"])
+    random_heads(info, f"{folder}/heads.safetensors", seed=5)
     gen = torch.Generator().manual_seed(0)
     stats = collect(ad, [torch.randint(4, 260, (64,), generator=gen) for _ in range(4)])
     save(f"{folder}/ch.safetensors", stats.mean(), 4, model_key(info), ["tiny"], 256, "random tokens (test)")
