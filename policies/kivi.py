@@ -39,7 +39,7 @@ import torch
 
 from . import rope
 from .base import ModelInfo
-from .kernels import kivi_attn
+from .kernels import kivi_attn, kivi_cpu
 from .kernels.pack import dequantize_keys, dequantize_values, per_word, quantize_keys, quantize_values
 from .registry import Opt, SpecError, register
 from .slots import Store
@@ -98,6 +98,10 @@ class KiviStore(Store):
         self.pending = None  # (k, v) [H, T, D] a prefill chunk not yet laid out
         self._staged = 0
         self.kernel = info.kernels.on("kivi", info.device)  # decode through the Triton kernel
+        # else on a CPU through the C kernel (built here, once per machine), unless switched off
+        self.cpu = None
+        if not self.kernel and info.device.type == "cpu" and info.kernels.kivi != "off":
+            self.cpu = kivi_cpu.load()
         dev, dt = info.device, info.dtype
         self.kc = torch.empty(h, 0, d // per_word(kbits), dtype=torch.int32, device=dev)  # [H, capQ, D/PKk]
         self.ks = torch.empty(h, 0, d, dtype=dt, device=dev)  # [H, capQ/G, D]
@@ -227,8 +231,12 @@ class KiviStore(Store):
         self._settle()
         if q.shape[1] == 1 and extra is None:
             self._stage(k, v)
-            fused = kivi_attn.decode if self.kernel else kivi_attn.decode_torch
-            return fused(q, self._view(1, 1), scale)
+            view = self._view(1, 1)
+            if self.kernel:
+                return kivi_attn.decode(q, view, scale)
+            if self.cpu is not None and kivi_cpu.supported(q, view):
+                return kivi_cpu.decode(self.cpu, q, view, scale)
+            return kivi_attn.decode_torch(q, view, scale)
         return kivi_attn.reference(q, self._view(), scale, k, v, extra)
 
     def append(self, k, v) -> None:
