@@ -10,6 +10,7 @@ from pathlib import Path
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
+from app.runtime.auto import AUTO, SUMMARY as AUTO_SUMMARY, check_spec
 from policies.registry import REGISTRY, SpecError, parse_spec
 
 DOC_SUFFIXES = (".txt", ".md", ".pdf")
@@ -55,11 +56,13 @@ def _complete_policy(arg: str) -> tuple[str, list[str]]:
         name = last.partition(":")[0]
         entry = REGISTRY.get(name)
         return arg, [f"{k}= ({o.help or o.kind})" for k, o in entry.options.items()] if entry else []
-    names = sorted(n for n in REGISTRY if n.startswith(last))
+    summary = {AUTO: AUTO_SUMMARY} if not plus else {}  # auto stands alone
+    summary.update((n, e.summary) for n, e in REGISTRY.items())
+    names = sorted(n for n in summary if n.startswith(last))
     prefix = head + plus
     if len(names) == 1:
-        return prefix + names[0], [f"{names[0]}: {REGISTRY[names[0]].summary}"]
-    return prefix + (_common_prefix(names) or last), [f"{n}: {REGISTRY[n].summary}" for n in names]
+        return prefix + names[0], [f"{names[0]}: {summary[names[0]]}"]
+    return prefix + (_common_prefix(names) or last), [f"{n}: {summary[n]}" for n in names]
 
 
 def _complete_path(arg: str, suffixes=DOC_SUFFIXES) -> tuple[str, list[str]]:
@@ -159,17 +162,17 @@ class PolicyCommands(Provider):
     async def search(self, query: str) -> Hits:
         matcher = self.matcher(query)
         app = self.app
-        for name, entry in sorted(REGISTRY.items()):
+        for name, summary in [(AUTO, AUTO_SUMMARY)] + [(n, e.summary) for n, e in sorted(REGISTRY.items())]:
             label = f"Policy: {name}"
             score = matcher.match(label)
             if score > 0:
-                yield Hit(score, matcher.highlight(label), partial(app.switch_policy, name), help=entry.summary)
+                yield Hit(score, matcher.highlight(label), partial(app.switch_policy, name), help=summary)
         spec = query.strip()
         if spec.lower().startswith("policy"):
             spec = spec[6:].strip(" :")
         if spec:
             try:
-                parse_spec(spec)
+                check_spec(spec)
             except SpecError:
                 return
             yield Hit(1.0, f"Policy: switch to {spec}", partial(app.switch_policy, spec),

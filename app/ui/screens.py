@@ -13,6 +13,7 @@ from textual.widgets import Button, DirectoryTree, Input, Label, Markdown, Optio
 from textual.widgets.option_list import Option
 
 from app.ui import commands
+from app.runtime.auto import check_spec
 from policies.registry import REGISTRY, SLOTS, SpecError, parse_spec
 
 
@@ -60,7 +61,7 @@ class PolicyPicker(ModalScreen[str | None]):
     def on_input_submitted(self, event: Input.Submitted) -> None:
         spec = event.value.strip()
         try:
-            parse_spec(spec)
+            check_spec(spec)
         except SpecError as e:
             self.query_one("#policy-error", Static).update(str(e))
             return

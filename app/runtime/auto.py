@@ -1,0 +1,110 @@
+"""`auto`: the cheapest policy stack that holds the conversation, chosen again as it grows.
+
+From the device's free memory, the conversation's length (plus room for an answer), the
+model's native window and the files this model has (retaining heads, offload channels):
+
+| the conversation ...                          | chosen                                   |
+|-----------------------------------------------|------------------------------------------|
+| fits the window, and its full K/V fits memory | `full`                                   |
+| fits the window, full K/V does not            | `kivi` (5x smaller), else `offload` (host)|
+| passes the window, heads exist                | `locret`, `+offload` where channels exist |
+|                                               | (recall of evicted tokens, host memory), |
+|                                               | `+kivi` where the device is short        |
+| passes the window, no heads                   | `snapkv` (query-aware, no training),     |
+|                                               | `+offload` / `+kivi` the same way        |
+
+A stack that passes the window must compact positions (every evicting selector here
+does): a model never sees a RoPE position past what it was trained on. Memory is the
+estimate `main.py plan` makes (app/estimate.py) against what this process could use:
+the device's free memory plus what the model and cache hold now.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from policies import SpecError
+
+AUTO = "auto"
+SUMMARY = "choose for the conversation: full inside the window, else locret or a heads-free budget (+kivi/+offload)"
+SNAPKV = "snapkv:budget=2048,window=64"  # the heads-free choice: the question's queries vote
+
+
+@dataclass(frozen=True)
+class Choice:
+    spec: str
+    reason: str
+
+
+def has_files(rt) -> tuple[bool, bool]:
+    """(retaining heads, offload channels) exist for this model (shipped or trained here)."""
+    from offload.calibrate import shipped as channels_file
+    from policies.locret import find_heads
+    try:
+        find_heads(rt.adapter.info)
+        heads = True
+    except SpecError:
+        heads = False
+    return heads, channels_file(rt.adapter.info) is not None
+
+
+def room(rt) -> tuple[int, int | None]:
+    """(bytes the peak may reach on the compute device, host bytes for host-tier K/V)."""
+    import psutil
+    host = psutil.virtual_memory().available
+    held = rt.memory().weights_bytes + sum(rt.cache.nbytes().values())
+    if rt.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(rt.device)
+        return free + held, host
+    return host + held, None
+
+
+def choose(rt, tokens: int, answer: int = 1024, files: tuple[bool, bool] | None = None,
+           memory: tuple[int, int | None] | None = None) -> Choice:
+    """The stack for a conversation of `tokens` tokens (and an answer of `answer`)."""
+    from app import estimate
+    heads, channels = files if files is not None else has_files(rt)
+    fit, host = memory if memory is not None else room(rt)
+    m = estimate._model(rt.adapter.model, rt.adapter.info, rt.model_id, rt.adapter.refused)
+    weights = rt.weights if rt.weights in estimate.CHOICES else "fp32"
+    device = rt.device.type
+    need, window = tokens + answer, rt.window or 0
+
+    def fits(spec: str) -> bool:
+        try:
+            e = estimate.estimate(m, spec, max(tokens, 1), rt.chunk_size, answer, weights, device, exact=False)
+        except SpecError:  # not for this model (e.g. a kivi group that does not divide head_dim)
+            return False
+        if host is None:  # a CPU: host-tier K/V lives in the same memory
+            return e["peak"] + e["kv_host"] <= fit
+        return e["peak"] <= fit and e["kv_host"] <= host
+
+    if not window or need <= window:
+        where = f"{need:,} tokens with the answer, inside the native window of {window:,}" if window else \
+            "the model states no window"
+        kivi = "kivi" if rt.adapter.info.head_dim % 32 == 0 else "kivi:group=16"  # groups divide head_dim
+        for spec, why in (("full", "its full K/V fits"), (kivi, "full K/V does not fit; 2-bit K/V does"),
+                          ("offload", "the K/V fits only in host memory")):
+            if fits(spec):
+                return Choice(spec, f"{where}; {why}")
+        return Choice("offload", f"{where}; nothing fits the device: the K/V goes to host memory")
+    base, kind = ("locret", "retaining heads exist for this model") if heads else (
+        SNAPKV, "no retaining heads for this model (train them: `main.py train-heads`)")
+    why = f"{need:,} tokens with the answer pass the native window of {window:,}: a budget that " \
+          f"compacts positions; {kind}"
+    tried = [base] + ([base + "+offload"] if channels else [])
+    for spec in reversed(tried):  # with recall first, where it fits
+        if fits(spec):
+            return Choice(spec, why + ("; evicted tokens go to host memory for recall" if "offload" in spec else ""))
+    for spec in reversed([s + "+kivi" if "+" not in s else s.replace("+offload", "+kivi+offload") for s in tried]):
+        if fits(spec):
+            return Choice(spec, why + "; 2-bit K/V: the device is short")
+    return Choice(base + "+kivi", why + "; even 2-bit K/V is tight on this device")
+
+
+def check_spec(spec: str) -> None:
+    """Raise SpecError for a spec that cannot be used; `auto` is always usable."""
+    if spec.strip() != AUTO:
+        from policies import parse_spec
+        parse_spec(spec)

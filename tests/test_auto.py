@@ -1,0 +1,101 @@
+"""`auto`'s decision table on the tiny model (window 512), memory and files given."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from app.runtime.auto import SNAPKV, choose
+from app.runtime.engine import Runtime
+from policies.files import user_folder
+from tiny import tiny_pair, tiny_policy_files
+
+BIG = (1 << 40, 1 << 40)
+
+
+@pytest.fixture(scope="module")
+def rt(tmp_path_factory):
+    """The tiny runtime, with heads and channels trained "on this machine" for it."""
+    rt = Runtime.from_model(*tiny_pair(0), model_id="tiny", chunk_size=32)
+    info = rt.adapter.info
+    made, root = tmp_path_factory.mktemp("made"), tmp_path_factory.mktemp("data")
+    files = tiny_policy_files(made)
+    for kind, key in (("heads", "heads"), ("channels", "ch")):
+        folder = user_folder(root, kind, info)
+        folder.mkdir(parents=True)
+        shutil.copy(files[key], folder / f"{kind}.safetensors")
+    info.search_dirs = (root,)
+    return rt
+
+
+@pytest.mark.parametrize("tokens,files,memory,spec,why", [
+    (100, (False, False), BIG, "full", "inside the native window of 512"),
+    (100, (True, True), (950_000, 1 << 40), "kivi:group=16", "2-bit K/V does"),
+    (100, (True, True), (850_000, 1 << 40), "offload", "only in host memory"),
+    (900, (True, False), BIG, "locret", "retaining heads exist"),
+    (900, (True, True), BIG, "locret+offload", "host memory for recall"),
+    (900, (False, False), BIG, SNAPKV, "no retaining heads"),
+    (900, (False, True), BIG, SNAPKV + "+offload", "train-heads"),
+])
+def test_auto_picks_the_cheapest_stack_that_holds_the_conversation(rt, tokens, files, memory, spec, why):
+    got = choose(rt, tokens, answer=64, files=files, memory=memory)
+    assert got.spec == spec and why in got.reason, got
+
+
+def test_auto_past_the_window_never_picks_a_stack_that_keeps_positions(rt):
+    """Short of memory past the window: quantize the budgeted stack, never `full`/`kivi`."""
+    got = choose(rt, 5000, answer=64, files=(False, False), memory=(1, None))
+    assert got.spec.startswith("snapkv") and "kivi" in got.spec
+
+
+def _words(n: int, seed: int) -> str:
+    import random
+    rng = random.Random(seed)
+    return " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "kappa", "omega"]) for _ in range(n))
+
+
+def _doc(tmp_path, name: str, n: int, seed: int = 0):
+    p = tmp_path / name
+    p.write_text(_words(n, seed))
+    return str(p)
+
+
+def test_auto_reads_inside_the_window_as_full_then_switches_before_passing_it(tmp_path):
+    """The tiny model's window is 512: a short document stays `full`; the next one would
+    pass the window, so `auto` switches first (a note says so before reading) to a stack
+    that compacts positions, and the conversation still answers."""
+    rt = Runtime.from_model(*tiny_pair(0), policy="auto", model_id="tiny", chunk_size=32)
+    seen_at_note = []
+    rt.on_note = lambda text: seen_at_note.append((rt.cache.seen, text))
+    rt.load_document(_doc(tmp_path, "a.txt", 40))
+    assert rt.policy == "full" and rt.auto_choice.spec == "full" and not seen_at_note
+    seen = rt.cache.seen
+    rt.load_document(_doc(tmp_path, "b.txt", 700, 1))
+    assert rt.policy.startswith("snapkv") and rt.cache.evicts
+    (at, text), = seen_at_note
+    assert at == seen and "auto chose `snapkv" in text and "pass the native window of 512" in text
+    assert rt.policy_label == f"auto: {rt.policy}"
+    res = rt.ask("which word comes first?", max_new_tokens=3)
+    assert res.new_tokens >= 1 and rt.cache.length < rt.cache.seen  # positions compacted
+
+
+def test_a_policy_that_keeps_positions_warns_before_passing_the_window(tmp_path):
+    rt = Runtime.from_model(*tiny_pair(0), policy="full", model_id="tiny", chunk_size=32)
+    got = []
+    rt.on_note = lambda text: got.append((rt.cache.seen, text))
+    rt.load_document(_doc(tmp_path, "a.txt", 40))
+    assert not got
+    rt.load_document(_doc(tmp_path, "b.txt", 700, 1))
+    (at, text), = got
+    assert at > 0 and at < rt.cache.seen  # said before the document was read
+    assert text.startswith("warning:") and "native window of 512" in text and "`auto`" in text
+    assert rt.notes == [text]
+
+
+def test_choosing_auto_live_and_leaving_it(tmp_path):
+    rt = Runtime.from_model(*tiny_pair(0), policy="streaming:window=64", model_id="tiny", chunk_size=32)
+    rt.load_document(_doc(tmp_path, "a.txt", 40))
+    res = rt.set_policy("auto")
+    assert rt.auto and rt.policy == "full" and res.new_policy == "full"
+    rt.set_policy("kivi:group=16")
+    assert not rt.auto and rt.policy == "kivi:group=16"
