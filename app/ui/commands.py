@@ -11,7 +11,7 @@ from pathlib import Path
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
 from app.runtime.auto import AUTO, SUMMARY as AUTO_SUMMARY, check_spec
-from policies.registry import REGISTRY, SpecError, parse_spec
+from policies.registry import REGISTRY, SpecError
 
 DOC_SUFFIXES = (".txt", ".md", ".pdf")
 

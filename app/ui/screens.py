@@ -14,7 +14,7 @@ from textual.widgets.option_list import Option
 
 from app.ui import commands
 from app.runtime.auto import check_spec
-from policies.registry import REGISTRY, SLOTS, SpecError, parse_spec
+from policies.registry import REGISTRY, SLOTS, SpecError
 
 
 def compose_spec(current: str, name: str) -> str:
