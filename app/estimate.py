@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+import offload  # noqa: F401  (registers its policies)
 from app.runtime.types import VramchatError
 from policies import KVCache
 
@@ -41,6 +42,7 @@ class Model:
     window: int
     intermediate: int
     vocab: int
+    refused: dict  # policy -> why this architecture rules it out (app/runtime/adapter.refusals)
 
 
 class _Vocab:
@@ -107,10 +109,11 @@ def describe(model: str | None = None, trust_remote_code: bool = False) -> Model
     except ValueError as e:
         raise VramchatError(f"{model_id}: transformers cannot build a causal LM from its config ({e})") from None
     from app.runtime.adapter import Adapter
-    return _model(hf, Adapter(hf, _tokenizer(path, vocab, trust_remote_code), model_id).info, model_id)
+    ad = Adapter(hf, _tokenizer(path, vocab, trust_remote_code), model_id)
+    return _model(hf, ad.info, model_id, ad.refused)
 
 
-def _model(hf, info, model_id: str) -> Model:
+def _model(hf, info, model_id: str, refused: dict) -> Model:
     """Parameter counts of `hf` (on meta, or loaded) and its ModelInfo moved to meta."""
     linear = sum(m.weight.numel() for name, m in hf.named_modules()
                  if isinstance(m, torch.nn.Linear) and ".layers." in f".{name}")
@@ -120,7 +123,7 @@ def _model(hf, info, model_id: str) -> Model:
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     info = dataclasses.replace(info, device=torch.device("meta"), resources=info.resources)
     return Model(model_id, getattr(cfg, "model_type", "?"), info, linear, total - linear, buffers, info.window,
-                 getattr(text, "intermediate_size", 4 * info.hidden_size), getattr(text, "vocab_size", 0))
+                 getattr(text, "intermediate_size", 4 * info.hidden_size), getattr(text, "vocab_size", 0), refused)
 
 
 def weights_bytes(m: Model, choice: str) -> int:
@@ -135,7 +138,7 @@ def _dtype(choice: str) -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16}.get(choice, torch.bfloat16)
 
 
-REPLAY_MAX = 1 << 18  # contexts up to this replay an explicit store chunk by chunk
+REPLAY_MAX = 1 << 16  # reads up to this replay an explicit store chunk by chunk (longer: its rates)
 REPLAY_ANSWER = 32  # answer tokens replayed one by one; the rest are counted at the store's rate
 _RATES: dict = {}
 
@@ -171,6 +174,20 @@ def _replay(pol, info, plan: list[int], budget: int | None, answer: int) -> tupl
             store.append(*kv(1))
             peak = max(peak, size())
     return peak * info.n_kv_heads, size() * info.n_kv_heads
+
+
+def _steady(plan: list[int], budget: int | None) -> list[int]:
+    """`plan` less the chunks that repeat a state: once a selector evicts, every further
+    non-final chunk takes the store from `budget` tokens to `budget + chunk` and back, so
+    two such cycles stand for all of them (a 128K prefill replays in seconds, not minutes)."""
+    if budget is None:
+        return plan
+    held = 0
+    for i, t in enumerate(plan[:-1]):
+        held += t
+        if held > budget:
+            return plan[: i + 3] + plan[-1:] if i + 3 < len(plan) - 1 else plan
+    return plan
 
 
 def _rates(pol, info) -> tuple[float, float, float]:
@@ -211,8 +228,9 @@ def _layer_bytes(layer, info, n: int, chunk: int, answer: int, spill_opts: dict,
     meta_bytes = info.n_kv_heads * ((8 if evicted else 0) + (4 if sel.needs_scores or sel.reads_attention else 0))
     per_token = store.token_bytes()
     if store_pol is not None and store.tier == "gpu":
-        if exact and n + answer <= REPLAY_MAX:
-            kv, kv_end = _replay(store_pol, info, plan, budget, min(answer, REPLAY_ANSWER))
+        steady = _steady(plan, budget)
+        if exact and sum(steady) <= REPLAY_MAX:
+            kv, kv_end = _replay(store_pol, info, steady, budget, min(answer, REPLAY_ANSWER))
             rest = max(0, answer - REPLAY_ANSWER) * _rates(store_pol, info)[0] if answer > REPLAY_ANSWER else 0
             kv, kv_end = kv + rest, kv_end + rest
         else:
@@ -272,6 +290,8 @@ def kv_bytes(m: Model, spec: str, n: int, chunk: int, answer: int, choice: str, 
     """KV of `spec` over all layers while reading n tokens and answering `answer`: at its
     peak {"gpu", "host"}, after the answer {"gpu_end", "host_end"}, and tokens held per KV
     head at the end; a spec that cannot be built for this model raises SpecError."""
+    from app.runtime.adapter import check_spec
+    check_spec(spec, m.refused, m.arch)
     info = dataclasses.replace(m.info, dtype=_dtype(choice), resources=m.info.resources)
     cache = KVCache(spec, info)
     total = {"gpu": 0, "host": 0, "gpu_end": 0, "host_end": 0, "held": 0}

@@ -49,7 +49,7 @@ def plan(model: str | None, context: int, specs: list[str], gpu_gib: float | Non
             row["fits"] = row["peak"] <= fit and (host is None or row["kv_host"] <= host)
             row["largest_context"] = largest(m, spec, chunk, answer, weights, device, fit, host)
         except SpecError as e:
-            row["error"] = f"{e} (the policy refuses {m.arch}: {m.model_id})" if "arch" in str(e) else str(e)
+            row["error"] = str(e)
         rows.append(row)
     return {"model": m.model_id, "arch": m.arch, "params": m.linear + m.other, "window": m.window,
             "context": context, "answer": answer, "chunk": chunk, "weights": weights, "device": where,
@@ -120,7 +120,7 @@ def before_load(rt, path: str, answer: int = 1024) -> str:
     rates for a replayed store: this runs before every document)."""
     from app.runtime import documents
     n = len(rt.tokens(documents.read_document(path)))
-    m = _model(rt.adapter.model, rt.adapter.info, rt.model_id)
+    m = _model(rt.adapter.model, rt.adapter.info, rt.model_id, rt.adapter.refused)
     choice = rt.weights if rt.weights in CHOICES else "fp32"
     device, fit, host, where = capacity(None)
     e = estimate(m, rt.policy, rt.cache.seen + n, rt.chunk_size, answer, choice, device, exact=False)

@@ -48,6 +48,9 @@ class ModelInfo:
     tokenizer: Any = None
     resources: dict = field(default_factory=dict)  # files read once per model (heads, channels)
     kernels: Kernels = field(default_factory=Kernels.from_env)  # which kernel paths run
+    windows: tuple = ()  # per layer: its sliding attention window in tokens, 0 = global (() = all global)
+    softcap: float = 0.0  # attention-logit soft-capping c (Gemma 2): logits -> c * tanh(logits / c); 0 = none
+    local_inv_freq: torch.Tensor | None = None  # [rot/2] RoPE frequencies of the sliding layers, where they differ (Gemma 3)
     # folders holding files trained or calibrated for models on this machine (DIR/heads/KEY/,
     # DIR/channels/KEY/), searched before the shipped ones (policies.files.find_file)
     search_dirs: tuple = ()

@@ -17,7 +17,7 @@ import torch
 from transformers import AttentionInterface
 
 from app.config import trained_dir
-from policies import Chunk, KVCache, ModelInfo, SpecError
+from policies import Chunk, KVCache, ModelInfo, SpecError, attention, parse_spec
 from policies.kernels import fused
 from policies.kernels.switch import Kernels
 
@@ -31,8 +31,67 @@ def _vramchat_attention(module, query, key, value, attention_mask, scaling=None,
         raise RuntimeError("vramchat attention called without a cache (use Adapter.forward)")
     chunk: Chunk = kwargs["vram_chunk"]
     layer = cache.layers[module.layer_idx]
-    out = layer.forward(query[0], key[0], value[0], scaling, chunk)
+    # a sliding window (Mistral, Phi-3, Gemma's local layers) and logit soft-capping (Gemma 2)
+    # come as the layer's own arguments; query pre-scaling comes as `scaling`
+    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    if window or softcap:
+        with attention.rules(window, softcap):
+            out = layer.forward(query[0], key[0], value[0], scaling, chunk)
+    else:
+        out = layer.forward(query[0], key[0], value[0], scaling, chunk)
     return out.transpose(0, 1)[None], None
+
+
+def _attention_facts(cfg, layers, rotary) -> dict:
+    """What each layer's attention does beyond softmax(q·kᵀ·scale), as transformers passes it
+    to the function above: its sliding window (the module's own attribute, else the
+    config's, as Mistral and Phi-3 pass it), soft-capping, and RoPE frequencies per layer type
+    (Gemma 3's sliding layers rotate with their own base). -> ModelInfo fields."""
+    windows = tuple(int(getattr(l.self_attn, "sliding_window", getattr(cfg, "sliding_window", None)) or 0)
+                    for l in layers)
+
+    def freq(prefix: str = ""):
+        f = getattr(rotary, f"{prefix}original_inv_freq", None)
+        return getattr(rotary, f"{prefix}inv_freq") if f is None else f
+
+    local = None
+    if hasattr(rotary, "layer_types"):  # one table per layer type
+        inv = freq("full_attention_" if "full_attention" in rotary.layer_types else f"{rotary.layer_types[0]}_")
+        if "sliding_attention" in rotary.layer_types:
+            local = freq("sliding_attention_")
+            local = None if torch.equal(local, inv) else local.detach().float().clone()
+    else:
+        inv = freq()
+    return {"windows": windows if any(windows) else (), "softcap": float(getattr(cfg, "attn_logit_softcapping", 0) or 0),
+            "inv_freq": inv.detach().float().clone(), "local_inv_freq": local}
+
+
+def refusals(info: ModelInfo, layers) -> dict[str, str]:
+    """Policies this model's attention rules out, each with why (the spec is refused naming
+    the policy and the architecture: `check_spec`)."""
+    from policies import REGISTRY
+    out = {}
+    what = ("sliding-window layers" if any(info.windows) else "") + \
+        (" and " if any(info.windows) and info.softcap else "") + ("logit soft-capping" if info.softcap else "")
+    if what:
+        out["kivi"] = f"its quantized decode attention reads every stored token and applies no {what}"
+        out["doublesparse"] = f"it attends over a gathered subset of tokens, where {what} cannot be applied"
+    if info.local_inv_freq is not None:
+        why = ("it moves kept keys to compacted positions by re-rotating them with one RoPE base, and this "
+               "model's sliding layers use another")
+        out.update({n: why for n, e in REGISTRY.items() if e.slot == "selector" and n != "full"})
+    if any(hasattr(l, "pre_feedforward_layernorm") for l in layers):
+        out["ffnskip"] = ("it reads each FFN block's input at post_attention_layernorm, which this architecture "
+                          "applies to the attention output")
+    return out
+
+
+def check_spec(spec: str, refused: dict[str, str], arch: str) -> None:
+    """SpecError naming the first policy of `spec` this architecture rules out, and why."""
+    for pol in parse_spec(spec).values():
+        if pol.name in refused:
+            raise SpecError(f"policy `{pol.name}` cannot serve {arch} models: {refused[pol.name]}; "
+                            f"choose another policy (`main.py plan` lists what fits)")
 
 
 # NOTE: no mask function is registered: for an attention name without one, transformers
@@ -116,6 +175,7 @@ class Adapter:
         self._ffn_in: dict = {}
         self._ffn_ok = all(self._wrap_mlp(i, layer) for i, layer in enumerate(self.layers))
         self.info = self._model_info()
+        self.refused = refusals(self.info, self.layers)  # policy -> why this architecture rules it out
 
     def _fuse(self) -> dict:
         """Route the model's RMSNorms and RoPE through one-kernel versions where the active
@@ -168,10 +228,10 @@ class Adapter:
         cfg = self.model.config
         n_q = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_q
-        rot = self.decoder.rotary_emb
-        inv_freq = getattr(rot, "original_inv_freq", None)
-        if inv_freq is None:
-            inv_freq = rot.inv_freq
+        facts = _attention_facts(cfg, self.layers, self.decoder.rotary_emb)
+        kernels = Kernels.from_env()
+        if facts["windows"] or facts["softcap"]:  # the window kernel applies neither: the torch path does
+            kernels = kernels.with_(window="off")
         p = next(self.model.parameters())
         dtype = p.dtype if p.dtype.is_floating_point else torch.float16
         if getattr(self.model, "hf_quantizer", None) is not None:
@@ -180,11 +240,14 @@ class Adapter:
                 dtype = getattr(torch, dtype)
         return ModelInfo(
             n_layers=cfg.num_hidden_layers, n_q_heads=n_q, n_kv_heads=cfg.num_key_value_heads,
-            head_dim=head_dim, dtype=dtype, device=p.device, inv_freq=inv_freq.detach().float().clone(),
+            head_dim=head_dim, dtype=dtype, device=p.device, inv_freq=facts["inv_freq"],
             window=getattr(cfg, "max_position_embeddings", 0) or 0, model_id=self.model_id,
-            hidden_size=cfg.hidden_size, tokenizer=self.tokenizer, search_dirs=(trained_dir(),))
+            hidden_size=cfg.hidden_size, tokenizer=self.tokenizer, search_dirs=(trained_dir(),),
+            kernels=kernels, windows=facts["windows"], softcap=facts["softcap"],
+            local_inv_freq=facts["local_inv_freq"])
 
     def new_cache(self, spec: str) -> KVCache:
+        check_spec(spec, self.refused, self.arch)
         return KVCache(spec, self.info)
 
     @torch.inference_mode()
