@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 SUITES = ("memory", "speed", "quality", "gpu128k", "soak", "kernels", "probe-attn", "probe-decode", "probe-pinned",
-          "serve")
+          "serve", "reopen")
 PROBE_VARIANTS = "torch window fused"
 
 
@@ -114,6 +114,9 @@ def run(args) -> int:
         elif args.suite == "serve":
             from . import serve
             serve.run(rt, decode=args.decode or 64, trials=args.trials or 3, out_dir=out, **kw)
+        elif args.suite == "reopen":
+            from . import reopen
+            reopen.run(rt, decode=args.decode or 16, trials=args.trials or 3, out_dir=out, **kw)
         else:
             from . import quality
             quality.run(rt, out_dir=out, trials=args.trials, parts=parts, **kw)

@@ -312,7 +312,11 @@ class RemoteRuntime:
     def to_json(self) -> dict:
         return {"model": self.model_id, "policy": self._policy, "backend": self.base, **self.conv.to_json()}
 
-    def restore(self, data: dict, progress=None, stop=None) -> None:
+    def save_cache(self, path, extra: dict | None = None) -> int:
+        """The server holds the cache: nothing is written. -> 0."""
+        return 0
+
+    def restore(self, data: dict, progress=None, stop=None, cache_file=None) -> str:
         """The conversation only: the server reads it with the next question."""
         msgs = data.get("messages")
         if not isinstance(msgs, list) or not all(
@@ -324,4 +328,4 @@ class RemoteRuntime:
             if m["role"] == "document" and not isinstance(m.get("name"), str):
                 m["name"] = "document"
         self.conv = Conversation(system=data.get("system") or None, messages=list(msgs))
-
+        return "the backend reads it with the next question"

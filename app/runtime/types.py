@@ -32,6 +32,8 @@ class DocumentInfo:
     chars: int
     tokens: int
     prefill_s: float = 0.0
+    from_cache: bool = False  # restored from the document cache instead of read
+    note: str = ""  # one line about the document cache (why it was not used or kept), or ""
 
 
 @dataclass

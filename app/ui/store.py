@@ -85,6 +85,11 @@ def save(directory: Path, name: str, data: dict) -> Path:
     return path
 
 
+def cache_path(json_path: Path) -> Path:
+    """The cache file saved beside a conversation (NAME.cache.safetensors, app/runtime/snapshot.py)."""
+    return json_path.with_suffix(".cache.safetensors")
+
+
 def list_saved(directory: Path) -> list[Path]:
     """Saved conversations, newest first."""
     if not directory.is_dir():

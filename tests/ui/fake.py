@@ -158,7 +158,11 @@ class FakeRuntime:
         return {"model": self.model_id, "policy": self.policy, "system": self.system,
                 "messages": [dict(m) for m in self.messages]}
 
-    def restore(self, data: dict, progress=None, stop=None) -> None:
+    def save_cache(self, path, extra=None) -> int:
+        self.calls.append("save_cache")
+        return 0
+
+    def restore(self, data: dict, progress=None, stop=None, cache_file=None) -> str:
         self.calls.append("restore")
         self.messages, self.read = [], 0
         self.system = data.get("system")
@@ -166,3 +170,4 @@ class FakeRuntime:
         total = sum(int(m.get("tokens", len(str(m.get("content", ""))) // 4 + 1)) for m in data["messages"])
         self._prefill(total, progress, stop)
         self.messages = [dict(m) for m in data["messages"]]
+        return "re-read the conversation"
