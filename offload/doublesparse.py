@@ -36,7 +36,7 @@ class DoubleSparseReader(Reader):
         self.dense = layer < dense_layers
         self.ch = None if self.dense else find_channels(info, channels, channels_file, "doublesparse")[layer]
         r = 0 if self.ch is None else self.ch.shape[1]
-        self.labels = torch.empty(info.n_kv_heads, 0, r, dtype=info.dtype, device=info.device)  # [Hkv, cap, r]
+        self.labels = labels.LabelCache(info.n_kv_heads, r, info.dtype, info.device)  # [Hkv, cap, r]
         self.n = 0  # labelled tokens (== store.length between calls)
         self.sparse_steps = 0  # decode steps that read a subset (tests read it)
 
@@ -45,18 +45,16 @@ class DoubleSparseReader(Reader):
         return max(self.floor, math.ceil(self.keep_frac * (length + 1)))
 
     def _set(self, lab: torch.Tensor) -> None:
-        self.labels = lab.clone() if lab.shape[1] else self.labels[:, :0]
-        self.n = lab.shape[1]
+        self.n = 0
+        self._append(lab)
 
     def _append(self, lab: torch.Tensor) -> None:
         """lab [Hkv, T, r] for the tokens the store appends next."""
         end = self.n + lab.shape[1]
-        if end > self.labels.shape[1]:
-            cap = -(-max(end, self.labels.shape[1] * 9 // 8) // self.BLOCK) * self.BLOCK
-            new = self.labels.new_empty(self.labels.shape[0], cap, self.labels.shape[2])
-            new[:, : self.n] = self.labels[:, : self.n]
-            self.labels = new
-        self.labels[:, self.n:end] = lab
+        if end > self.labels.capacity:
+            cap = -(-max(end, self.labels.capacity * 9 // 8) // self.BLOCK) * self.BLOCK
+            self.labels.grow(cap, self.n)
+        self.labels.write(self.n, lab)
         self.n = end
 
     def _sync(self, layer) -> None:
@@ -79,7 +77,7 @@ class DoubleSparseReader(Reader):
             out = layer.store.attend(q, k, v, scale, extra)
             self._append(labels.take(k, self.ch))
             return out
-        s = labels.scores(q, self.labels[:, :n], self.ch)  # [Hkv, n]
+        s = self.labels.scores(labels.group_queries(q, self.ch), n)  # [Hkv, n]
         idx = labels.top(s, b - 1)  # [Hkv, b-1]; the new token is the b-th
         ks, vs = layer.store.dense(idx)
         keys, vals = torch.cat((ks, k), 1), torch.cat((vs, v), 1)
@@ -90,17 +88,13 @@ class DoubleSparseReader(Reader):
         return attend(q, keys, vals, scale)
 
     def nbytes(self) -> dict:
-        return {("gpu", "labels"): self.labels.nbytes}
+        return {("gpu", "labels"): self.labels.nbytes()}
 
     def state(self) -> tuple[dict, dict]:
-        return {"labels": self.labels[:, :self.n]}, {"n": self.n, "cap": self.labels.shape[1],
-                                                     "sparse_steps": self.sparse_steps}
+        return self.labels.state(self.n), {"n": self.n, "cap": self.labels.capacity,
+                                           "sparse_steps": self.sparse_steps}
 
     def restore(self, tensors: dict, meta: dict) -> None:
-        n, lab = int(meta["n"]), tensors["labels"]
-        if lab.shape != (self.labels.shape[0], n, self.labels.shape[2]):
-            raise ValueError(f"doublesparse: saved labels {tuple(lab.shape)} for {n} tokens do not fit "
-                             f"[{self.labels.shape[0]}, n, {self.labels.shape[2]}]")
-        self.labels = self.labels.new_zeros(self.labels.shape[0], int(meta["cap"]), self.labels.shape[2])
-        self.labels[:, :n] = lab
+        n = int(meta["n"])
+        self.labels.restore(tensors, n, int(meta["cap"]))
         self.n, self.sparse_steps = n, int(meta["sparse_steps"])

@@ -7,7 +7,8 @@ Per layer (batch 1):
   on CUDA; plain tensors on CPU — the same code);
 - GPU: labels [Hkv, N, r], each evicted key's r calibrated channels, post-RoPE at the
   position it held when it was evicted (the frame it was last attended in, at distances
-  like the ones a recalled token gets), and the recall buffer [Hkv, k, D] x 2.
+  like the ones a recalled token gets), int8 with a scale per row (labels.LabelCache),
+  and the recall buffer [Hkv, k, D] x 2.
 
 When recall runs. The final chunk of every prefill (the question, or a document's tail)
 scores the host tokens with its own queries (each token's best score over those queries)
@@ -63,7 +64,7 @@ class OffloadSpill(Spill):
         self.hk = host_empty((h, 0, d), dt, self.cuda)  # [Hkv, cap, D] keys at position 0
         self.hv = host_empty((h, 0, d), dt, self.cuda)  # [Hkv, cap, D]
         self.hpos = torch.empty(h, 0, dtype=torch.long)  # [Hkv, cap] conversation index
-        self.labels = torch.empty(h, 0, self.ch.shape[1], dtype=dt, device=info.device)  # [Hkv, cap, r]
+        self.labels = labels.LabelCache(h, self.ch.shape[1], dt, info.device)  # [Hkv, cap, r]
         self.buf_k = torch.empty(h, 0, d, dtype=dt, device=info.device)  # [Hkv, <=k, D]
         self.buf_v = torch.empty_like(self.buf_k)
         self._staged = None  # CUDA event: the copies out of `stage` were issued before it
@@ -115,9 +116,7 @@ class OffloadSpill(Spill):
         pos = torch.empty(self.hpos.shape[0], cap, dtype=torch.long)
         pos[:, : self.n] = self.hpos[:, : self.n]
         self.hpos = pos
-        lab = self.labels.new_empty(self.labels.shape[0], cap, self.labels.shape[2])
-        lab[:, : self.n] = self.labels[:, : self.n]
-        self.labels = lab
+        self.labels.grow(cap, self.n)
 
     def _put(self, k0, v, lab, conv) -> None:
         """Append de-rotated keys k0 / values v [Hkv, e, D], labels [Hkv, e, r], conv [Hkv, e]."""
@@ -129,7 +128,7 @@ class OffloadSpill(Spill):
         copy_rows(self.hk[:, self.n:end], k0.contiguous())
         copy_rows(self.hv[:, self.n:end], v.contiguous())
         self.hpos[:, self.n:end] = conv.cpu()
-        self.labels[:, self.n:end] = lab
+        self.labels.write(self.n, lab)
         self.n = end
         self._text_order = None
         if self.cuda:
@@ -208,7 +207,7 @@ class OffloadSpill(Spill):
         else:
             qs = self._qs
         if rescore or self._ranked is None or self._ranked_n != n:
-            s = labels.grouped_scores(qs, self.labels[:, :n])  # [Hkv, n]
+            s = self.labels.scores(qs, n)  # [Hkv, n]
             if self.pool > 1:  # pool along the text, not along host rows (eviction order)
                 if self._text_order is None:  # NOTE: host rows change only in _put
                     self._text_order = self.hpos[:, :n].argsort(1).to(s.device)
@@ -264,7 +263,7 @@ class OffloadSpill(Spill):
         if self._copied is not None:
             self._copied.synchronize()  # host rows still in flight
         n, m = self.n, self.m
-        t = {"hk": self.hk[:, :n], "hv": self.hv[:, :n], "hpos": self.hpos[:, :n], "labels": self.labels[:, :n],
+        t = {"hk": self.hk[:, :n], "hv": self.hv[:, :n], "hpos": self.hpos[:, :n], **self.labels.state(n),
              "buf_k": self.buf_k[:, :m], "buf_v": self.buf_v[:, :m], "recalled": self.recalled}
         for name, x in (("ranked", self._ranked), ("qs", self._qs)):
             if x is not None:
@@ -286,8 +285,7 @@ class OffloadSpill(Spill):
         self.hk[:, :n], self.hv[:, :n] = tensors["hk"], tensors["hv"]
         self.hpos = torch.zeros(h, cap, dtype=torch.long)
         self.hpos[:, :n] = tensors["hpos"]
-        self.labels = self.labels.new_zeros(h, cap, self.labels.shape[2])
-        self.labels[:, :n] = tensors["labels"]
+        self.labels.restore(tensors, n, cap)
         self.buf_k = self.buf_k.new_zeros(h, int(meta["buf_cap"]), d)
         self.buf_v = torch.zeros_like(self.buf_k)
         self.buf_k[:, :m], self.buf_v[:, :m] = tensors["buf_k"], tensors["buf_v"]
@@ -309,7 +307,7 @@ class OffloadSpill(Spill):
         if self._owns_log:  # the cache's one token log
             host["index"] += self.quotes.nbytes()
         out = {("host", k): v for k, v in host.items()}
-        out[("gpu", "labels")] = self.labels.nbytes + (self._qs.nbytes if self._qs is not None else 0)
+        out[("gpu", "labels")] = self.labels.nbytes() + (self._qs.nbytes if self._qs is not None else 0)
         if self._ranked is not None:  # the last label ranking, kept for quote moves
             out[("gpu", "index")] = self._ranked.nbytes
         out[("gpu", "keys")] = self.buf_k.nbytes
