@@ -36,3 +36,23 @@ def test_named_parts_refuse_whole_specs():
     check_parts(("kl", "passkey"), ["full", "locret"])
     with pytest.raises(ValueError, match="kivi:kbits=4,vbits=2 are not policy names.*--parts kvbits"):
         check_parts(("kl", "kvbits"), ["full", "kivi:kbits=4,vbits=2"])
+
+
+def test_labels_part_ranks_with_each_kind(tmp_path):
+    """The cache dtype against itself agrees fully; int8 and fp16 rank nearly the same tokens
+    in fewer bytes; the shipped kind reads the prompt end to end."""
+    from app.bench import label_cache
+    from app.runtime.engine import Runtime
+    from offload import labels
+    from tiny import tiny_pair, tiny_policy_files
+    f = tiny_policy_files(tmp_path, max_position_embeddings=4096)
+    m, t = tiny_pair(0, max_position_embeddings=4096)
+    rt = Runtime.from_model(m, t, model_id="tiny", chunk_size=128)
+    spec = f"locret:budget=96,chunk=128,stabilizers=8,local=0,heads={f['heads']}+offload:recall=64,channels_file={f['ch']}"
+    rows = label_cache.run(rt, 700, 1, spec=spec)
+    by = {r["labels"]: r for r in rows}
+    assert list(by) == ["model", "fp16", "int8"] and labels.KIND == "int8"
+    assert by["model"]["topk_overlap"] == 1.0 and by["int8"]["topk_overlap"] > 0.9
+    assert by["fp16"]["topk_overlap"] >= by["int8"]["topk_overlap"]
+    assert by["model"]["label_bytes"] == 2 * by["fp16"]["label_bytes"] > by["int8"]["label_bytes"] > 0
+    assert 0 < by["int8"]["recalled_overlap"] <= 1 and "answer" in by["int8"] and "correct" in by["model"]

@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
     p.add_argument("--trials", type=int, default=None, help="quality: trials per cell")
     p.add_argument("--parts", default=None,
                    help="quality: comma-separated parts, any of kl,lazy,passkey,ffnskip,random-heads,needles,copy,"
-                        "kvbits (default: all; kvbits takes whole specs in --policies)")
+                        "kvbits,labels (default: all; kvbits takes whole specs in --policies)")
     p.add_argument("--turns", type=int, default=100,
                    help="soak: turns per policy against one document (its length: first of --lengths, default 8192)")
     g = p.add_argument_group("gpu128k")

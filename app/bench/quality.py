@@ -16,7 +16,9 @@
 - `ffnskip`: short factual questions `full` answers correctly, answered again with FFN
   skipping, with the skip ratio;
 - `kvbits`: any specs (`--policies`; default `full` and `kivi` at K2V2, K4V2, K2V4, K4V4,
-  K8V4): KL from `full`, bytes per token and the pass key at each length (app/bench/kvbits.py).
+  K8V4): KL from `full`, bytes per token and the pass key at each length (app/bench/kvbits.py);
+- `labels`: offload's label cache stored as the cache dtype, fp16 or int8: what the
+  question's recall ranks, at the longest length (app/bench/label_cache.py).
 Defaults (pass key at 4K and 9K, 2 trials) fit in 15 minutes on a 2-core CPU; `--trials`
 and `--lengths` scale it, `--parts` picks parts; the time of each part is printed and kept.
 """
@@ -25,7 +27,7 @@ from __future__ import annotations
 import sys
 import time
 
-from . import baselines, kvbits, locret, recall
+from . import baselines, kvbits, label_cache, locret, recall
 from .common import plot, table, write_json
 
 KL_EXTRA = ("kivi", "doublesparse")  # (+ kivi 2/4-bit one-pass vs QuantizedCache: peer_bits)
@@ -48,7 +50,7 @@ def copy_rows(rt, budget: int, trials: int, full_tokens: int = 5632, doc_tokens:
     return out
 
 
-PARTS = ("kl", "lazy", "passkey", "ffnskip", "random-heads", "needles", "copy", "kvbits")
+PARTS = ("kl", "lazy", "passkey", "ffnskip", "random-heads", "needles", "copy", "kvbits", "labels")
 NAMED = ("kl", "lazy", "passkey", "ffnskip")  # parts whose --policies are names of baselines.policies_at
 
 
@@ -90,6 +92,7 @@ def run(rt, out_dir=None, trials=None, lengths=None, policies=None, budget: int 
         timed(part, lambda: baselines.run(rt, names=names, budget=budget, chunk=chunk, lengths=lengths, trials=trials,
                                           parts=(part,), kl_extra=KL_EXTRA, peer_bits=(2, 4), skip_missed=policies is None,
                                           progress=show))
+    timed("labels", lambda: label_cache.run(rt, max(lengths), trials, progress=show))
     timed("random-heads", lambda: [dict(r, kind="passkey-random-heads") for r in locret.run(
         rt, lengths=lengths[-1:], trials=trials, budget=budget, chunk=chunk, scorers=("random",), progress=show)])
     timed("needles", lambda: [dict(r, kind="needles") for r in recall.needles(rt, doc_tokens=8192, budget=budget)])
@@ -97,6 +100,7 @@ def run(rt, out_dir=None, trials=None, lengths=None, policies=None, budget: int 
     timed("copy", lambda: [dict(r, kind="copy") for r in copy_rows(rt, budget, max(1, trials - 1), progress=show)])
     timed("kvbits", lambda: kvbits.run(rt, specs=policies or kvbits.DEFAULT, lengths=lengths, trials=trials,
                                        progress=show))
+    timed("labels", lambda: label_cache.run(rt, max(lengths), trials, progress=show))
     for kind, cols in (("kl", ["policy", "kl_nats", "ppl_full", "ppl_spec", "kv_peak_bytes"]),
                        ("passkey", ["policy", "tokens", "trials", "correct", "accuracy", "skipped"]),
                        ("passkey-random-heads", ["policy", "length", "trials", "correct", "accuracy"]),
@@ -104,7 +108,8 @@ def run(rt, out_dir=None, trials=None, lengths=None, policies=None, budget: int 
                        ("copy", ["spec", "doc_tokens", "depth", "tokens", "correct", "accuracy"]),
                        ("ffnskip", ["policy", "questions", "correct_full", "correct_ffnskip", "skip_ratio"]),
                        ("lazy", ["policy", "tokens", "lazy_layers", "saved"]),
-                       ("kvbits", kvbits.columns([r for r in rows if r.get("kind") == "kvbits"]))):
+                       ("kvbits", kvbits.columns([r for r in rows if r.get("kind") == "kvbits"])),
+                       ("labels", label_cache.COLUMNS)):
         part = [r for r in rows if r.get("kind") == kind]
         if part:
             print(f"\n{kind}\n" + table(part, [c for c in cols if any(c in r for r in part)]))
