@@ -246,8 +246,12 @@ class Adapter:
             kernels=kernels, windows=facts["windows"], softcap=facts["softcap"],
             local_inv_freq=facts["local_inv_freq"])
 
-    def new_cache(self, spec: str) -> KVCache:
+    def check(self, spec: str) -> None:
+        """Raise SpecError for a spec this model's architecture rules out (or a bad spec)."""
         check_spec(spec, self.refused, self.arch)
+
+    def new_cache(self, spec: str) -> KVCache:
+        self.check(spec)
         return KVCache(spec, self.info)
 
     @torch.inference_mode()

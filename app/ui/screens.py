@@ -143,6 +143,39 @@ class ErrorDialog(ModalScreen[None]):
         self.dismiss(None)
 
 
+class HeadsDialog(ModalScreen[str | None]):
+    """`locret` for a model without retaining heads: train them now (they are kept, and a
+    stopped run resumes), or read with `auto`, which holds the document without heads.
+    Dismisses with "train", "auto" or None (Esc)."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel")]
+
+    def __init__(self, model: str, spec: str, estimate_s: float, device: str) -> None:
+        super().__init__(classes="dialog-screen")
+        self.model, self.spec, self.estimate_s, self.device = model, spec, estimate_s, device
+
+    def compose(self) -> ComposeResult:
+        minutes = max(1, round(self.estimate_s / 60))
+        with Vertical(classes="dialog", id="heads-dialog") as box:
+            box.border_title = "No retaining heads for this model"
+            yield Static(f"`{self.spec}` needs retaining heads trained for {self.model}; none ship for it "
+                         f"and none were trained on this machine.\n\nTrain them now: about {minutes} min on "
+                         f"{self.device} (an estimate). A progress bar shows each phase; Esc stops, and the "
+                         "next training resumes where it stopped. They are kept for this model.\n\n"
+                         "Or use `auto`: it holds the document with a policy that needs no heads.",
+                         markup=False, id="heads-message")
+            with Horizontal(classes="buttons"):
+                yield Button("Train now", variant="primary", id="heads-train")
+                yield Button("Use auto", id="heads-auto")
+                yield Button("Cancel", id="heads-cancel")
+
+    def on_mount(self) -> None:
+        self.query_one("#heads-train", Button).focus()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss({"heads-train": "train", "heads-auto": "auto"}.get(event.button.id))
+
+
 def help_markdown(keys: list[tuple[str, str]]) -> str:
     rows = "\n".join(f"| `{k}` | {d} |" for k, d in keys)
     cmds = "\n".join(f"| `{c.usage}` | {c.help} |" for c in commands.COMMANDS.values())
