@@ -318,14 +318,5 @@ class RemoteRuntime:
 
     def restore(self, data: dict, progress=None, stop=None, cache_file=None) -> str:
         """The conversation only: the server reads it with the next question."""
-        msgs = data.get("messages")
-        if not isinstance(msgs, list) or not all(
-                isinstance(m, dict) and m.get("role") in ("user", "assistant", "document")
-                and isinstance(m.get("content"), str) for m in msgs):
-            raise VramchatError("not a vramchat conversation: `messages` must be a list of "
-                                "{role: user|assistant|document, content: text}")
-        for m in msgs:
-            if m["role"] == "document" and not isinstance(m.get("name"), str):
-                m["name"] = "document"
-        self.conv = Conversation(system=data.get("system") or None, messages=list(msgs))
+        self.conv = Conversation.from_saved(data)
         return "the backend reads it with the next question"

@@ -24,6 +24,20 @@ class Conversation:
     system: str | None = None
     messages: list = field(default_factory=list)  # role: user | assistant | document
 
+    @classmethod
+    def from_saved(cls, data: dict) -> "Conversation":
+        """A saved conversation (`Runtime.to_json`), checked: VramchatError names what is wrong."""
+        msgs = data.get("messages")
+        if not isinstance(msgs, list) or not all(
+                isinstance(m, dict) and m.get("role") in ("user", "assistant", "document")
+                and isinstance(m.get("content"), str) for m in msgs):
+            raise VramchatError("not a vramchat conversation: `messages` must be a list of "
+                                "{role: user|assistant|document, content: text}")
+        for m in msgs:
+            if m["role"] == "document" and not isinstance(m.get("name"), str):
+                m["name"] = "document"
+        return cls(system=data.get("system") or None, messages=list(msgs))
+
     def template_messages(self, pending: list | None = None) -> list[dict]:
         """Messages as the chat template sees them: system first, user runs merged."""
         out = [{"role": "system", "content": self.system}] if self.system else []
