@@ -29,6 +29,9 @@ def add_parser(sub) -> None:
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk")
     p.add_argument("--decode", type=int, default=None, help="decoded tokens per measurement")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="speed: decode timed in this many interleaved rounds over kept caches (median; for a "
+                        "shared machine whose load drifts)")
     p.add_argument("--out", default="bench-out", help="folder for JSON and PNG output")
     p.add_argument("--baselines", default="generate,quantized",
                    help="speed: transformers baselines to run, any of generate,quantized, or none "
@@ -126,7 +129,7 @@ def run(args) -> int:
             names = dict(zip(("generate", "quantized"), speed.BASELINES))
             chosen = [names[b] for b in _list(args.baselines, str, ",") or () if b in names]
             speed.run(rt, chunk=args.chunk, decode=args.decode or 16, baselines=chosen,
-                      out_dir=out, files=files, **kw)
+                      out_dir=out, files=files, rounds=args.rounds, **kw)
         elif args.suite == "soak":
             from . import soak
             soak.run(rt, policies=pols or soak.DEFAULT_POLICIES, turns=args.turns, max_new=args.decode or 16,
