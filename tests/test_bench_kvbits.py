@@ -28,6 +28,9 @@ def test_kvbits_rows_per_spec():
         c, n = map(int, r["passkey_300"].split("/"))
         assert n == 2 and 0 <= c <= 2 and len(r["answers"][300]) == 2
     assert kvbits.columns(rows)[-1] == "passkey_300"
+    quick = kvbits.run(rt, specs=specs[:2], lengths=(300,), trials=0, kl_tokens=256, kl_next=8)
+    assert [r["kl_nats"] for r in quick] == [r["kl_nats"] for r in rows[:2]]
+    assert kvbits.columns(quick)[-1] == "kv_peak_bytes"
 
 
 def test_named_parts_refuse_whole_specs():

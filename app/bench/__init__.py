@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
     p.add_argument("--baselines", default="generate,quantized",
                    help="speed: transformers baselines to run, any of generate,quantized, or none "
                         "(quantized = transformers' QuantizedCache, 4-bit, quanto backend: pip install -e .[bench])")
-    p.add_argument("--trials", type=int, default=None, help="quality: trials per cell")
+    p.add_argument("--trials", type=int, default=None, help="quality: trials per cell (kvbits: 0 runs no pass key)")
     p.add_argument("--parts", default=None,
                    help="quality: comma-separated parts, any of kl,lazy,passkey,ffnskip,random-heads,needles,copy,"
                         "kvbits,labels (default: all; kvbits takes whole specs in --policies)")

@@ -5,7 +5,7 @@ from `full` on real prose (the KL part's protocol: a 2K-token prefix, 32 teacher
 tokens), the store's bytes per token over all layers (`Store.token_bytes`: a quantized
 token's codes, scales and zeros; `full` keeps K and V in the cache dtype), KV peak bytes,
 and the pass key at each length (the passkey part's depths and seeds), answers kept in the
-JSON. Any spec runs (`--policies "locret locret+kivi:kbits=4,vbits=2"`): the stacks'
+JSON (`--trials 0`: KL and bytes only). Any spec runs (`--policies "locret locret+kivi:kbits=4,vbits=2"`): the stacks'
 pass-key rows at 4K and 16K come from the same part.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ def run(rt, specs=DEFAULT, lengths=(4096,), trials: int = 10, kl_tokens: int = 2
         row = {"kind": "kvbits", "policy": spec, "kl_nats": round(kl, 5),
                "ppl": round(float(torch.exp(-lp.float().gather(1, target).mean())), 3),
                "bytes_per_token": round(token_bytes(rt, spec)), "kv_peak_bytes": peak, "answers": {}}
-        for n in lengths:
+        for n in lengths if trials else ():  # trials 0: KL and bytes only
             got = [trial(rt, spec, n, d, seed=100 * i + n, max_new=12) for i, d in enumerate(depths(trials))]
             row[f"passkey_{n}"] = f"{sum(g['correct'] for g in got)}/{trials}"
             row["answers"][n] = [g["answer"] for g in got]

@@ -71,6 +71,7 @@ def check_parts(parts, policies=None) -> None:
 def run(rt, out_dir=None, trials=None, lengths=None, policies=None, budget: int = 1024, chunk: int = 512,
         parts=PARTS):
     check_parts(parts, policies)
+    kv_trials = 2 if trials is None else trials  # kvbits: 0 runs no pass key
     trials = trials or 2
     lengths = lengths or (4096, 9216)
     rows: list[dict] = []
@@ -98,7 +99,7 @@ def run(rt, out_dir=None, trials=None, lengths=None, policies=None, budget: int 
     timed("needles", lambda: [dict(r, kind="needles") for r in recall.needles(rt, doc_tokens=8192, budget=budget)])
     # NOTE: one depth at the default 2 trials (16K prefills are the suite's slowest part)
     timed("copy", lambda: [dict(r, kind="copy") for r in copy_rows(rt, budget, max(1, trials - 1), progress=show)])
-    timed("kvbits", lambda: kvbits.run(rt, specs=policies or kvbits.DEFAULT, lengths=lengths, trials=trials,
+    timed("kvbits", lambda: kvbits.run(rt, specs=policies or kvbits.DEFAULT, lengths=lengths, trials=kv_trials,
                                        progress=show))
     timed("labels", lambda: label_cache.run(rt, max(lengths), trials, progress=show))
     for kind, cols in (("kl", ["policy", "kl_nats", "ppl_full", "ppl_spec", "kv_peak_bytes"]),
