@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -14,10 +15,11 @@ import time
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="Hugging Face id, model folder or .gguf file "
-                   "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help="Hugging Face id, model folder, .gguf file or a name "
+                   "`main.py models` lists (ollama:qwen2.5:7b) (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--policy", default=None, help="KV-cache policy spec, e.g. full, locret:budget=2048+kivi "
-                   "(default: full, or the config file's)")
+                   "(default: auto — the cheapest stack that holds the conversation, chosen again as it grows — "
+                   "or the config file's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--weights", default="auto", choices=["auto", "bf16", "fp16", "fp32", "8bit", "4bit"],
                    help="weight precision; 8bit/4bit use bitsandbytes and need CUDA")
@@ -37,6 +39,18 @@ def _sampling(p: argparse.ArgumentParser, temperature: float | None) -> None:
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
 
 
+def _backend(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default=None, metavar="URL", help="talk to an OpenAI-compatible server "
+                   "(vLLM, SGLang, llama-server, Ollama, vramchat serve) instead of loading a model here, "
+                   "e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--api-key", default=None, help="the backend's API key (default: the VRAMCHAT_API_KEY "
+                   "environment variable)")
+
+
+LOCAL_ONLY = (("policy", None), ("device", "auto"), ("weights", "auto"), ("chunk_size", None),
+              ("trust_remote_code", False))
+
+
 def parser() -> argparse.ArgumentParser:
     from policies import REGISTRY
     import offload  # noqa: F401  (registers its policies)
@@ -51,17 +65,33 @@ def parser() -> argparse.ArgumentParser:
     _common(chat)
     _sampling(chat, None)
     chat.add_argument("--doc", action="append", default=[], help="document to load at start (repeatable)")
+    _backend(chat)
     ask = sub.add_parser("ask", help="answer questions about documents, headless")
     _common(ask)
     _sampling(ask, 0.0)
     ask.add_argument("--doc", action="append", default=[], help="document to read first (repeatable)")
     ask.add_argument("--json", action="store_true", help="print one JSON object")
+    ask.add_argument("--save", metavar="NAME", default=None, help="save the conversation and its cache as NAME "
+                     "after the documents and after every answer (as the app's /save; `--resume NAME` or /open "
+                     "reopens it)")
+    ask.add_argument("--resume", metavar="NAME", default=None, help="continue the saved conversation NAME first: its "
+                     "cache is restored where model and policy match, else the conversation is read again")
     ask.add_argument("questions", nargs="+", help="each question is its own turn, after the documents")
+    _backend(ask)
+    serve = sub.add_parser("serve", help="an OpenAI-compatible API for this runtime (loopback by default)")
+    _common(serve)
+    from app.server import cli as serve_cli
+    serve_cli.add_arguments(serve)
     from app import bench, outlier_channels
     from app.heads import cli as heads_cli
     bench.add_parser(sub)
     heads_cli.add_parser(sub)
     outlier_channels.add_parser(sub)
+    from app import models, plan
+    models.add_parser(sub)
+    plan.add_parser(sub)
+    cache = sub.add_parser("cache", help="the kept caches of read documents (user cache dir): list or clear")
+    cache.add_argument("action", choices=["list", "clear"])
     return ap
 
 
@@ -69,12 +99,33 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["chat", *argv]
+    if argv[0] in ("bench", "train-heads", "calibrate") and any(a.split("=")[0] == "--backend" for a in argv):
+        print(f"vramchat: `{argv[0]}` needs the local runtime (it runs the model on this machine); "
+              "--backend is for `chat` and `ask`", file=sys.stderr)
+        return 2
     args = parser().parse_args(argv)
     from app.runtime.types import VramchatError
     from policies import SpecError
     try:
+        if getattr(args, "backend", None):
+            local = [f"--{k.replace('_', '-')}" for k, default in LOCAL_ONLY if getattr(args, k) != default]
+            if local:
+                raise VramchatError(f"{', '.join(local)} {'shapes' if len(local) == 1 else 'shape'} the local "
+                                    "runtime; with --backend the server decides (for `vramchat serve`: pass it "
+                                    "to `serve`)")
+        if args.command == "serve":
+            from app.server.cli import cmd_serve
+            return cmd_serve(args, _load_runtime)
         if args.command == "ask":
             return cmd_ask(args)
+        if args.command == "models":
+            from app import models
+            return models.run(args)
+        if args.command == "cache":
+            return cmd_cache(args)
+        if args.command == "plan":
+            from app import plan
+            return plan.run(args)
         if args.command == "bench":
             from app import bench
             return bench.run(args)
@@ -91,8 +142,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load_runtime(args, status=None):
+    if getattr(args, "backend", None):
+        from app.runtime.remote import KEY_ENV, RemoteRuntime
+        rt = RemoteRuntime(args.backend, args.api_key or os.environ.get(KEY_ENV), args.model, status)
+        if args.system:
+            rt.set_system(args.system)
+        return rt
     from app.runtime.engine import Runtime
-    rt = Runtime.load(args.model, policy=args.policy or "full", device=args.device, weights=args.weights,
+    rt = Runtime.load(args.model, policy=args.policy or "auto", device=args.device, weights=args.weights,
                       chunk_size=args.chunk_size, trust_remote_code=args.trust_remote_code, status=status)
     if args.system:
         rt.set_system(args.system)
@@ -140,12 +197,30 @@ def cmd_ask(args) -> int:
     from app.runtime.types import Stopped
     sampling = _sampling_of(args)
     quiet = args.json
+    # the config file only where it decides something: the document cache, where conversations are saved
+    cfg = _config() if args.save or args.resume or (args.doc and not args.backend) else None
     rt = _load_runtime(args, None if quiet else (lambda s: print(s, file=sys.stderr)))
-    docs = []
+    if args.doc and not args.backend:
+        rt.doc_cache = cfg.doc_cache()
+    say = (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    if not args.backend:  # auto's choices and window warnings, as they are made (before reading)
+        rt.on_note = lambda s: say(f"vramchat: {s}")
+    save = _saver(rt, cfg.conversations_dir() if cfg else None, args.save, say)
+    docs, resumed = [], None
     with _StopOnCtrlC() as stop:
+        if args.resume:
+            resumed = _resume(rt, cfg.conversations_dir(), args.resume,
+                              None if quiet else _progress("re-reading"), stop)
+            say(f"{resumed['name']}: {resumed['how']}")
         for path in args.doc:
             info = rt.load_document(path, None if quiet else _progress(f"reading {path}"), stop)
-            docs.append({"name": info.name, "tokens": info.tokens, "prefill_s": round(info.prefill_s, 3)})
+            docs.append({"name": info.name, "tokens": info.tokens, "prefill_s": round(info.prefill_s, 3),
+                         "from_cache": info.from_cache})
+            for line in ([f"{path}: from cache ({info.prefill_s:.2f} s)"] if info.from_cache else []) + \
+                    ([f"{path}: {info.note}"] if info.note else []):
+                say(line)
+        if args.doc:
+            save()
         answers = []
         for q in args.questions:
             if stop.is_set():
@@ -158,6 +233,7 @@ def cmd_ask(args) -> int:
             except Stopped:
                 break
             answers.append(res)
+            save()
             if not quiet:
                 mark = " [stopped]" if res.stopped else ""
                 print(f"{mark}\n  ({res.new_tokens} tokens, TTFT {res.ttft_s:.2f}s, "
@@ -166,8 +242,12 @@ def cmd_ask(args) -> int:
         mem = rt.memory()
         out = {
             "model": rt.model_id, "policy": rt.policy, "warnings": rt.policy_warnings(), "device": mem.device,
+            **({} if args.backend else {
+                "auto": {"spec": rt.auto_choice.spec, "reason": rt.auto_choice.reason} if rt.auto else None,
+                "notes": rt.notes}),
             "weights": rt.weights,
-            "documents": docs, "context_tokens": rt.context().read, "retained_tokens": rt.context().retained,
+            "documents": docs, "resumed": resumed, "context_tokens": rt.context().read,
+            "retained_tokens": rt.context().retained,
             "answers": [{k: v for k, v in a.to_json().items()} for a in answers],
             "memory": {"kv_bytes": {"gpu": mem.kv_total("gpu"), "host": mem.kv_total("host")},
                        "kv_bytes_by_kind": mem.kv, "kv_peak_bytes": mem.kv_peak_bytes,
@@ -178,9 +258,67 @@ def cmd_ask(args) -> int:
     return 130 if stop.is_set() else 0
 
 
+def _config():
+    from app import config as cfgmod
+    try:
+        return cfgmod.load_config()
+    except cfgmod.ConfigError as e:
+        from app.runtime.types import VramchatError
+        raise VramchatError(str(e)) from None
+
+
+def _resume(rt, folder, name: str, progress, stop) -> dict:
+    """`ask --resume NAME`: the saved conversation, its cache restored where it fits."""
+    from app.ui import store
+    path = store.resolve(folder, name)
+    how = rt.restore(store.load(path), progress, stop, cache_file=store.cache_path(path))
+    return {"name": path.stem, "how": how}
+
+
+def _saver(rt, folder, name: str | None, say):
+    """`ask --save NAME`: -> save() writing the conversation (JSON + Markdown) and its cache;
+    a cache that cannot be written is said, the conversation is still saved."""
+    def save() -> None:
+        if not name:
+            return
+        from app.runtime.snapshot import SnapshotError
+        from app.ui import store
+        path = store.save(folder, name, rt.to_json())
+        try:
+            rt.save_cache(store.cache_path(path))
+        except (OSError, SnapshotError) as e:
+            say(f"vramchat: cache file not saved ({e}); the conversation is, in {path}")
+    return save
+
+
+def cmd_cache(args) -> int:
+    """`main.py cache list|clear`: the kept caches of read documents."""
+    from app.runtime.doc_cache import describe
+    cfg = _config()
+    dc = cfg.doc_cache()
+    if args.action == "clear":
+        n, size = dc.clear()
+        print(f"removed {n} cached document{'s' if n != 1 else ''} ({size / 2**20:,.1f} MiB) from {dc.folder}")
+        return 0
+    entries = dc.entries()
+    for e in entries:
+        print(describe(e))
+    total = sum(e.bytes for e in entries)
+    from app.config import config_path
+    print(f"{len(entries)} cached document{'s' if len(entries) != 1 else ''}, {total / 2**30:.2f} GiB of "
+          f"{cfg.doc_cache_gib:g} GiB (doc_cache_gib in {config_path()}), in {dc.folder}")
+    return 0
+
+
 def cmd_chat(args) -> int:
     from app.ui import run
     return ui_main(args, run)
+
+
+def _with_doc_cache(rt, args, cfg):
+    if not getattr(args, "backend", None):
+        rt.doc_cache = cfg.doc_cache()
+    return rt
 
 
 def ui_main(args, run) -> int:
@@ -195,18 +333,19 @@ def ui_main(args, run) -> int:
         value = getattr(args, key)
         if value is not None:
             setattr(cfg, key, value)
-    args.model = cfg.model or None
-    args.policy = cfg.policy or "full"
-    from policies import parse_spec
-    parse_spec(args.policy)  # a bad spec from the config or the command line fails here, clearly
+    if not args.backend:  # the config's model is a local one; a backend's is named with --model
+        args.model = cfg.model or None
+    args.policy = cfg.policy or "auto"
+    from app.runtime.auto import check_spec
+    check_spec(args.policy)  # a bad spec from the config or the command line fails here, clearly
 
     def make_runtime(status):
-        return _load_runtime(args, status)
+        return _with_doc_cache(_load_runtime(args, status), args, cfg)
 
     def make_runtime_for(model_id, status):
         import copy
         other = copy.copy(args)
         other.model = model_id
-        return _load_runtime(other, status)
+        return _with_doc_cache(_load_runtime(other, status), args, cfg)
     run(make_runtime, config=cfg, doc_paths=tuple(args.doc), make_runtime_for=make_runtime_for)
     return 0

@@ -14,7 +14,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-from platformdirs import user_config_dir, user_data_dir
+from platformdirs import user_cache_dir, user_config_dir, user_data_dir
 
 APP = "vramchat"
 
@@ -32,27 +32,37 @@ class ConfigError(ValueError):
 @dataclass
 class Config:
     model: str = ""  # HF id, model directory or GGUF path; "" = the embedded default model
-    policy: str = "full"  # KV-cache policy spec, e.g. "locret:budget=2048+kivi"
+    policy: str = "auto"  # KV-cache policy spec, e.g. "locret:budget=2048+kivi"; auto: chosen per conversation
     theme: str = "textual-dark"
     max_new_tokens: int = 1024
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     data_dir: str = ""  # where conversations are saved; "" = the user data dir
+    doc_cache_gib: float = 4.0  # caches of read documents kept (least recently used go first); 0 = off
     model_dirs: list[str] = field(default_factory=list)  # folders `main.py models` and /model also search
     keymap: dict[str, str] = field(default_factory=dict)  # binding id -> keys, e.g. {"policy": "f3"}
 
     def conversations_dir(self) -> Path:
         return Path(self.data_dir or user_data_dir(APP)) / "conversations"
 
+    def doc_cache(self):
+        """The kept caches of read documents (app/runtime/doc_cache.py) under the user cache
+        dir, or $VRAMCHAT_CACHE_DIR (tests set it), capped at `doc_cache_gib`."""
+        from app.runtime.doc_cache import DocCache
+        root = Path(os.environ.get("VRAMCHAT_CACHE_DIR") or user_cache_dir(APP))
+        return DocCache(root / "documents", int(self.doc_cache_gib * 2**30))
+
 
 _COMMENTS = {
     "model": 'HF id, model directory, .gguf path or a `main.py models` name (ollama:qwen2.5:7b); "" = the embedded default model',
-    "policy": 'KV-cache policy spec, e.g. "full", "locret:budget=2048+kivi"',
+    "policy": 'KV-cache policy spec, e.g. "auto" (chosen for the conversation), "full", "locret:budget=2048+kivi"',
     "theme": "any Textual theme: textual-dark, textual-light, nord, gruvbox, ...",
     "max_new_tokens": "longest answer, in tokens",
     "temperature": "0 = greedy decoding",
     "top_p": "nucleus sampling threshold (used when temperature > 0)",
     "data_dir": 'saved conversations go under DATA_DIR/conversations; "" = the user data dir',
+    "doc_cache_gib": "GiB of caches of read documents kept (a re-read document restores instead; least "
+                     "recently used go first; `main.py cache list|clear`); 0 = off",
     "model_dirs": 'folders of models (model folders, .gguf files) for `main.py models` and /model, e.g. ["~/models"]',
 }
 
@@ -126,6 +136,8 @@ def parse_config(data: dict, where: str = "config") -> Config:
         setattr(config, key, value)
     if config.max_new_tokens < 1:
         raise ConfigError(f"{where}: `max_new_tokens` must be at least 1, got {config.max_new_tokens}")
+    if config.doc_cache_gib < 0:
+        raise ConfigError(f"{where}: `doc_cache_gib` must be >= 0 (0 = off), got {config.doc_cache_gib}")
     if config.temperature < 0:
         raise ConfigError(f"{where}: `temperature` must be >= 0, got {config.temperature}")
     return config

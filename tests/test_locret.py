@@ -263,13 +263,13 @@ def test_training_lowers_held_out_loss_and_resumes(tmp_path):
     v = card["validation"]
     assert v["after"]["loss"] < 0.6 * v["before"]["loss"]
     assert len(v["after"]["top10_overlap_per_layer"]) == rt.adapter.info.n_layers
-    assert ("train", 40, 40) in calls and ("collect", 6, 6) in calls
+    assert ("steps", 40, 40) in calls and ("features", 6, 6) in calls and ("documents", 6, 6) in calls
     heads = load_heads(tmp_path / "heads.safetensors", rt.adapter.info)
     assert heads.meta()["d_r"] == 16
     # a second run with the same folder resumes from the checkpoint: no steps left to train
     calls.clear()
     train_heads(rt, tmp_path, steps=40, docs=4, val_docs=2, doc_tokens=200, d_r=16, progress=lambda *a: calls.append(a))
-    assert not [c for c in calls if c[0] == "train"]
+    assert not [c for c in calls if c[0] == "steps"]
 
 
 @pytest.mark.real_model

@@ -107,15 +107,11 @@ def timed_prefill_decode(ad: Adapter, cache: KVCache, ids: torch.Tensor, chunk: 
 @contextmanager
 def hf_attention(model):
     """transformers' own SDPA attention, norms and RoPE for a baseline run (our fused
-    kernels off: the adapter routes the same modules through them), ours again afterwards."""
-    import app.runtime.adapter as adapter_mod
-    fuse = adapter_mod.FUSE
+    kernels run only inside our own forward), ours again afterwards."""
     model.set_attn_implementation("sdpa")
-    adapter_mod.FUSE = "off"
     try:
         yield model
     finally:
-        adapter_mod.FUSE = fuse
         model.set_attn_implementation(ATTN_NAME)
 
 

@@ -9,6 +9,7 @@ import torch
 
 from app.runtime.prefill import prefill
 from policies import KVCache, Policy, parse_spec
+from policies.kivi import bits_of
 
 from .common import Bar, decode_steps, plot, random_ids, sync, table, write_json
 
@@ -53,8 +54,9 @@ def token_bytes(slots: dict, info, n_held: int) -> float | None:
         return n_held * (2 * per * elt + meta)
     if store.name == "kivi":
         o = store.opts
+        kbits, vbits = bits_of(o)
         r = min(n_held, o["residual"])
-        q_bytes = 2 * per * (o["bits"] / 8 + 2 * elt / o["group"])
+        q_bytes = per * ((kbits + vbits) / 8 + 4 * elt / o["group"])
         return (n_held - r) * q_bytes + r * 2 * per * elt + n_held * meta
     return None
 

@@ -17,11 +17,13 @@ import torch
 import offload  # noqa: F401  (registers offload's policies)
 from policies import parse_spec
 
-from . import documents, loader, memory
+from . import doc_cache, documents, loader, memory, snapshot
 from .adapter import Adapter
 from .decode import free_cached, generate, is_oom
 from .prefill import chunk_plan, prefill
 from .sampling import stop_token_ids
+from . import auto
+from .auto import AUTO, Choice
 from .session import Conversation, common_prefix
 from .types import (CacheState, ContextInfo, ConversionResult, DocumentInfo, MemoryReport, Progress, Sampling,
                     Stopped, TurnResult, VramchatError)
@@ -43,9 +45,17 @@ class Runtime:
             raise VramchatError(f"--chunk-size {self.chunk_size}: must be at least 1")
         self.stop_ids = stop_token_ids(tokenizer, model)
         self.conv = Conversation()
-        self.cache = self.adapter.new_cache(policy)
+        self.auto = policy == AUTO  # choose the stack as the conversation grows (app/runtime/auto.py)
+        self.auto_choice: Choice | None = None  # the last choice and its reason
+        self.notes: list[str] = []  # what a person should know, in order (auto's switches, window warnings)
+        self.on_note = None  # callable(str): called with each note as it is made (from the model thread)
+        self._choosing = False
+        self.cache = self.adapter.new_cache("full" if self.auto else policy)
         self.cached_text = ""  # the rendering of the conversation the cache holds
         self._answer_start = None  # index in cached_text where the last answer began
+        self._marks: list[tuple[int, int]] = []  # (len(cached_text), cache.seen) where a message ends
+        self._ids: list[int] = []  # the token ids the cache encodes (cache files keep them)
+        self.doc_cache = None  # a doc_cache.DocCache: documents read before are restored, not read
         self._weights_bytes = self.adapter.weights_bytes()
         self._lock = threading.RLock()
         self._state: CacheState = memory.cache_state(self.cache, self.context())
@@ -56,7 +66,8 @@ class Runtime:
     def load(cls, model: str | None = None, *, policy: str = "full", device: str = "auto",
              weights: str = "auto", chunk_size: int | None = None, trust_remote_code: bool = False,
              status=None) -> "Runtime":
-        parse_spec(policy)  # a bad spec fails before the model loads
+        if policy != AUTO:
+            parse_spec(policy)  # a bad spec fails before the model loads
         hf, tok, model_id, dev, label = loader.load(model, device, weights, trust_remote_code, status)
         return cls(hf, tok, policy=policy, model_id=model_id, device=dev, weights=label, chunk_size=chunk_size)
 
@@ -68,6 +79,11 @@ class Runtime:
     @property
     def policy(self) -> str:
         return self.cache.spec
+
+    @property
+    def policy_label(self) -> str:
+        """The spec, marked when `auto` chose it."""
+        return f"auto: {self.policy}" if self.auto else self.policy
 
     @property
     def system(self) -> str | None:
@@ -123,6 +139,7 @@ class Runtime:
             spec = spec or self.cache.spec
             self.cache = None  # NOTE: the old cache's memory goes before the new one's is taken
             self._set_cached("")
+            self._marks, self._ids = [], []
             free_cached(self.device)
             self.cache = self.adapter.new_cache(spec)
 
@@ -166,16 +183,73 @@ class Runtime:
         """Make the cache hold `target`; prefill only what is new. -> (logits, n_new)."""
         keep = common_prefix(self.cached_text, target)
         if keep < len(self.cached_text):
-            # The template re-rendered history differently; tolerate it only inside the
-            # last answer (whitespace the template strips), else rebuild from scratch.
-            if self._answer_start is None or keep < self._answer_start:
-                return self._rebuild(target, progress, stop)
+            # The history differs. Inside the last answer the template may render it
+            # differently (whitespace it strips, reasoning it drops): tolerated. Else the cache
+            # is cut back to the last message end both share (a chat edited or regenerated),
+            # or rebuilt when it cannot be cut.
+            if self._answer_start is None or keep < self._answer_start or keep == len(target):
+                if not self._cut_back(keep, len(target)):
+                    return self._rebuild(target, progress, stop)
+                keep = len(self.cached_text)
         new = target[keep:]
         if not new:
             return None, 0
         ids = self.tokens(new)
+        self._before_reading(len(ids), progress, stop)
         self._check_fit(len(ids))
         return self._atomic(ids, target, progress, stop), len(ids)
+
+    def _note(self, text: str) -> None:
+        self.notes.append(text)
+        if self.on_note is not None:
+            self.on_note(text)
+
+    @property
+    def answer_room(self) -> int:
+        """Tokens kept free for an answer when a conversation is sized against the window."""
+        return min(1024, self.window // 4) if self.window else 1024
+
+    def window_warning(self, n_new: int, answer: int | None = None) -> str:
+        """Why reading n_new more tokens (and an answer) under this policy passes the model's
+        native window with positions it never saw in training ("" when it does not)."""
+        answer = self.answer_room if answer is None else answer
+        total = self.cache.seen + n_new + answer
+        if self.cache.evicts or not self.window or total <= self.window:
+            return ""
+        return (f"the conversation will be {total:,} tokens with a {answer:,}-token answer, past the model's "
+                f"native window of {self.window:,}; `{self.policy}` keeps every position, so the model reads "
+                "positions it was never trained on and its answers degrade. Policies that hold it: `auto`, "
+                "`locret` (retaining heads), `snapkv`, `streaming`")
+
+    def _before_reading(self, n_new: int, progress=None, stop=None) -> None:
+        """Before n_new tokens are read: `auto` re-chooses the stack for the longer conversation
+        (a live conversion where the math allows, else a re-read), then the window check."""
+        if self._choosing:
+            return
+        self._choosing = True
+        try:
+            if self.auto:
+                choice = auto.choose(self, self.cache.seen + n_new, self.answer_room)
+                self.auto_choice = choice
+                if choice.spec != self.policy:
+                    res = self._convert(choice.spec, progress, stop)
+                    self._note(f"auto chose `{choice.spec}` (was `{res.old_policy}`): {choice.reason}; {res.message}")
+            warning = self.window_warning(n_new)
+            if warning:
+                self._note("warning: " + warning)
+        finally:
+            self._choosing = False
+
+    def _cut_back(self, keep: int, end: int) -> bool:
+        """Forget what the cache holds past the last message end at or before `keep` and
+        before `end` (the new text's last token must be read for its logits)."""
+        marks = [m for m in self._marks if m[0] <= keep and m[0] < end]
+        if not marks or not self.cache.truncate(marks[-1][1]):
+            return False
+        self._marks = marks
+        del self._ids[marks[-1][1]:]
+        self._set_cached(self.cached_text[:marks[-1][0]])
+        return True
 
     def _atomic(self, ids, target, progress, stop):
         """Prefill ids; on stop or out-of-memory put the cache back as it was."""
@@ -195,11 +269,14 @@ class Runtime:
                     "`locret` or `kivi`.") from e
             raise
         self._set_cached(target)
+        self._marks.append((len(target), self.cache.seen))
+        self._ids.extend(int(i) for i in ids)
         return logits
 
     def _rebuild(self, target, progress=None, stop=None):
         self.reset_cache()
         ids = self.tokens(target)
+        self._before_reading(len(ids), progress, stop)
         self._check_fit(len(ids))
         return self._atomic(ids, target, progress, stop), len(ids)
 
@@ -211,12 +288,25 @@ class Runtime:
             msg = {"role": "document", "name": name, "content": text, "path": str(Path(path).resolve())}
             target = self.conv.render(self.tok, pending=[msg], open_user=True)
             t0 = time.perf_counter()
+            key, snap, note = None, None, ""
+            if self.doc_cache is not None:
+                sha = doc_cache.file_hash(path)
+                key = self.doc_cache.key(snapshot.identity(self.adapter), AUTO if self.auto else self.policy, sha,
+                                         target)
+                found = self.doc_cache.find(key)
+                snap, why = self._open_cache(found) if found is not None else (None, "")
+                note = f"document cache: {why}; read it again" if why else ""
             _, n_new = self._sync(target, progress, stop)
+            n_new = int(snap.extra.get("doc_tokens", 0)) if snap is not None else n_new
             if n_new == 0:
                 raise VramchatError(f"{path} adds no tokens to the conversation")
+            took = time.perf_counter() - t0
+            if key is not None and snap is None:
+                extra = {"name": name, "doc_tokens": n_new, "file_sha256": sha}
+                note = self.doc_cache.put(key, lambda p: self.save_cache(p, extra)) or note
             msg["tokens"] = n_new
             self.conv.messages.append(msg)
-            return DocumentInfo(name, str(path), len(text), n_new, time.perf_counter() - t0)
+            return DocumentInfo(name, str(path), len(text), n_new, took, from_cache=snap is not None, note=note)
 
     def ask(self, question: str, *, max_new_tokens: int = 1024, sampling: Sampling | None = None,
             on_token=None, progress=None, stop: threading.Event | None = None) -> TurnResult:
@@ -242,6 +332,8 @@ class Runtime:
                          max_new_tokens=max_new_tokens, sampling=sampling, gen=gen, on_token=on_token, stop=stop,
                          on_step=self._publish_now_and_then)
             self.cached_text += self.tok.decode(g.ids, skip_special_tokens=False)
+            self._ids.extend(g.ids)
+            self._marks.append((len(self.cached_text), self.cache.seen))
             n, t_end = len(g.ids), g.end_s
             decode_s = (t_end - g.first_s) if g.first_s else 0.0
             res = TurnResult(
@@ -271,11 +363,31 @@ class Runtime:
             self.conv = Conversation(system=self.conv.system)
             self.reset_cache()
 
+    def set_conversation(self, system: str | None, messages: list[dict]) -> None:
+        """Replace the conversation (user / assistant / document messages) but keep the
+        cache: the next turn reads only what the cache does not hold already (a server
+        receives the whole chat with every request)."""
+        with self._changing():
+            last = self.conv.messages[-1] if self.conv.messages else None
+            given = messages[-1] if messages else None
+            if last is None or last["role"] != "assistant" or given is None or given["content"] != last["content"]:
+                self._answer_start = None  # not our last answer as we gave it: no tolerance inside it
+            self.conv = Conversation(system=system or None, messages=[dict(m) for m in messages])
+
     # ---- policies -----------------------------------------------------------------
     def set_policy(self, spec: str, progress=None, stop=None, reprefill: bool = False) -> ConversionResult:
+        """Switch the KV policy (`auto`: let the runtime choose, now and as the conversation grows)."""
+        with self._changing():
+            self.auto = spec == AUTO
+            if self.auto:
+                choice = auto.choose(self, self.cache.seen, self.answer_room)
+                self.auto_choice, spec = choice, choice.spec
+            return self._convert(spec, progress, stop, reprefill)
+
+    def _convert(self, spec: str, progress=None, stop=None, reprefill: bool = False) -> ConversionResult:
         from .convert import convert
         with self._changing():
-            parse_spec(spec)
+            self.adapter.check(spec)  # a live switch is refused where a fresh cache would be
             old = self.cache
             before = sum(old.bytes_by_tier().values())
             old_spec = old.spec
@@ -316,19 +428,53 @@ class Runtime:
     def to_json(self) -> dict:
         return {"model": self.model_id, "policy": self.policy, **self.conv.to_json()}
 
-    def restore(self, data: dict, progress=None, stop=None) -> None:
+    def restore(self, data: dict, progress=None, stop=None, cache_file=None) -> str:
+        """Replace the conversation by a saved one (`to_json`). Its cache comes from
+        `cache_file` (`save_cache`) where that fits, else the conversation is read again.
+        -> one line saying which, and why."""
         with self._changing():
-            msgs = data.get("messages")
-            if not isinstance(msgs, list) or not all(
-                    isinstance(m, dict) and m.get("role") in ("user", "assistant", "document")
-                    and isinstance(m.get("content"), str) for m in msgs):
-                raise VramchatError("not a vramchat conversation: `messages` must be a list of "
-                                    "{role: user|assistant|document, content: text}")
-            for m in msgs:
-                if m["role"] == "document" and not isinstance(m.get("name"), str):
-                    m["name"] = "document"
-            self.conv = Conversation(system=data.get("system") or None, messages=list(msgs))
+            self.conv = Conversation.from_saved(data)
             self.reset_cache()
             target = self.conv.render(self.tok, open_user=self._open_user())
-            if target:
-                self._rebuild(target, progress, stop)
+            if not target:
+                return "nothing to read"
+            t0 = time.perf_counter()
+            snap, why = self._open_cache(cache_file) if cache_file is not None else (None, "")
+            if snap is None:
+                self._sync(target, progress, stop)
+                return f"re-read the conversation ({why})" if why else "re-read the conversation"
+            # NOTE: what the cache lacks or holds otherwise (a chat template's end of the last
+            # answer; an edited chat) is synced by the next turn, as the saved runtime would
+            # have done it: the same chunks, the same evictions
+            self._answer_start = snapshot.answer_start(snap.held, self.conv.messages)
+            changed = "" if snapshot.covers(self.cached_text, self._answer_start, target) else (
+                "; the conversation changed after it was saved: the next turn reads it from the change")
+            return (f"restored its cache from {snap.path.name} ({snap.bytes / 2**20:,.1f} MiB, "
+                    f"{self.cache.seen:,} tokens) in {time.perf_counter() - t0:.2f} s{changed}")
+
+    # ---- cache files (snapshot.py) ------------------------------------------------
+    def save_cache(self, path, extra: dict | None = None) -> int:
+        """Write the cache and the tokens it encodes to `path` (atomic, 0600), for `restore`
+        and the document cache. -> bytes on disk. Raises snapshot.SnapshotError where the
+        cache holds tokens outside the conversation (`prefill`)."""
+        with self._lock:
+            last = self.conv.messages[-1] if self.conv.messages else None
+            answer = last["content"] if last is not None and last["role"] == "assistant" else None
+            held = snapshot.Held(self.cached_text, self._answer_start, list(self._marks), list(self._ids), answer)
+            return snapshot.write(path, self.cache, held, self.adapter, extra)
+
+    def _open_cache(self, path):
+        """Hold the cache saved at `path` and the text it encodes (the next sync reads what
+        differs). -> (the snapshot, "") or (None, one line why not); a file that fails after
+        the old cache was dropped leaves an empty cache (the caller reads)."""
+        try:
+            snap = snapshot.read(path, self.adapter, None if self.auto else self.policy)
+            self.reset_cache()
+            self.cache = snap.build(self.adapter)
+        except snapshot.SnapshotError as e:
+            return None, str(e)
+        h = snap.held
+        self._set_cached(h.text, h.answer_start)
+        self._marks, self._ids = [tuple(m) for m in h.marks], list(h.ids)
+        return snap, ""
+

@@ -9,25 +9,55 @@ from __future__ import annotations
 
 import gc
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from app.runtime.types import Sampling, VramchatError
+import torch
+
+from app import plan
+from app.runtime.snapshot import SnapshotError
+from app.runtime.types import Sampling, Stopped, VramchatError
 from app.ui import commands, store
 from app.ui.chat_input import ChatInput
 from app.ui.panels import fmt_bytes
-from app.ui.screens import ConversationPicker, FilePicker, PolicyPicker
+from app.ui.screens import ConversationPicker, FilePicker, HeadsDialog, PolicyPicker
 from app.ui.transcript import Answer, DocumentCard, Note, UserTurn, document_detail, last_code_block
 from app.ui.worker import Job
+from app.runtime.auto import check_spec
 from policies.registry import SpecError, parse_spec
 
 
+@dataclass(frozen=True)
+class NeedHeads:
+    """A switch to `spec` found no retaining heads: ask what to do (HeadsDialog)."""
+    spec: str
+    model: str
+    seconds: float
+    device: str
+
+
+def heads_estimate(rt) -> tuple[float, str]:
+    """(seconds `train-heads`' default recipe would take here, device) for the dialog."""
+    from app.heads.train import estimate_seconds
+    params = sum(p.numel() for p in rt.adapter.model.parameters())
+    return estimate_seconds(params, rt.adapter.info, rt.device.type), str(rt.device)
+
+
 class Actions:
+    heads_recipe: dict = {}  # train_heads settings for the dialog's "Train now" (default: its own)
+
     # ---- model ----------------------------------------------------------------------------
     def start_model(self) -> None:
         def fn(ctx):
             ctx.runtime = self.make_runtime(ctx.status)
+            ctx.runtime.on_note = self._runtime_note
             return ctx.runtime, ctx.runtime.policy_warnings()
         self.submit(Job("loading model", fn, done=self._model_ready, failed=self._model_failed))
+
+    def _runtime_note(self, text: str) -> None:
+        """From the model thread, as it is made: auto's choice, a window warning (before reading)."""
+        kind = "warning" if text.startswith("warning:") else "system"
+        self.call_from_thread(self.transcript.add, Note(text[0].upper() + text[1:], kind))
 
     def _loading_note(self, text: str, kind: str) -> None:
         for note in self.main_screen.query(".note.loading"):
@@ -71,6 +101,7 @@ class Actions:
                 raise VramchatError(f"could not load `{model_id}`: {e}\n\nBack on {old_id}; "
                                     "the conversation is kept.") from e
             ctx.runtime = rt
+            rt.on_note = self._runtime_note
             if data.get("messages") or data.get("system"):
                 rt.restore(data, progress=ctx.progress("re-reading conversation"), stop=ctx.stop)
             return rt.system, list(rt.messages)
@@ -164,6 +195,10 @@ class Actions:
 
         def fn(ctx):
             rt = ctx.runtime
+            try:
+                ctx.warn(plan.before_load(rt, str(p)))  # what the policy will hold, before reading
+            except (VramchatError, SpecError):
+                pass  # load_document says what is wrong with the file
             info = rt.load_document(str(p), progress=ctx.progress(f"reading {p.name}"), stop=ctx.stop)
             docs = [m for m in rt.messages if m.get("role") == "document"]
             content = str(docs[-1].get("content", ""))[:4000] if docs else ""
@@ -175,10 +210,14 @@ class Actions:
         info, content = result
         await self.transcript.add(DocumentCard(info.name, info.tokens,
                                                document_detail(info.path, content, info.chars, info.prefill_s)))
+        if info.from_cache:
+            await self.transcript.add(Note(f"{info.name}: from cache ({info.prefill_s:.1f} s, not read again)."))
+        if info.note:
+            await self.transcript.add(Note(f"{info.name}: {info.note}."))
 
     def switch_policy(self, spec: str) -> None:
         try:
-            parse_spec(spec)
+            check_spec(spec)
         except SpecError as e:
             self.show_error("Bad policy spec", str(e))
             return
@@ -187,12 +226,49 @@ class Actions:
         name = self.conv_name
 
         def fn(ctx):
-            result = ctx.runtime.set_policy(spec, progress=ctx.progress("converting the cache"), stop=ctx.stop)
+            try:
+                result = ctx.runtime.set_policy(spec, progress=ctx.progress("converting the cache"), stop=ctx.stop)
+            except SpecError as e:
+                if "no retaining heads" not in str(e):
+                    raise
+                return NeedHeads(spec, ctx.runtime.model_id, *heads_estimate(ctx.runtime))
             self.autosave(ctx, name)
             return result, ctx.runtime.policy_warnings()
         self.submit(Job("switching policy", fn, done=self._policy_switched))
 
+    def train_heads(self, spec: str) -> None:
+        """Train retaining heads for the model (kept for it), then switch to `spec`."""
+        if not self.needs_model():
+            return
+        name = self.conv_name
+
+        def fn(ctx):
+            from app.heads.train import train_heads
+            bars = {}
+
+            def progress(phase, done, total):
+                bars.setdefault(phase, ctx.progress(f"training heads: {phase}"))(done, total)
+            card = train_heads(ctx.runtime, None, progress=progress, stop=ctx.stop, threads=torch.get_num_threads(),
+                               command=f"the app: {spec}", **self.heads_recipe)
+            ctx.status(f"heads trained in {card['wall_time_s']:.0f} s, kept in {card['out']}")
+            result = ctx.runtime.set_policy(spec, progress=ctx.progress("converting the cache"), stop=ctx.stop)
+            self.autosave(ctx, name)
+            return result, ctx.runtime.policy_warnings()
+        self.submit(Job("training heads", fn, done=self._policy_switched, failed=self._heads_failed))
+
+    async def _heads_failed(self, error) -> None:
+        if isinstance(error, Stopped):  # (report_error shows every failure; this says what comes next)
+            await self.transcript.add(Note(f"Training stopped; what was trained is kept: {error}", "system"))
+
     async def _policy_switched(self, result) -> None:
+        if isinstance(result, NeedHeads):
+            def chosen(what):
+                if what == "train":
+                    self.train_heads(result.spec)
+                elif what == "auto":
+                    self.switch_policy("auto")
+            self.push_screen(HeadsDialog(result.model, result.spec, result.seconds, result.device), chosen)
+            return
         r, warnings = result
         how = "re-read the conversation" if r.reprefilled else "converted in place"
         lossy = ", lossy" if r.lossy else ""
@@ -232,9 +308,12 @@ class Actions:
         """On the model thread, after every turn: ctx.runtime's conversation (or `data`) saved
         as `name`. An error is reported to the UI (once per job), never raised."""
         try:
-            store.save(self.conv_dir, name, data if data is not None else ctx.runtime.to_json())
+            path = store.save(self.conv_dir, name, data if data is not None else ctx.runtime.to_json())
         except (OSError, TypeError, ValueError) as e:
             ctx.warn(f"Autosave failed: {e}")
+            return
+        if data is None:  # a whole turn: its cache too (a partial answer's JSON reopens on the last one)
+            _save_cache(ctx, path)
 
     def save(self, name: str = "") -> None:
         if not self.needs_model():
@@ -244,7 +323,9 @@ class Actions:
         conv_name = self.conv_name
 
         def fn(ctx):
-            return store.save(self.conv_dir, conv_name, ctx.runtime.to_json())
+            path = store.save(self.conv_dir, conv_name, ctx.runtime.to_json())
+            _save_cache(ctx, path)
+            return path
 
         def done(path):
             self.main_screen.query_one(ChatInput).saved_names = [p.stem for p in store.list_saved(self.conv_dir)]
@@ -274,13 +355,14 @@ class Actions:
 
         def fn(ctx):
             self.autosave(ctx, name)  # the conversation being replaced stays on disk
-            ctx.runtime.restore(data, progress=ctx.progress(f"re-reading {path.stem}"), stop=ctx.stop)
-            return ctx.runtime.system, list(ctx.runtime.messages)
+            how = ctx.runtime.restore(data, progress=ctx.progress(f"re-reading {path.stem}"), stop=ctx.stop,
+                                      cache_file=store.cache_path(path))
+            return ctx.runtime.system, list(ctx.runtime.messages), how
 
         async def done(result) -> None:
             self.conv_name = path.stem
-            await self.transcript.rebuild(*result)
-            await self.transcript.add(Note(f"Opened {path.stem} ({len(result[1])} messages)."))
+            await self.transcript.rebuild(*result[:2])
+            await self.transcript.add(Note(f"Opened {path.stem} ({len(result[1])} messages): {result[2]}."))
         self.submit(Job("opening conversation", fn, done=done, failed=self._after_restore_failed))
 
     # ---- pickers and clipboard ------------------------------------------------------------
@@ -311,6 +393,15 @@ class Actions:
                 return
         self.copy_to_clipboard(text)
         self.notify(f"Copied {'code block' if code else 'answer'} ({len(text):,} characters).")
+
+
+def _save_cache(ctx, path: Path) -> None:
+    """The cache beside the conversation saved at `path`; a failure is reported, never raised
+    (the conversation is saved; reopening it reads it again)."""
+    try:
+        ctx.runtime.save_cache(store.cache_path(path))
+    except (OSError, SnapshotError) as e:
+        ctx.warn(f"Cache file not saved ({e}); the conversation is, and reopening it reads it again")
 
 
 def _with_partial(rt, question: str, text: str) -> dict:
