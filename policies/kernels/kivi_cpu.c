@@ -202,28 +202,73 @@ INLINE void keys_avx(const Args* a, int h, int t0, int t1, const float* qs, floa
     }
 }
 
-INLINE void values_avx(const Args* a, int h, int t0, int t1, const float* p, int n, float* acc, const int VB) {
-    const int D = a->D, GQ = a->GQ, G = a->G, W = D / (32 / VB);
-    float v[MAXD] __attribute__((aligned(32)));
-    for (int t = t0; t < t1; t++) {
-        const float* vv = v;
-        if (t < a->nv) {
-            const int32_t* row = a->vc + h * a->vc_h + (long)t * W;
-            const float* s = a->vs + h * a->vs_h + (long)t * (D / G);
-            const float* z = a->vz + h * a->vs_h + (long)t * (D / G);
-            for (int c = 0; c < D; c += 8)
-                _mm256_store_ps(v + c, _mm256_fmadd_ps(codes8(row, c, VB), _mm256_set1_ps(s[c / G]),
-                                                       _mm256_set1_ps(z[c / G])));
-        } else {
-            vv = a->vr + h * a->vr_h + (long)(t - a->nv) * D;
+/* acc[j0 + j][c..c+8 NV) for j < NJ over tokens [t0, t1): the accumulators stay in registers
+ * (NJ x NV <= 8 vectors) while the tokens stream past; NJ, NV and VB are constants here */
+INLINE void values_block(const Args* a, int h, int t0, int t1, const float* p, int n, float* acc, int j0, int c,
+                         const int VB, const int NJ, const int NV) {
+    const int D = a->D, G = a->G, W = D / (32 / VB);
+    __m256 A[4][2];
+    for (int j = 0; j < NJ; j++)
+        for (int u = 0; u < NV; u++) A[j][u] = _mm256_setzero_ps();
+    const int tq = t1 < a->nv ? t1 : a->nv;
+    for (int t = t0; t < tq; t++) {
+        const int32_t* row = a->vc + h * a->vc_h + (long)t * W;
+        const float* s = a->vs + h * a->vs_h + (long)t * (D / G);
+        const float* z = a->vz + h * a->vs_h + (long)t * (D / G);
+        __m256 v[2];
+        for (int u = 0; u < NV; u++) {
+            const int cc = c + 8 * u;
+            v[u] = _mm256_fmadd_ps(codes8(row, cc, VB), _mm256_set1_ps(s[cc / G]), _mm256_set1_ps(z[cc / G]));
         }
-        for (int j = 0; j < GQ; j++) {
-            const __m256 pj = _mm256_set1_ps(p[j * n + (t - t0)]);
-            float* aj = acc + j * D;
-            for (int c = 0; c < D; c += 8)
-                _mm256_storeu_ps(aj + c, _mm256_fmadd_ps(pj, _mm256_loadu_ps(vv + c), _mm256_loadu_ps(aj + c)));
+        for (int j = 0; j < NJ; j++) {
+            const __m256 pj = _mm256_set1_ps(p[(j0 + j) * n + (t - t0)]);
+            for (int u = 0; u < NV; u++) A[j][u] = _mm256_fmadd_ps(pj, v[u], A[j][u]);
         }
     }
+    for (int t = tq > t0 ? tq : t0; t < t1; t++) {
+        const float* vv = a->vr + h * a->vr_h + (long)(t - a->nv) * D + c;
+        for (int j = 0; j < NJ; j++) {
+            const __m256 pj = _mm256_set1_ps(p[(j0 + j) * n + (t - t0)]);
+            for (int u = 0; u < NV; u++) A[j][u] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vv + 8 * u), A[j][u]);
+        }
+    }
+    for (int j = 0; j < NJ; j++)
+        for (int u = 0; u < NV; u++) _mm256_storeu_ps(acc + (j0 + j) * D + c + 8 * u, A[j][u]);
+}
+
+INLINE void values_avx(const Args* a, int h, int t0, int t1, const float* p, int n, float* acc, const int VB) {
+    const int D = a->D, GQ = a->GQ;
+    for (int j0 = 0; j0 < GQ; j0 += 4) {
+        const int nj = GQ - j0 < 4 ? GQ - j0 : 4;
+        for (int c = 0; c < D; c += 16) {
+            const int two = c + 16 <= D;
+#define BLOCK(NJ_)                                                                              \
+    if (nj == NJ_) {                                                                            \
+        if (two) values_block(a, h, t0, t1, p, n, acc, j0, c, VB, NJ_, 2);                      \
+        else values_block(a, h, t0, t1, p, n, acc, j0, c, VB, NJ_, 1);                          \
+    }
+            BLOCK(1) BLOCK(2) BLOCK(3) BLOCK(4)
+#undef BLOCK
+        }
+    }
+}
+
+/* exp(x) for x <= 0 (softmax after the max is taken), 8 at a time: Cephes' expf polynomial,
+ * within 2 ulp; below -87 it returns exp(-87) (~1e-38: nothing next to the max's 1) */
+INLINE __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
 static void keys_vec(const Args* a, int h, int t0, int t1, const float* qs, float* lg, int n) {
@@ -256,7 +301,19 @@ static void split(const Args* a, int vec, int h, int t0, int t1, const float* qs
         float* row = lg + j * n;
         float mx = -INFINITY, sum = 0.f;
         for (int i = 0; i < n; i++) mx = row[i] > mx ? row[i] : mx;
-        for (int i = 0; i < n; i++) {
+        int i = 0;
+#ifdef __AVX2__
+        if (vec) {
+            __m256 acc8 = _mm256_setzero_ps();
+            for (; i + 8 <= n; i += 8) {
+                const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + i), _mm256_set1_ps(mx)));
+                _mm256_storeu_ps(row + i, e);
+                acc8 = _mm256_add_ps(acc8, e);
+            }
+            sum = hsum(acc8);
+        }
+#endif
+        for (; i < n; i++) {
             row[i] = expf(row[i] - mx);
             sum += row[i];
         }
