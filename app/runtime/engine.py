@@ -20,9 +20,9 @@ from policies import parse_spec
 from . import doc_cache, documents, loader, memory, snapshot
 from .adapter import Adapter
 from .decode import free_cached, generate, is_oom
-from .prefill import chunk_plan, prefill
+from .prefill import prefill
 from .sampling import stop_token_ids
-from . import auto
+from . import auto, fit
 from .auto import AUTO, Choice
 from .session import Conversation, common_prefix
 from .types import (CacheState, ContextInfo, ConversionResult, DocumentInfo, MemoryReport, Progress, Sampling,
@@ -158,27 +158,6 @@ class Runtime:
                     progress(done, total)
             return prefill(self.adapter, self.cache, ids, self.chunk_size, progress=chunk_done, stop=stop)
 
-    def _check_fit(self, n_new: int, extra: int = 0) -> None:
-        """Refuse (before reading) what the policy cannot hold in this device's memory."""
-        need_tokens = self.cache.projected_length(n_new + extra, chunk_plan(self.cache, max(n_new, 1),
-                                                                           self.chunk_size)[0])
-        per_tok = self.cache.bytes_per_token()
-        need = need_tokens * per_tok - sum(self.cache.bytes_by_tier().values())
-        if self.device.type == "cuda":
-            free = torch.cuda.mem_get_info(self.device)[0] + (
-                torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device))
-        else:
-            import psutil
-            free = psutil.virtual_memory().available
-        free -= 512 * 2**20  # activations, attention scores of one chunk, the allocator's slack
-        if need > free:
-            fits = max(0, int((free + sum(self.cache.bytes_by_tier().values())) // per_tok))
-            raise VramchatError(
-                f"this needs {n_new:,} more tokens; policy `{self.policy}` would hold {need_tokens:,} tokens "
-                f"= {need_tokens * per_tok / 2**30:.2f} GiB of KV cache, but only {max(free, 0) / 2**30:.2f} GiB "
-                f"is free on {self.device} (room for about {fits:,} tokens). Nothing was read. Try "
-                "`locret` (a fixed budget) or `kivi` (about 5x smaller), or free memory.")
-
     def _sync(self, target: str, progress=None, stop=None) -> tuple[torch.Tensor | None, int]:
         """Make the cache hold `target`; prefill only what is new. -> (logits, n_new)."""
         keep = common_prefix(self.cached_text, target)
@@ -196,7 +175,6 @@ class Runtime:
             return None, 0
         ids = self.tokens(new)
         self._before_reading(len(ids), progress, stop)
-        self._check_fit(len(ids))
         return self._atomic(ids, target, progress, stop), len(ids)
 
     def _note(self, text: str) -> None:
@@ -204,41 +182,16 @@ class Runtime:
         if self.on_note is not None:
             self.on_note(text)
 
-    @property
-    def answer_room(self) -> int:
-        """Tokens kept free for an answer when a conversation is sized against the window."""
-        return min(1024, self.window // 4) if self.window else 1024
-
     def window_warning(self, n_new: int, answer: int | None = None) -> str:
-        """Why reading n_new more tokens (and an answer) under this policy passes the model's
-        native window with positions it never saw in training ("" when it does not)."""
-        answer = self.answer_room if answer is None else answer
-        total = self.cache.seen + n_new + answer
-        if self.cache.evicts or not self.window or total <= self.window:
-            return ""
-        return (f"the conversation will be {total:,} tokens with a {answer:,}-token answer, past the model's "
-                f"native window of {self.window:,}; `{self.policy}` keeps every position, so the model reads "
-                "positions it was never trained on and its answers degrade. Policies that hold it: `auto`, "
-                "`locret` (retaining heads), `snapkv`, `streaming`")
+        return fit.window_warning(self, n_new, answer)
 
     def _before_reading(self, n_new: int, progress=None, stop=None) -> None:
-        """Before n_new tokens are read: `auto` re-chooses the stack for the longer conversation
-        (a live conversion where the math allows, else a re-read), then the window check."""
-        if self._choosing:
-            return
-        self._choosing = True
-        try:
-            if self.auto:
-                choice = auto.choose(self, self.cache.seen + n_new, self.answer_room)
-                self.auto_choice = choice
-                if choice.spec != self.policy:
-                    res = self._convert(choice.spec, progress, stop)
-                    self._note(f"auto chose `{choice.spec}` (was `{res.old_policy}`): {choice.reason}; {res.message}")
-            warning = self.window_warning(n_new)
-            if warning:
-                self._note("warning: " + warning)
-        finally:
-            self._choosing = False
+        """Before n_new tokens are read: `auto` re-chooses, the window and memory are checked."""
+        fit.before_reading(self, n_new, progress, stop)
+
+    @property
+    def answer_room(self) -> int:
+        return fit.answer_room(self)
 
     def _cut_back(self, keep: int, end: int) -> bool:
         """Forget what the cache holds past the last message end at or before `keep` and
@@ -277,7 +230,6 @@ class Runtime:
         self.reset_cache()
         ids = self.tokens(target)
         self._before_reading(len(ids), progress, stop)
-        self._check_fit(len(ids))
         return self._atomic(ids, target, progress, stop), len(ids)
 
     # ---- conversation -------------------------------------------------------------
