@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .types import VramchatError
+
 SENTINEL = "\u2063VRAMCHAT-CONTINUES\u2063"
 
 
