@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import offload  # noqa: F401  (registers offload's policies)
-from policies import parse_spec
+from policies import SpecError, parse_spec
 
 from . import doc_cache, documents, loader, memory, snapshot
 from .adapter import Adapter
@@ -233,6 +233,15 @@ class Runtime:
         return self._atomic(ids, target, progress, stop), len(ids)
 
     # ---- conversation -------------------------------------------------------------
+    def load_estimate(self, path: str) -> str:
+        """One line before a document is read: its tokens and what the policy will hold (the
+        estimate of `main.py plan`); "" where the file cannot be read (loading says why)."""
+        from app.plan import before_load
+        try:
+            return before_load(self, path)
+        except (VramchatError, SpecError):
+            return ""
+
     def load_document(self, path: str, progress=None, stop=None) -> DocumentInfo:
         with self._changing():
             text = documents.read_document(path)

@@ -215,6 +215,9 @@ class RemoteRuntime:
         return self._mem
 
     # ---- conversation -----------------------------------------------------------------
+    def load_estimate(self, path: str) -> str:
+        return ""  # the server holds the cache: nothing to estimate here
+
     def load_document(self, path: str, progress=None, stop=None) -> DocumentInfo:
         """Added to the conversation here; the server reads it with the next question."""
         text = documents.read_document(path)

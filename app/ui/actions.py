@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from app import plan
 from app.runtime.snapshot import SnapshotError
 from app.runtime.types import Sampling, Stopped, VramchatError
 from app.ui import commands, store
@@ -195,10 +194,9 @@ class Actions:
 
         def fn(ctx):
             rt = ctx.runtime
-            try:
-                ctx.warn(plan.before_load(rt, str(p)))  # what the policy will hold, before reading
-            except (VramchatError, SpecError):
-                pass  # load_document says what is wrong with the file
+            estimate = rt.load_estimate(str(p))  # what the policy will hold, before reading
+            if estimate:
+                ctx.warn(estimate)
             info = rt.load_document(str(p), progress=ctx.progress(f"reading {p.name}"), stop=ctx.stop)
             docs = [m for m in rt.messages if m.get("role") == "document"]
             content = str(docs[-1].get("content", ""))[:4000] if docs else ""

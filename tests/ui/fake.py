@@ -73,6 +73,9 @@ class FakeRuntime:
                 break
 
     # -- contract --
+    def load_estimate(self, path: str) -> str:
+        return ""
+
     def load_document(self, path: str, progress=None, stop=None) -> DocumentInfo:
         self.calls.append(f"load_document {path}")
         p = Path(path)
