@@ -29,7 +29,7 @@ def _files(e) -> str:
 
 
 def render(entries, searched) -> str:
-    cols = ["NAME", "ARCH", "PARAMS", "QUANT", "SIZE", "CONTEXT", "SHIPPED"]
+    cols = ["NAME", "ARCH", "PARAMS", "QUANT", "SIZE", "CONTEXT", "FILES"]
     rows = []
     for e in entries:
         if e.error:
@@ -50,8 +50,8 @@ def render(entries, searched) -> str:
         lines.append("\n* architecture not in the tested matrix (README, Models): it may work; no test says so")
     where = [f"{s} {p}" + ("" if ok else " (absent)") for s, p, ok in searched]
     lines.append(("\n" if lines else "no models found.\n") + "searched: " + "; ".join(where))
-    lines.append("SHIPPED: retaining heads (locret) / offload channels that ship for this model; "
-                 "load any NAME with --model NAME")
+    lines.append("FILES: retaining heads (locret) / offload channels for this model, shipped or made on this "
+                 "machine (train-heads, calibrate); load any NAME with --model NAME")
     return "\n".join(lines)
 
 

@@ -79,7 +79,8 @@ def add_parser(sub):
     p.add_argument("--model", default=None, help="model id, folder or .gguf (default: the embedded model)")
     p.add_argument("--data", nargs="*", default=[], help="prose text files (default: data/train/python_topics.txt, "
                    "else CPython's pydoc_data/topics.py)")
-    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--out", default=None, help="output .safetensors file (default: this machine's channels folder "
+                   "for the model, where offload / doublesparse find them next time)")
     p.add_argument("--channels", type=int, default=16, help="channels recorded as the default r")
     p.add_argument("--blocks", type=int, default=64, help="calibration blocks")
     p.add_argument("--block", type=int, default=512, help="tokens per block")
@@ -99,7 +100,12 @@ def run(args) -> int:
                              lambda d, n: print(f"\rblock {d}/{n}", end="\n" if d == n else "", file=sys.stderr))
     names = [rt.model_id]
     command = "python main.py calibrate " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["calibrate"] else sys.argv[1:])
-    path = save(args.out, stats.mean(), args.channels, model_key(rt.adapter.info), names, n_tok,
+    out = args.out
+    if out is None:
+        from app.config import trained_dir
+        from policies.files import user_folder
+        out = user_folder(trained_dir(), "channels", rt.adapter.info) / "channels.safetensors"
+    path = save(out, stats.mean(), args.channels, model_key(rt.adapter.info), names, n_tok,
                 f"{n_tok} tokens in {n_tok // args.block} blocks of {args.block} from {prov}", command)
     print(f"wrote {path}: {rt.adapter.info.n_layers} layers x {rt.adapter.info.n_kv_heads} KV heads, "
           f"top {args.channels} of {rt.adapter.info.head_dim} channels, {n_tok} tokens, {time.time() - t0:.0f} s")

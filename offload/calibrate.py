@@ -27,8 +27,8 @@ from policies.files import check_digest, digest, find_file, find_shipped, model_
 
 FORMAT = "vramchat-channels-1"
 CHANNELS_DIR = Path(__file__).parent / "channels"
-HINT = ("make one with `python main.py calibrate --model M --out FILE` and pass "
-        "`channels_file=FILE`")
+HINT = ("make one with `python main.py calibrate --model M` (kept for the model on this machine and found "
+        "there next time), or with `--out FILE` and pass `channels_file=FILE`")
 
 
 def qk_sum(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -56,8 +56,10 @@ def check_digest(path: str | Path, state: dict[str, torch.Tensor], meta: dict, h
 
 
 def user_folder(root: str | Path, kind: str, info: ModelInfo) -> Path:
-    """Where a file of `kind` ("heads", "channels") made on this machine for this model lives."""
-    return Path(root) / kind / model_key(info)
+    """Where a file of `kind` ("heads", "channels") made on this machine for this model lives:
+    one folder per model (shapes and name), so two models of one shape (a base model and its
+    fine-tune) never share training features or a resume checkpoint."""
+    return Path(root) / kind / model_key(info) / (norm_name(info.model_id or "") or "unnamed")
 
 
 def find_file(kind: str, shipped: Path, info: ModelInfo) -> Path | None:

@@ -9,7 +9,7 @@ import torch
 
 from app.heads.train import default_out, train_heads
 from app.runtime.engine import Runtime
-from app.runtime.types import Stopped
+from app.runtime.types import Stopped, VramchatError
 from policies import SpecError
 from policies.locret import load_heads
 from tiny import tiny_arch, tiny_pair, tiny_tokenizer
@@ -67,3 +67,23 @@ def test_heads_trained_by_default_are_found_next_time(arch):
     fresh = _rt(arch)
     fresh.set_policy("locret:budget=32,stabilizers=8")
     assert fresh.cache.layers[0].selector.source == str(default_out(rt.adapter.info) / "heads.safetensors")
+
+
+def test_models_of_one_shape_keep_their_own_folders_and_a_new_recipe_starts_over():
+    """A base model and its fine-tune share shapes, never training features: each has its own
+    folder; in that folder a run with other settings starts over (a given --out refuses)."""
+    a = _rt()
+    b = Runtime.from_model(*tiny_pair(1), model_id="tiny-llama-finetune", chunk_size=32)
+    assert default_out(a.adapter.info) != default_out(b.adapter.info)
+    train_heads(a, None, **KW)
+    train_heads(b, None, **{**KW, "steps": 6})  # would have read a's features in a shared folder
+    card = train_heads(a, None, **{**KW, "d_r": 4})
+    assert load_heads(default_out(a.adapter.info) / "heads.safetensors").d_r == 4
+    assert card["hyper_parameters"]["d_r"] == 4
+
+
+def test_a_given_out_with_other_settings_is_refused(tmp_path):
+    rt = _rt()
+    train_heads(rt, tmp_path, **KW)
+    with pytest.raises(VramchatError, match="give another --out"):
+        train_heads(rt, tmp_path, **{**KW, "d_r": 4})

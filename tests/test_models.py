@@ -203,3 +203,28 @@ def test_config_model_dirs_must_be_paths():
     assert parse_config({"model_dirs": ["~/models"]}).model_dirs == ["~/models"]
     with pytest.raises(ConfigError, match="model_dirs"):
         parse_config({"model_dirs": [3]})
+
+
+def test_files_made_here_are_listed_and_found(world, tmp_path, monkeypatch):
+    """`train-heads` and `calibrate` without --out keep their files for the model on this
+    machine: `models` lists them (FILES) and `locret` / `doublesparse` find them."""
+    env, _, _ = world
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("VRAMCHAT_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from app.cli import main
+    e = _by_name(stores.scan((), env)[0])["acme/tiny-llama"]
+    assert not e.heads and not e.channels
+    assert main(["train-heads", "--model", "acme/tiny-llama", "--device", "cpu", "--steps", "4", "--docs", "2",
+                 "--doc-tokens", "100", "--width", "8", "--threads", "1"]) == 0
+    assert main(["calibrate", "--model", "acme/tiny-llama", "--device", "cpu", "--blocks", "2", "--block", "64",
+                 "--threads", "1"]) == 0
+    e = _by_name(stores.scan((), env)[0])["acme/tiny-llama"]
+    assert e.heads and e.channels
+    assert not _by_name(stores.scan((), env)[0])["ollama:tiny:latest"].heads  # its own name: not these
+    from app.runtime.engine import Runtime
+    rt = Runtime.load("acme/tiny-llama", device="cpu", weights="fp32", chunk_size=32)
+    rt.set_policy("locret:budget=32,stabilizers=8")
+    rt.set_policy("doublesparse:channels=4")
+    assert rt.ask("hello", max_new_tokens=2).new_tokens == 2

@@ -38,7 +38,7 @@ def add_parser(sub):
 class Progress:
     """A bar per phase with its rate and ETA, redrawn at most once a second."""
 
-    def __init__(self, out=sys.stderr):
+    def __init__(self, out=None):
         self.out, self.stage, self.t0, self.first, self.last = out, None, 0.0, 0, 0.0
 
     def __call__(self, stage: str, done: int, total: int) -> None:
@@ -53,7 +53,7 @@ class Progress:
         bar = "#" * int(30 * done / total)
         tail = "done" if done == total else f"ETA {_clock(eta)}"
         print(f"\r{stage:9s} [{bar:<30}] {done}/{total}  {_clock(now - self.t0)} elapsed, {tail}   ",
-              end="\n" if done == total else "", file=self.out)
+              end="\n" if done == total else "", file=self.out or sys.stderr)
 
 
 def _clock(s: float) -> str:

@@ -103,11 +103,14 @@ def train_heads(model, out_dir=None, data_files=(), steps=1200, docs=128, val_do
     feats.mkdir(parents=True, exist_ok=True)
     text, prov = load_text(data_files)
     built = {"docs": docs, "val_docs": val_docs, "doc_tokens": doc_tokens, "distractors": distractors,
-             "seed": seed, "files": prov}
+             "seed": seed, "files": prov, "d_r": d_r, "steps": steps, "lr": lr, "warmup": warmup,
+             "labels": label_mode}
     made = feats / "documents.json"
     if made.is_file() and json.loads(made.read_text()) != built:
-        raise VramchatError(f"{feats} holds documents built with {made.read_text()}; this run builds "
-                            f"{json.dumps(built)}: give another --out (cached features would be mixed)")
+        if out_dir:
+            raise VramchatError(f"{out} holds a run with {made.read_text()}; this run is {json.dumps(built)}: "
+                                "give another --out, or the same settings to resume it")
+        _discard_run(out)  # the model's own folder: a run with other settings starts over there
     made.write_text(json.dumps(built))
     total = docs + val_docs
     phases = {}
@@ -177,6 +180,15 @@ def train_heads(model, out_dir=None, data_files=(), steps=1200, docs=128, val_do
 def default_out(info) -> Path:
     """This machine's heads folder for the model (`locret` looks there before the shipped ones)."""
     return user_folder(trained_dir(), "heads", info)
+
+
+def _discard_run(out: Path) -> None:
+    """Remove an unfinished run's cached features and checkpoint from `out` (finished heads stay
+    until the new ones replace them)."""
+    for f in (out / ".features").glob("*"):
+        if f.is_file():
+            f.unlink()
+    (out / "checkpoint.safetensors").unlink(missing_ok=True)
 
 
 def _check_stop(stop) -> None:

@@ -40,8 +40,8 @@ class Entry:
     quant: str = ""
     size: int = 0  # bytes on disk
     context: int | None = None  # native context window
-    heads: bool = False  # shipped retaining heads fit it (locret)
-    channels: bool = False  # shipped offload / doublesparse channels fit it
+    heads: bool = False  # retaining heads fit it (locret): shipped or trained here
+    channels: bool = False  # offload / doublesparse channels fit it: shipped or made here
     note: str = ""
     error: str = ""
 
@@ -86,13 +86,20 @@ def _size(paths) -> int:
 
 
 def _shipped_keys() -> list[tuple[str, str, set[str]]]:
-    """(kind, model-key shape prefix, names) of every shipped heads / channels file."""
+    """(kind, model-key shape prefix, names) of every heads / channels file a model can use:
+    the shipped ones and the ones made on this machine (`train-heads`, `calibrate` kept in the
+    user data folder, where `policies.files.find_file` looks first)."""
+    from app.config import trained_dir
     from policies.files import norm_name, read_meta
     from policies.locret import HEADS_DIR
     from offload.calibrate import CHANNELS_DIR
     out = []
-    for kind, folder in (("heads", HEADS_DIR), ("channels", CHANNELS_DIR)):
-        for f in sorted(folder.glob("*.safetensors")):
+    for kind, shipped in (("heads", HEADS_DIR), ("channels", CHANNELS_DIR)):
+        made = trained_dir() / kind
+        files = sorted(shipped.glob("*.safetensors")) + sorted(made.glob("*/*/*.safetensors"))
+        for f in files:
+            if f.name == "checkpoint.safetensors":
+                continue  # an unfinished training run
             try:
                 meta = read_meta(f)
             except Exception:

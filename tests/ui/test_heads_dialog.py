@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from app.heads.train import default_out
 from app.runtime.engine import Runtime
-from app.ui.screens import HeadsDialog
+from app.ui.screens import ErrorDialog, HeadsDialog
 from tests.ui.conftest import make_app, run, settle, wait_for
 from tiny import tiny_pair
 
@@ -32,8 +32,10 @@ def test_locret_without_heads_asks_then_trains_and_switches(tmp_path):
             app.switch_policy(SPEC)
             await wait_for(pilot, lambda: dialog_ready(app), timeout=60)
             await pilot.click("#heads-train", offset=(3, 1))
-            await wait_for(pilot, lambda: rt.policy.startswith("locret"), timeout=600)
+            await wait_for(pilot, lambda: rt.policy.startswith("locret") or isinstance(app.screen, ErrorDialog),
+                           timeout=600)
             await settle(pilot, app, timeout=60)
+            assert not isinstance(app.screen, ErrorDialog), app.screen.message
             assert (default_out(rt.adapter.info) / "heads.safetensors").is_file()
             # the next time, the heads are there: no dialog
             app.switch_policy("full")
