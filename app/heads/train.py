@@ -103,8 +103,8 @@ def train_heads(model, out_dir=None, data_files=(), steps=1200, docs=128, val_do
     feats.mkdir(parents=True, exist_ok=True)
     text, prov = load_text(data_files)
     built = {"docs": docs, "val_docs": val_docs, "doc_tokens": doc_tokens, "distractors": distractors,
-             "seed": seed, "files": prov, "d_r": d_r, "steps": steps, "lr": lr, "warmup": warmup,
-             "labels": label_mode}
+             "seed": seed, "files": prov, "d_r": d_r, "labels": label_mode}  # what cached features and a
+    # checkpoint depend on (steps, lr and warmup may change between a run and its resume)
     made = feats / "documents.json"
     if made.is_file() and json.loads(made.read_text()) != built:
         if out_dir:
