@@ -26,7 +26,7 @@ from . import auto, fit
 from .auto import AUTO, Choice
 from .session import Conversation, common_prefix
 from .types import (CacheState, ContextInfo, ConversionResult, DocumentInfo, MemoryReport, Progress, Sampling,
-                    Stopped, TurnResult, VramchatError)
+                    TurnResult, VramchatError)
 
 PUBLISH_S = 0.1  # while decoding, publish the cache's state at most this often (it walks every layer)
 
@@ -346,40 +346,9 @@ class Runtime:
             return self._convert(spec, progress, stop, reprefill)
 
     def _convert(self, spec: str, progress=None, stop=None, reprefill: bool = False) -> ConversionResult:
-        from .convert import convert
+        from .convert import switch
         with self._changing():
-            self.adapter.check(spec)  # a live switch is refused where a fresh cache would be
-            old = self.cache
-            before = sum(old.bytes_by_tier().values())
-            old_spec = old.spec
-            try:
-                new, lossy, note = (None, False, "") if reprefill else convert(old, self.adapter.info, spec)
-            except BaseException as e:
-                if not is_oom(e):
-                    if any(l is None for l in old.layers):  # convert freed some old layers: re-read next turn
-                        self.reset_cache(old_spec)
-                    raise
-                new, note = None, "out of memory while converting"
-            if new is None:
-                target = self.conv.render(self.tok, open_user=self._open_user())
-                self.reset_cache(spec)
-                if target:
-                    try:
-                        self._rebuild(target, progress, stop)
-                    except (Stopped, VramchatError) as e:
-                        raise VramchatError(f"switched to `{self.policy}` but re-reading the conversation "
-                                            f"failed: {e}. It is re-read on the next question.") from e
-                after = sum(self.cache.bytes_by_tier().values())
-                why = note or "this conversion needs the original tokens"
-                return ConversionResult(old_spec, self.policy, before, after, True, False,
-                                        f"re-read the conversation under `{self.policy}` ({why})")
-            self.cache = new
-            self.cache.give_tokens(lambda: self.tokens(self.cached_text))
-            self.cache.track_peak()
-            del old
-            free_cached(self.device)
-            after = sum(self.cache.bytes_by_tier().values())
-            return ConversionResult(old_spec, self.policy, before, after, False, lossy, note)
+            return switch(self, spec, progress, stop, reprefill)
 
     def _open_user(self) -> bool:
         msgs = self.conv.messages
