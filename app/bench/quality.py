@@ -18,7 +18,11 @@
 - `kvbits`: any specs (`--policies`; default `full` and `kivi` at K2V2, K4V2, K2V4, K4V4,
   K8V4): KL from `full`, bytes per token and the pass key at each length (app/bench/kvbits.py);
 - `labels`: offload's label cache stored as the cache dtype, fp16 or int8: what the
-  question's recall ranks, at the longest length (app/bench/label_cache.py).
+  question's recall ranks, at the longest length (app/bench/label_cache.py);
+- `dense` (only when named: hours on a CPU): facts of one shape in Debian changelogs, six
+  keys asked two in turn, one key's four values, one fact asked after an unrelated turn,
+  at 3K, 12K and 32K tokens, 8 trials; any specs (`--policies`), `full` only inside the
+  model's window (app/bench/dense.py).
 Defaults (pass key at 4K and 9K, 2 trials) fit in 15 minutes on a 2-core CPU; `--trials`
 and `--lengths` scale it, `--parts` picks parts; the time of each part is printed and kept.
 """
@@ -27,7 +31,7 @@ from __future__ import annotations
 import sys
 import time
 
-from . import baselines, kvbits, label_cache, locret, recall
+from . import baselines, dense, kvbits, label_cache, locret, recall
 from .common import plot, table, write_json
 
 KL_EXTRA = ("kivi", "doublesparse")  # (+ kivi 2/4-bit one-pass vs QuantizedCache: peer_bits)
@@ -50,28 +54,33 @@ def copy_rows(rt, budget: int, trials: int, full_tokens: int = 5632, doc_tokens:
     return out
 
 
-PARTS = ("kl", "lazy", "passkey", "ffnskip", "random-heads", "needles", "copy", "kvbits", "labels")
+PARTS = ("kl", "lazy", "passkey", "ffnskip", "random-heads", "needles", "copy", "kvbits", "labels")  # the default
+NAMED_ONLY = ("dense",)  # run only when --parts names them
 NAMED = ("kl", "lazy", "passkey", "ffnskip")  # parts whose --policies are names of baselines.policies_at
 
 
 def check_parts(parts, policies=None) -> None:
     """Refuse an unknown part by name, with the list to choose from; and --policies that are
-    not policy names where a part takes names (`kvbits` takes whole specs)."""
-    unknown = sorted(set(parts) - set(PARTS))
+    not policy names where a part takes names (`kvbits` and `dense` take whole specs)."""
+    unknown = sorted(set(parts) - set(PARTS + NAMED_ONLY))
     if unknown:
-        raise ValueError(f"bench quality: unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+        raise ValueError(f"bench quality: unknown part(s) {', '.join(unknown)}; choose from "
+                         f"{', '.join(PARTS + NAMED_ONLY)}")
     named = [p for p in parts if p in NAMED]
     specs = sorted(set(policies or ()) - set(baselines.policies_at(1024, 512)))
     if named and specs:
         raise ValueError(f"bench quality: --policies {' '.join(specs)} are not policy names, which parts "
                          f"{','.join(named)} take (names: {', '.join(baselines.policies_at(1024, 512))}); "
-                         "whole specs go to part kvbits alone (--parts kvbits)")
+                         "whole specs go to parts kvbits and dense alone (--parts kvbits,dense)")
 
 
 def run(rt, out_dir=None, trials=None, lengths=None, policies=None, budget: int = 1024, chunk: int = 512,
         parts=PARTS):
     check_parts(parts, policies)
+    if "dense" in parts and trials == 0:
+        raise ValueError("bench quality: --trials 0 runs no answers; part dense is nothing but answers")
     kv_trials = 2 if trials is None else trials  # kvbits: 0 runs no pass key
+    dense_trials, dense_lengths = 8 if trials is None else trials, lengths or dense.LENGTHS
     trials = trials or 2
     lengths = lengths or (4096, 9216)
     rows: list[dict] = []
@@ -93,7 +102,6 @@ def run(rt, out_dir=None, trials=None, lengths=None, policies=None, budget: int 
         timed(part, lambda: baselines.run(rt, names=names, budget=budget, chunk=chunk, lengths=lengths, trials=trials,
                                           parts=(part,), kl_extra=KL_EXTRA, peer_bits=(2, 4), skip_missed=policies is None,
                                           progress=show))
-    timed("labels", lambda: label_cache.run(rt, max(lengths), trials, progress=show))
     timed("random-heads", lambda: [dict(r, kind="passkey-random-heads") for r in locret.run(
         rt, lengths=lengths[-1:], trials=trials, budget=budget, chunk=chunk, scorers=("random",), progress=show)])
     timed("needles", lambda: [dict(r, kind="needles") for r in recall.needles(rt, doc_tokens=8192, budget=budget)])
@@ -102,6 +110,8 @@ def run(rt, out_dir=None, trials=None, lengths=None, policies=None, budget: int 
     timed("kvbits", lambda: kvbits.run(rt, specs=policies or kvbits.DEFAULT, lengths=lengths, trials=kv_trials,
                                        progress=show))
     timed("labels", lambda: label_cache.run(rt, max(lengths), trials, progress=show))
+    timed("dense", lambda: dense.run(rt, policies=policies or dense.DEFAULT, lengths=dense_lengths,
+                                     trials=dense_trials, progress=show))
     for kind, cols in (("kl", ["policy", "kl_nats", "ppl_full", "ppl_spec", "kv_peak_bytes"]),
                        ("passkey", ["policy", "tokens", "trials", "correct", "accuracy", "skipped"]),
                        ("passkey-random-heads", ["policy", "length", "trials", "correct", "accuracy"]),
@@ -110,7 +120,8 @@ def run(rt, out_dir=None, trials=None, lengths=None, policies=None, budget: int 
                        ("ffnskip", ["policy", "questions", "correct_full", "correct_ffnskip", "skip_ratio"]),
                        ("lazy", ["policy", "tokens", "lazy_layers", "saved"]),
                        ("kvbits", kvbits.columns([r for r in rows if r.get("kind") == "kvbits"])),
-                       ("labels", label_cache.COLUMNS)):
+                       ("labels", label_cache.COLUMNS),
+                       ("dense", dense.COLUMNS)):
         part = [r for r in rows if r.get("kind") == kind]
         if part:
             print(f"\n{kind}\n" + table(part, [c for c in cols if any(c in r for r in part)]))
