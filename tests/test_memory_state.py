@@ -86,3 +86,16 @@ def test_memory_read_from_another_thread_never_sees_a_cache_mid_change(files, tm
         reader.join()
     assert not errors, repr(errors[0])
     assert reads[0] > 0
+
+
+def test_published_context_grows_chunk_by_chunk_while_a_document_is_read(tmp_path):
+    """What the Context panel shows mid-read: each progress call sees the tokens read so far."""
+    rt = Runtime.from_model(*tiny_pair(0), model_id="tiny", chunk_size=32)
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The cache grows as the document is read, one chunk after another. " * 30)
+    seen = []
+    rt.load_document(str(doc), progress=lambda done, total: seen.append((done, rt.snapshot().context.read)))
+    reads = [r for _, r in seen]
+    assert len(set(reads)) > 3 and reads == sorted(reads)
+    assert all(read == done for done, read in seen if done)  # the first read: nothing before it
+    assert reads[-1] == rt.cache.seen

@@ -187,7 +187,10 @@ class VramchatApp(Actions, App):
         self.main_screen.query_one("#progress-label", Static).update(
             f"{msg.label}: {msg.done:,}/{msg.total:,} tok · {rate:,.0f} tok/s · ETA {eta:.0f} s · Esc stops")
         self.status.state = f"{msg.label} {pct:.0f}%"
-        self.poll_memory()
+        rt = self.runtime
+        if rt is not None:  # the cache's published state: the Context panel follows the read
+            self.snapshot = rt.snapshot()
+        self.refresh_panels()
 
     def on_status(self, msg: Status) -> None:
         self.status.state = f"loading: {msg.text}"

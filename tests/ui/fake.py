@@ -55,16 +55,21 @@ class FakeRuntime:
         return min(self.read, budget) if budget else self.read
 
     def _prefill(self, n: int, progress, stop) -> None:
+        """Reads chunk by chunk; `read` (context()) grows as the chunks go in, as the runtime's
+        published state does; a stop puts it back."""
+        base = self.read
         for done in range(0, n, self.chunk):
             if stop is not None and stop.is_set():
+                self.read = base
                 raise Stopped("stopped while reading")
+            self.read = base + done
             if progress:
                 progress(done, n)
             if self.hold_prefill and done >= n // 2:
                 self._hold(stop)
+        self.read = base + n
         if progress:
             progress(n, n)
-        self.read += n
 
     def _hold(self, stop) -> None:
         self.held.set()

@@ -116,6 +116,13 @@ def test_load_document_shows_progress_and_card(tmp_path, doc):
             await wait_for(pilot, lambda: row.display)
             label = str(app.query_one("#progress-label").render())
             assert label.startswith("reading notes.md: ") and "tok/s" in label and "ETA" in label
+            # the Context panel follows the read: half the document is in, not the end's total
+            total, meter = len(doc.read_text()) // 4, app.query_one(ContextMeter)
+            await wait_for(pilot, lambda: meter.info is not None and meter.info.read >= total // 2)
+            read = meter.info.read
+            assert read < total
+            await pilot.pause()
+            assert f"read      {read:>12,} tok" in str(app.query_one(ContextMeter).render())
             assert app.query_one(StatusLine).state.startswith("reading notes.md ")
             await pilot.press("escape")  # cancel: the document is not in the conversation
             await settle(pilot, app)
