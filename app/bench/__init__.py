@@ -39,7 +39,8 @@ def add_parser(sub) -> None:
     p.add_argument("--trials", type=int, default=None, help="quality: trials per cell (kvbits: 0 runs no pass key)")
     p.add_argument("--parts", default=None,
                    help="quality: comma-separated parts, any of kl,lazy,passkey,ffnskip,random-heads,needles,copy,"
-                        "kvbits,labels (default: all; kvbits takes whole specs in --policies)")
+                        "kvbits,labels, and dense (run only when named: hours at its defaults on a CPU) (default: all but "
+                        "dense; kvbits and dense take whole specs in --policies)")
     p.add_argument("--turns", type=int, default=100,
                    help="soak: turns per policy against one document (its length: first of --lengths, default 8192)")
     g = p.add_argument_group("gpu128k")
