@@ -52,3 +52,50 @@ def test_features_of_other_documents_are_not_reused(tmp_path):
     with pytest.raises(VramchatError, match="distractors.: 2.*distractors.: 0.*another --out"):
         train_heads(rt, tmp_path, distractors=0, **kw)
     train_heads(rt, tmp_path, distractors=2, **kw)  # the same documents resume
+
+
+@pytest.mark.parametrize("seed", [1, 5, 9])
+def test_same_shape_documents_hold_similar_facts_each_asked(seed):
+    """A same-shape document: every fact one family, distinct entities and values, every one
+    asked; without it the documents of a run are what they were (no extra draws)."""
+    from app.heads.data import _FACTS
+    text, _ = load_text(())
+    doc, qa = build_document(random.Random(seed), text, 2400, 5, same_shape=True)
+    families = {q.replace(e, "{e}") for q, _ in qa for e in _THINGS if e in q}
+    assert len(families) == 1 and families <= {f[2] for f in _FACTS}
+    entities = [next(e for e in _THINGS if e in q) for q, _ in qa]
+    assert len(set(entities)) == 5
+    values = {a.replace(e, "") for (_, a), e in zip(qa, entities)}
+    assert len(values) == 5, "each entity's value differs"
+    for (q, a), e in zip(qa, entities):
+        assert e in doc.lower() or e[0].upper() + e[1:] in doc
+    tok = tiny_tokenizer()
+    a = make_example(tok, random.Random(seed), text, 300)
+    b = make_example(tok, random.Random(seed), text, 300, same_shape=0.0)
+    assert a[0].tolist() == b[0].tolist()
+
+
+def test_genres_each_document_from_one_text_and_held_out_from_each_tail():
+    from app.heads.data import GENRES, load_texts
+    from app.heads.train import _documents
+    texts, prov = load_texts(GENRES)
+    assert len(texts) == 4 and all(p["chars"] > 30000 for p in prov)
+    tok = tiny_tokenizer()
+    docs = _documents(tok, texts, 12, 10, 200, 0, 0, None, None)
+    bodies = [tok.decode(ids[:n]) for ids, n in docs]
+    found = set()
+    for j, body in enumerate(bodies):
+        lines = [ln for ln in body.splitlines()[1:-1] if len(ln) > 30]  # (the first may start mid-line)
+        homes = {i for ln in lines for i, t in enumerate(texts) if ln in t}  # (inserted facts are in none)
+        assert len(homes) == 1, f"document {j} comes from one text"
+        found |= homes
+        t = texts[homes.pop()]
+        tail = t[int(len(t) * 0.9):]
+        inside = [ln in tail for ln in lines if ln in t]
+        assert all(inside) if j >= 10 else not any(inside[1:-1]), f"document {j}: held out iff from the tail"
+    assert len(found) >= 3, "documents come from several genres"
+    one = _documents(tok, texts[:1], 3, 2, 200, 0, 0, None, None)
+    text0, _ = load_text(())
+    from app.heads.data import make_example as mk
+    want = mk(tok, random.Random(0 * 100003 + 0), text0[:int(len(text0) * 0.9)], 200, 0)
+    assert one[0][0].tolist() == want[0].tolist(), "one text: the documents of a one-file run"

@@ -18,7 +18,8 @@ def add_parser(sub):
     p.add_argument("--features", choices=("auto", "disk", "recompute"), default="auto",
                    help="the backbone's hidden states per step: cached on disk (auto on CPU) or recomputed "
                         "by one forward per step (auto on CUDA: no disk, never all held)")
-    p.add_argument("--data", nargs="*", default=[], help="prose text files (default: data/train/python_topics.txt)")
+    p.add_argument("--data", nargs="*", default=[], help="text files, each document from one, drawn alike (default: "
+                   "data/train/python_topics.txt; several genres ship beside it: code.txt, changelogs.txt, tables.txt)")
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--docs", type=int, default=128, help="training documents")
     p.add_argument("--doc-tokens", type=int, default=2048,
@@ -28,6 +29,9 @@ def add_parser(sub):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--distractors", type=int, default=0,
                    help="fact-shaped sentences per training document that no question asks about (default 0)")
+    p.add_argument("--same-shape", type=float, default=0.0,
+                   help="share of training documents whose facts are all of one family about distinct entities, "
+                        "each asked (similar facts to tell apart; default 0)")
     p.add_argument("--labels", choices=TARGETS, default="shared",
                    help="regression target: shared (max over layers of z-scored labels, default) or layer (Locret's)")
     p.add_argument("--import", dest="import_ckpt", default=None,
@@ -71,8 +75,8 @@ def run(args) -> int:
     progress = Progress()
     card = train_heads(args.model, args.out, args.data, steps=args.steps, docs=args.docs,
                        doc_tokens=args.doc_tokens, d_r=args.width, lr=args.lr, threads=args.threads,
-                       label_mode=args.labels, distractors=args.distractors, device=args.device,
-                       features_mode=args.features, progress=progress,
+                       label_mode=args.labels, distractors=args.distractors, same_shape=args.same_shape,
+                       device=args.device, features_mode=args.features, progress=progress,
                        command="python main.py " + " ".join(sys.argv[1:]))
     v = card["validation"]["after"]
     print(f"wrote {card['out']}/heads.safetensors in {card['wall_time_s']:.0f} s; held-out loss {v['loss']}, "

@@ -15,6 +15,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = (ROOT / "data" / "train" / "python_topics.txt",)
+# Several genres (`--data` with all of them): prose, code, number-dense change logs, tables
+GENRES = tuple(ROOT / "data" / "train" / f for f in ("python_topics.txt", "code.txt", "changelogs.txt",
+                                                      "tables.txt"))
 
 _NAMES = ["Amara", "Bruno", "Chen Wei", "Dagny", "Esteban", "Farah", "Gustav", "Hiroko", "Ines", "Jonas",
           "Kofi", "Leila", "Marek", "Nadia", "Oskar", "Priya", "Quentin", "Rosa", "Soren", "Tamsin"]
@@ -113,14 +116,35 @@ def _statement(rng, fam):
     return s[0].upper() + s[1:], q.format(e=e, x=x), a[0].upper() + a[1:]
 
 
-def build_document(rng: random.Random, text: str, n_chars: int, n_facts: int = 4, n_distractors: int = 0):
+def _same_shape(rng, n_facts):
+    """n_facts statements of one family about distinct entities with distinct values: the
+    facts a question must tell apart ("the invoice for X" among five invoices)."""
+    fam = rng.choice(_FACTS)
+    kind, stmts, q, a = fam
+    out, values = [], set()
+    for e in rng.sample(_THINGS, n_facts):
+        x = _value(rng, kind)
+        while x in values:  # (every pool holds more values than a document has facts)
+            x = _value(rng, kind)
+        values.add(x)
+        s, a1 = rng.choice(stmts).format(e=e, x=x), a.format(e=e, x=x)
+        out.append((s[0].upper() + s[1:], q.format(e=e, x=x), a1[0].upper() + a1[1:]))
+    return out
+
+
+def build_document(rng: random.Random, text: str, n_chars: int, n_facts: int = 4, n_distractors: int = 0,
+                   same_shape: bool = False):
     """-> (text window with facts and distractors inserted, [(question, answer)] one per
-    fact, shuffled). NOTE: distractors draw from `rng` after everything else, so the same
-    seed gives the same facts, questions and order with any n_distractors."""
+    fact, shuffled). same_shape: every fact of one family (distinct entities and values).
+    NOTE: distractors draw from `rng` after everything else, so the same seed gives the same
+    facts, questions and order with any n_distractors."""
     start = rng.randrange(0, max(1, len(text) - n_chars))
     window = text[start:start + n_chars]
     paras = [p for p in window.split("\n\n") if p.strip()] or [window]
-    facts = [_statement(rng, rng.choice(_FACTS)) for _ in range(n_facts)]
+    if same_shape:
+        facts = _same_shape(rng, n_facts)
+    else:
+        facts = [_statement(rng, rng.choice(_FACTS)) for _ in range(n_facts)]
     for s, _, _ in facts:
         paras.insert(rng.randrange(1, len(paras) + 1), s)
     qa = [(q, a) for _, q, a in facts]
@@ -134,13 +158,17 @@ def _tokens(tok, text):
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def make_example(tok, rng, text, n_tokens, n_distractors=0):
+def make_example(tok, rng, text, n_tokens, n_distractors=0, same_shape: float = 0.0):
     """-> (ids [T] LongTensor, n_ctx): the document as a user message ending in a question
     about one inserted fact, the answer, then one more user turn + answer per other fact;
     the tail (every question and answer) starts at n_ctx. Asking about every fact makes the
     labels say what a question could need (retention is query-agnostic), not what the one
-    question asked happened to; the distractors, asked about by none, say what it does not."""
-    body, qa = build_document(rng, text, int(n_tokens * rng.uniform(1.6, 3.2)), rng.randint(2, 6), n_distractors)
+    question asked happened to; the distractors, asked about by none, say what it does not.
+    same_shape: the share of documents whose facts are all of one family (several similar
+    facts, each asked); 0 draws nothing more from `rng` (the documents of a run without it)."""
+    n_chars, n_facts = int(n_tokens * rng.uniform(1.6, 3.2)), rng.randint(2, 6)
+    one_family = same_shape > 0 and rng.random() < same_shape
+    body, qa = build_document(rng, text, n_chars, n_facts, n_distractors, same_shape=one_family)
     msgs = [{"role": "user", "content": body + "\n\n" + qa[0][0]}, {"role": "assistant", "content": qa[0][1]}]
     for q, a in qa[1:]:
         msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
@@ -150,8 +178,8 @@ def make_example(tok, rng, text, n_tokens, n_distractors=0):
     return torch.tensor(ctx + tail), len(ctx)
 
 
-def load_text(files) -> tuple[str, list[dict]]:
-    """-> (the files' text joined, provenance per file: path, characters, sha256 prefix)."""
+def load_texts(files) -> tuple[list[str], list[dict]]:
+    """-> (each file's text, provenance per file: path, characters, sha256 prefix)."""
     files = [Path(f) for f in (files or DEFAULT_DATA)]
     texts, prov = [], []
     for f in files:
@@ -161,4 +189,10 @@ def load_text(files) -> tuple[str, list[dict]]:
         texts.append(t)
         prov.append({"file": str(f.relative_to(ROOT) if f.resolve().is_relative_to(ROOT) else f),
                      "chars": len(t), "sha256": hashlib.sha256(t.encode()).hexdigest()[:16]})
+    return texts, prov
+
+
+def load_text(files) -> tuple[str, list[dict]]:
+    """-> (the files' text joined, provenance per file)."""
+    texts, prov = load_texts(files)
     return "\n\n".join(texts), prov

@@ -20,7 +20,7 @@ from app.runtime.types import Stopped, VramchatError
 from policies.files import user_folder
 from policies.locret import RetainingHeads, model_key, save_heads
 
-from .data import load_text, make_example
+from .data import load_texts, make_example
 from .labels import features, targets
 
 
@@ -77,7 +77,8 @@ def config_hash(model) -> str:
 
 def train_heads(model, out_dir=None, data_files=(), steps=1200, docs=128, val_docs=8, doc_tokens=2048,
                 d_r=128, lr=2e-3, warmup=60, seed=0, threads=2, progress=None, command="",
-                label_mode="shared", distractors=0, device="auto", features_mode="auto", stop=None) -> dict:
+                label_mode="shared", distractors=0, device="auto", features_mode="auto", stop=None,
+                same_shape=0.0) -> dict:
     """Train heads for `model` (a Runtime, or a model id / path / None for the default).
 
     Phases, each reported as progress(phase, done, total): "documents" (training documents
@@ -101,10 +102,11 @@ def train_heads(model, out_dir=None, data_files=(), steps=1200, docs=128, val_do
     out = Path(out_dir) if out_dir else default_out(info)
     feats = out / ".features"
     feats.mkdir(parents=True, exist_ok=True)
-    text, prov = load_text(data_files)
+    texts, prov = load_texts(data_files)
     built = {"docs": docs, "val_docs": val_docs, "doc_tokens": doc_tokens, "distractors": distractors,
-             "seed": seed, "files": prov, "d_r": d_r, "labels": label_mode}  # what cached features and a
-    # checkpoint depend on (steps, lr and warmup may change between a run and its resume)
+             "seed": seed, "files": prov, "d_r": d_r, "labels": label_mode, "same_shape": same_shape}
+    # (what cached features and a checkpoint depend on: steps, lr and warmup may change between
+    # a run and its resume)
     made = feats / "documents.json"
     if made.is_file() and json.loads(made.read_text()) != built:
         if out_dir:
@@ -115,7 +117,7 @@ def train_heads(model, out_dir=None, data_files=(), steps=1200, docs=128, val_do
     total = docs + val_docs
     phases = {}
     mark = time.time()
-    examples = _documents(rt.tok, text, total, docs, doc_tokens, distractors, seed, progress, stop)
+    examples = _documents(rt.tok, texts, total, docs, doc_tokens, distractors, seed, progress, stop, same_shape)
     phases["documents"], mark = round(time.time() - mark, 1), time.time()
     labels = []
     for j, (ids, n_ctx) in enumerate(examples):
@@ -158,16 +160,20 @@ def train_heads(model, out_dir=None, data_files=(), steps=1200, docs=128, val_do
         "device": str(info.device), "features": features_mode, "phase_s": phases,
         "peak_device_bytes": torch.cuda.max_memory_allocated(info.device) if info.device.type == "cuda" else None,
         "hyper_parameters": {"steps": steps, "docs": docs, "val_docs": val_docs, "doc_tokens": doc_tokens,
-                             "distractors": distractors, "d_r": d_r, "lr": lr, "warmup": warmup,
+                             "distractors": distractors, "same_shape": same_shape, "d_r": d_r, "lr": lr,
+                             "warmup": warmup,
                              "schedule": "linear warmup, linear decay",
                              "optimizer": "AdamW(0.9, 0.95), wd 0.01", "grad_clip": 0.5,
                              "loss": "SmoothL1 + 2.5e-3 * adjacent MSE", "seed": seed,
                              "input": "post-input_layernorm hidden state", "act": heads.act_name},
-        "data": {"files": prov, "held_out": "documents built from the last 10% of the text",
+        "data": {"files": prov, "held_out": "documents built from the last 10% of each text",
                  "labels": "max pre-softmax logit from the queries of a question/answer pair per inserted "
                            "fact, max over GQA group",
                  "distractors": f"{distractors} fact-shaped sentences per document from templates no question "
                                 "asks about" if distractors else "none",
+                 "same_shape": f"{same_shape:.0%} of documents hold facts of one family about distinct "
+                               "entities (each asked)" if same_shape else "none",
+                 "genres": "one text per document, drawn alike" if len(texts) > 1 else "one text",
                  "targets": label_mode + (": z-scored per layer and head, max over layers and heads"
                                           if label_mode == "shared" else ": per layer")},
         "validation": {"before": before, "after": after},
@@ -196,15 +202,18 @@ def _check_stop(stop) -> None:
         raise Stopped("training stopped; run the same command again to resume where it stopped")
 
 
-def _documents(tok, text, total, docs, doc_tokens, distractors, seed, progress, stop):
+def _documents(tok, texts, total, docs, doc_tokens, distractors, seed, progress, stop, same_shape=0.0):
     """-> [(ids [T], n_ctx)] for the training documents, then the held-out ones (built from
-    the last 10 % of the text)."""
-    split = int(len(text) * 0.9)
+    the last 10 % of each text). With several texts (genres) each document draws one, all
+    alike; with one, nothing is drawn (the documents of a one-file run stay the same)."""
     out = []
     for j in range(total):
         _check_stop(stop)
         rng = random.Random(seed * 100003 + j)
-        out.append(make_example(tok, rng, text[:split] if j < docs else text[split:], doc_tokens, distractors))
+        text = texts[rng.randrange(len(texts))] if len(texts) > 1 else texts[0]
+        split = int(len(text) * 0.9)
+        out.append(make_example(tok, rng, text[:split] if j < docs else text[split:], doc_tokens, distractors,
+                                same_shape))
         if progress:
             progress("documents", j + 1, total)
     return out
