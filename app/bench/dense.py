@@ -16,6 +16,12 @@ Scoring wants the exact digits: "4821" for "48213" is wrong, and so is an answer
 names another fact's number. A document is read as a chat would read it (`load_document`,
 then `ask` per turn) on a fresh conversation. Policies that keep every position run only
 inside the model's window (their rows beyond it say so: nothing is ever truncated).
+
+Under a policy whose cache has an `offload` spill, each question that asks facts also gets
+its recall precision (app/bench/precision.py), read after the question's prefill and before
+the first decode step: per question in `answers`, and per row `asked_recalled`, `precision`,
+`heads_on_host`, `heads_kept` (means over the questions) and `asked_rank` (the median of
+the questions' median ranks).
 """
 from __future__ import annotations
 
@@ -26,11 +32,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import precision
+
 HAYSTACK = Path(__file__).resolve().parents[2] / "data" / "dense" / "changelogs.txt"
 KINDS = ("multikey", "multivalue", "after-turn")
 LENGTHS = (3072, 12288, 32768)
 DEFAULT = ("full", "locret", "locret+offload", "snapkv:budget=2048,window=64", "locret+kivi:kbits=4,vbits=2")
-COLUMNS = ["task", "policy", "length", "trials", "correct", "turn1", "skipped"]
+COLUMNS = ["task", "policy", "length", "trials", "correct", "turn1", "asked_recalled", "asked_rank", "precision",
+           "heads_on_host", "heads_kept", "skipped"]
 SHAPES = (("build number", "build numbers"), ("ticket number", "ticket numbers"), ("serial number", "serial numbers"))
 MV_VALUES = 4  # values of the one name in `multivalue` (RULER's default)
 ONE_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)  # `after-turn`: the fact's depth is ONE_DEPTHS[seed % 5]
@@ -178,18 +187,34 @@ def score(answer: str, turn: Turn) -> bool:
     return all(has(w) for w in turn.want) and not any(has(w) for w in turn.wrong)
 
 
-def trial(rt, spec: str, doc: Doc) -> list[str]:
+def trial(rt, spec: str, doc: Doc) -> tuple[list[str], list[dict | None]]:
     """Read doc as a document into a fresh conversation under `spec`, ask its turns in order.
-    -> the answers."""
+    -> (the answers, each turn's recall precision: None where the cache has no offload spill
+    or the turn asks no fact)."""
     rt.clear()
     rt.set_policy(spec, reprefill=True)  # an empty conversation: nothing to re-read (and `auto` is off)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "changelog.txt"
         path.write_text(doc.text)
         rt.load_document(str(path))
-    answers = [rt.ask(t.question, max_new_tokens=t.max_new).answer.strip() for t in doc.turns]
+    spans = precision.fact_spans(rt, doc.facts) if precision.has_offload(rt.cache) else {}
+    answers, recalls = [], []
+    for t in doc.turns:
+        names = {f.name for f in doc.facts if f.value in t.want}
+        where = (set().union(*(spans[a] for a in names)), [s for a, s in spans.items() if a not in names]
+                 ) if spans and names else None  # (asked, others) positions
+        got: list[dict] = []
+
+        def read(done: int, total: int) -> None:
+            # NOTE: after the question's last chunk (its recall made, its evictions done) and
+            # before the first decode step; on_token can come later: a first token with no text
+            # of its own (half a UTF-8 character, a special token) is decoded before it
+            if where is not None and done == total:
+                got[:] = [precision.recall_precision(rt, *where)]
+        answers.append(rt.ask(t.question, max_new_tokens=t.max_new, progress=read).answer.strip())
+        recalls.append(got[0] if got else None)
     rt.clear()
-    return answers
+    return answers, recalls
 
 
 def _why_not(rt, spec: str, n: int, known: dict) -> str:
@@ -242,10 +267,12 @@ def run(rt, policies=DEFAULT, lengths=LENGTHS, trials: int = 8, kinds=KINDS, pro
 
 def _cell(rt, spec: str, docs: list[Doc]) -> dict:
     right = asked = first = 0
-    answers = []
+    answers, measured = [], []
     for doc in docs:
-        got = trial(rt, spec, doc)
-        answers.append([{"q": t.question, "want": list(t.want), "got": a} for t, a in zip(doc.turns, got)])
+        got, recalls = trial(rt, spec, doc)
+        answers.append([{"q": t.question, "want": list(t.want), "got": a} | ({"recall": r} if r else {})
+                        for t, a, r in zip(doc.turns, got, recalls)])
+        measured += [r for r in recalls if r]
         for t, a in zip(doc.turns, got):
             ok = score(a, t)
             if t.scored:
@@ -255,4 +282,6 @@ def _cell(rt, spec: str, docs: list[Doc]) -> dict:
     out = {"trials": len(docs), "correct": f"{right}/{asked}", "accuracy": round(right / max(asked, 1), 3)}
     if any(not t.scored for t in docs[0].turns):
         out["turn1"] = f"{first}/{len(docs)}"
+    if measured:
+        out |= precision.average(measured)
     return out | {"answers": answers}

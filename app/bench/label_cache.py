@@ -17,6 +17,7 @@ from offload import labels
 
 from .kvbits import depths
 from .locret import NEEDLE, passkey_prompt
+from .precision import pooled, span_shares
 
 KINDS = ("model", "fp16", "int8")
 
@@ -60,19 +61,15 @@ def run(rt, n: int, trials: int, spec: str = "locret+offload", progress=None) ->
             n_host, k = sp.n, sp.n_recall
             exact = sp.labels[:, :n_host]  # float32 [Hkv, n, r]
             conv = sp.hpos[:, :n_host]
-            ref = sp.labels.scores(sp._qs, n_host).topk(min(k, n_host), 1).indices.cpu()
+            ref = pooled(sp.labels.scores(sp._qs, n_host), conv, sp.pool).topk(min(k, n_host), 1).indices.cpu()
             for kind in KINDS:
                 lc = labels.LabelCache(exact.shape[0], exact.shape[2], sp.info.dtype, exact.device, kind)
                 lc.grow(sp.labels.capacity, 0)
                 lc.write(0, exact)
-                top = lc.scores(sp._qs, n_host).topk(min(k, n_host), 1).indices.cpu()
+                top = pooled(lc.scores(sp._qs, n_host), conv, sp.pool).topk(min(k, n_host), 1).indices.cpu()
                 stats[kind]["overlap"].append(_overlap(top, ref))
                 stats[kind]["bytes"] += lc.nbytes()
-                for h in range(conv.shape[0]):
-                    evicted = span & set(conv[h].tolist())
-                    if evicted:
-                        got = set(conv[h].gather(0, top[h]).tolist())
-                        stats[kind]["needle"].append(len(evicted & got) / len(evicted))
+                stats[kind]["needle"] += [x for x in span_shares(conv, conv.gather(1, top), span) if x is not None]
         short, _, short_recalled = _read(rt, spec, ids, labels.KIND)
         for kind in KINDS:
             s = stats[kind]
