@@ -41,6 +41,16 @@ from .host import copy_rows, host_bytes, host_empty
 from .quotes import Quotes
 
 
+def pool_along_text(s: torch.Tensor, text_order: torch.Tensor, pool: int) -> torch.Tensor:
+    """Scores s [H, n] of host rows -> each row's best within pool//2 of it in the text, not
+    along host rows (those are in eviction order); text_order [H, n]: the rows sorted by
+    conversation index (`hpos.argsort(1)`). pool 1: s."""
+    if pool <= 1:
+        return s
+    text_order = text_order.to(s.device)
+    return torch.empty_like(s).scatter_(1, text_order, max_pool(s.gather(1, text_order), pool))
+
+
 class OffloadSpill(Spill):
     """Host tier of one layer: receive() evicted tokens, recall() the best `n_recall` for a query."""
 
@@ -208,11 +218,10 @@ class OffloadSpill(Spill):
             qs = self._qs
         if rescore or self._ranked is None or self._ranked_n != n:
             s = self.labels.scores(qs, n)  # [Hkv, n]
-            if self.pool > 1:  # pool along the text, not along host rows (eviction order)
+            if self.pool > 1:
                 if self._text_order is None:  # NOTE: host rows change only in _put
                     self._text_order = self.hpos[:, :n].argsort(1).to(s.device)
-                text_order = self._text_order
-                s = torch.empty_like(s).scatter_(1, text_order, max_pool(s.gather(1, text_order), self.pool))
+                s = pool_along_text(s, self._text_order, self.pool)
             self._ranked, self._ranked_n = s.topk(min(self.n_recall, n), dim=1).indices, n  # [Hkv, k] best first
         inside = None
         if self.quotes is not None:

@@ -49,8 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
-from offload.spill import OffloadSpill
-from policies.evict import max_pool
+from offload.spill import OffloadSpill, pool_along_text
 
 
 @dataclass
@@ -106,12 +105,9 @@ def fact_spans(rt, facts, end: int | None = None) -> dict[str, set[int]]:
 
 
 def pooled(s: torch.Tensor, conv: torch.Tensor, pool: int) -> torch.Tensor:
-    """Scores s [H, n] of host rows at conversation indices conv [H, n] -> each row's best
-    within pool//2 of it in the text, as `OffloadSpill._recall` ranks them (pool 1: s)."""
-    if pool <= 1:
-        return s
-    order = conv.argsort(1).to(s.device)  # NOTE: host rows are in eviction order, not text order
-    return torch.empty_like(s).scatter_(1, order, max_pool(s.gather(1, order), pool))
+    """Scores s [H, n] of host rows at conversation indices conv [H, n], pooled along the text
+    as `OffloadSpill._recall` ranks them (pool 1: s)."""
+    return pool_along_text(s, conv.argsort(1), pool)
 
 
 def question_scores(sp: OffloadSpill) -> torch.Tensor | None:
