@@ -10,7 +10,7 @@ import policies.registry as registry
 from textual.widgets.markdown import MarkdownBlock
 
 from app.ui.chat_input import ChatInput
-from app.ui.panels import Gauge
+from app.ui.panels import ContextMeter, Gauge
 from tests.ui.conftest import make_app, settle, submit, wait_for
 from tests.ui.fake import FakeRuntime, answer_for
 
@@ -67,6 +67,8 @@ def test_streaming_answer(snap_compare, tmp_path):
         await wait_for(pilot, lambda: _paragraphs(app.answer.markdown) == ["You asked: Explain the cache.",
                                                                            "The document says the cache"])
         await wait_for(pilot, lambda: app.query_one("#vram", Gauge).report == fake.memory())
+        # the Context panel shows the question read (5 tokens) while the answer streams
+        await wait_for(pilot, lambda: app.query_one(ContextMeter).info == fake.context() and fake.read == 5)
     assert snap_compare(app, terminal_size=SIZE, run_before=before)
     fake.release.set()
 
