@@ -65,7 +65,8 @@ class OffloadSpill(Spill):
         self._owns_log = False  # reports the shared log's bytes
         self._ranked = None  # [Hkv, <=k] host rows by the last scoring, best first
         self._ranked_n = 0  # host rows when it was made
-        self._qs = None  # [Hkv, Tq, r] group queries of the last scoring (kept where quotes are on)
+        self._qs = None  # [Hkv, Tq, r] group queries of the last scoring
+        self._asking = False  # between a prefill's last-chunk recall and the first decode step
         self._text_order = None  # [Hkv, n] host rows in text order (pool > 1), until the host changes
         self.ch = find_channels(info, channels, channels_file, "offload")[layer]  # [Hkv, r]
         self.cuda = info.device.type == "cuda"
@@ -153,6 +154,8 @@ class OffloadSpill(Spill):
         pos = layer.base + idx
         k0 = rope.rotate(k, -pos, self.info.inv_freq)
         self._put(k0, v, labels.take(k, self.ch), layer.positions().gather(1, idx))
+        if self._asking and self._qs is not None:  # evicted by the question's own last chunk, after its recall
+            self._recall(layer, None, rescore=False)  # with the question's queries, before decoding
 
     def adopt(self, other: "OffloadSpill") -> None:
         """Take over another spill's host tokens (live conversion between stacks)."""
@@ -175,15 +178,17 @@ class OffloadSpill(Spill):
         if qt is not None:
             qt.observe(layer.seen, chunk.input_ids, chunk.phase == "prefill", chunk.final)
         if chunk.phase != "decode":
-            self.m = 0
+            self.m, self._asking = 0, False
             if not chunk.final:
                 return None
             self.steps = 0
             if qt is not None:
                 qt.at_prefill_end()
             self._recall(layer, q)
+            self._asking = True
         else:
             self.steps += 1
+            self._asking = False
             if qt is not None:
                 qt.at_step()
             every = bool(self.every and self.steps % self.every == 0)
@@ -205,6 +210,8 @@ class OffloadSpill(Spill):
         Offload)."""
         n = self.n
         if n == 0 or self.n_recall == 0:
+            if rescore and q is not None and self.n_recall:  # (the last chunk may evict: rank with these)
+                self._qs = labels.group_queries(q, self.ch)
             self.m = 0
             return
         self.recalls += 1
@@ -212,8 +219,7 @@ class OffloadSpill(Spill):
             self._copied.synchronize()
         if rescore or self._qs is None:
             qs = labels.group_queries(q, self.ch)  # [Hkv, Tq, r]
-            if self.quotes is not None:  # quote moves re-rank with these (rows may come in between)
-                self._qs = qs
+            self._qs = qs  # quote moves and the last chunk's evictions re-rank with these
         else:
             qs = self._qs
         if rescore or self._ranked is None or self._ranked_n != n:

@@ -204,7 +204,9 @@ def test_spill_bytes_are_exact_by_tier_and_kind(chfile):
     host_cap, store_cap = 256, 256
     assert by[("host", "keys")] == by[("host", "values")] == L * h * host_cap * d * 4
     assert by[("host", "index")] == L * h * host_cap * 8
-    assert by[("gpu", "labels")] == L * h * host_cap * (r + 2)  # int8 codes + an fp16 scale per row
+    # int8 codes + an fp16 scale per row, and the last chunk's (30 tokens) group queries in fp32,
+    # kept to rank what that chunk evicts after its recall
+    assert by[("gpu", "labels")] == L * h * host_cap * (r + 2) + L * h * 30 * r * 4
     assert by[("gpu", "keys")] == by[("gpu", "values")] == L * h * (store_cap + 20) * d * 4
     assert by[("gpu", "index")] == L * h * (60 + 20) * 8  # conversation index of the 60 stored tokens + ranking
     assert set(by) == {("host", "keys"), ("host", "values"), ("host", "index"), ("gpu", "labels"),
@@ -328,3 +330,29 @@ def test_host_bytes_counts_the_pinned_block_torch_rounds_to(monkeypatch):
     assert host.host_bytes(torch.empty(300, 1024, 8)) == 300 * 1024 * 8 * 4  # not pinned: exact
     monkeypatch.setattr(host, "_EXACT_PINNED", True)
     assert host.host_bytes(Pinned(258 << 20)) == 258 << 20
+
+
+def test_tokens_evicted_by_the_questions_last_chunk_are_ranked_before_the_answer(tmp_path):
+    """The last chunk of a read recalls with its queries, then evicts; what it evicts goes to the
+    host after that recall. Those tokens are ranked with the same queries before the first
+    decode step (they were invisible to the whole answer), and the buffer is the top k of
+    every host token."""
+    from app.runtime.engine import Runtime
+    from tiny import tiny_pair, tiny_policy_files
+    files = tiny_policy_files(tmp_path)
+    rt = Runtime.from_model(*tiny_pair(0), model_id="tiny", chunk_size=32)
+    rt.set_policy(f"locret:budget=48,stabilizers=8,local=16,heads={files['heads']}"
+                  f"+offload:recall=24,channels_file={files['ch']}")
+    gen = torch.Generator().manual_seed(3)
+    rt.prefill(torch.randint(4, 260, (300,), generator=gen))  # a document: its last chunk stays
+    before = [layer.spill.recalls for layer in rt.cache.layers]
+    rt.prefill(torch.randint(4, 260, (10,), generator=gen))  # a question, one chunk: the document's tail goes
+    late = -sum(before)
+    for layer in rt.cache.layers:
+        sp = layer.spill
+        assert sp._ranked_n == sp.n, "every host token was ranked for the question"
+        s = sp.labels.scores(sp._qs, sp.n)
+        want = sp.hpos[:, :sp.n].gather(1, s.topk(min(sp.n_recall, sp.n), 1).indices.cpu()).sort(1).values
+        assert torch.equal(sp.recalled, want)
+        late += sp.recalls
+    assert late > len(rt.cache.layers), "the question's chunk evicted after its recall (this case tests that)"

@@ -60,7 +60,7 @@ def test_exact_numbers_where_the_asked_fact_ranks_first_in_one_head_and_last_in_
     sp = _spill(info, files["ch"], quote, 48, gen)
     _lay_out(sp, q, [{0: 120, 1: 121, 2: 130, 40: 131, 45: 140}, {46: 120, 47: 121, 0: 130, 1: 131, 5: 140}])
     sp._recall(SimpleNamespace(base=200), q)
-    assert (sp._qs is None) == (quote == 0)
+    assert sp._qs is not None  # kept with quotes on or off (the question's evictions rank with it)
     # layer 1: no fact on the host at the recall; then head 1 evicts the asked fact (late),
     # while head 0 keeps it
     sp2 = _spill(info, files["ch"], quote, 20, gen)
@@ -72,12 +72,12 @@ def test_exact_numbers_where_the_asked_fact_ranks_first_in_one_head_and_last_in_
     rt = SimpleNamespace(cache=SimpleNamespace(layers=[SimpleNamespace(spill=s, positions=lambda p=p: p)
                                                        for s, p in zip((sp, sp2), kept)]))
     heads = precision.heads(rt, ASKED, [OTHER, THIRD])
-    past = float("inf") if quote == 0 else 46.0  # quote off keeps no queries: past the top k is unknown
+    past = 46.0
     assert [(x.layer, x.head, x.kept, x.host, x.recalled, x.rank, x.facts) for x in heads] == [
         (0, 0, 0, 2, 2, 0.0, 3), (0, 1, 0, 2, 0, past, 3), (1, 0, 2, 0, 0, None, 0), (1, 1, 0, 2, 0, None, 0)]
     got = precision.recall_precision(rt, ASKED, [OTHER, THIRD])
     assert got == {"heads": 4, "heads_kept": 1, "heads_on_host": 3, "heads_late": 1, "k": 32,
-                   "asked_recalled": round(1 / 3, 4), "asked_rank_median": None if quote == 0 else 23.0,
+                   "asked_recalled": round(1 / 3, 4), "asked_rank_median": 23.0,
                    "precision": round((2 / 3 + 0) / 2, 4), "precision_heads": 2}
     # and the check can fail: the same spill read for the other fact
     other = precision.recall_precision(rt, OTHER, [ASKED, THIRD])
@@ -134,7 +134,8 @@ def test_after_a_real_question_the_numbers_agree_with_what_the_spills_recalled(f
     def read(done: int, total: int) -> None:  # as dense reads it: the question read, nothing decoded
         if done == total:
             layers = rt.cache.layers
-            assert [(lay.spill.steps, lay.spill.recalls) for lay in layers] == [(0, r + 1) for r in scans]
+            # the question's recall, and one more for each eviction its chunk made after it
+            assert all(lay.spill.steps == 0 and lay.spill.recalls > r for lay, r in zip(layers, scans))
             seen.append((precision.recall_precision(rt, spans[asked], others),
                          precision.heads(rt, spans[asked], others),
                          [(lay.spill.hpos[:, :lay.spill.n].clone(), lay.spill.recalled.clone(),
@@ -160,7 +161,7 @@ def test_after_a_real_question_the_numbers_agree_with_what_the_spills_recalled(f
             elif a & set(pos[h].tolist()):
                 kept += 1
     assert got["heads"] == 6 and got["heads_on_host"] == len(shares) >= 1 and got["heads_kept"] == kept
-    assert got["heads_late"] == late
+    assert got["heads_late"] == late == 0  # what the question's chunk evicted was ranked too
     assert got["asked_recalled"] == round(sum(shares) / len(shares), 4)
     assert 0 <= got["asked_recalled"] <= 1 and (got["precision"] is None or 0 <= got["precision"] <= 1)
     assert got["asked_rank_median"] is None or 0 <= got["asked_rank_median"] < max(len(st[0][0]) for st in state)

@@ -26,11 +26,12 @@ value (asked or other):
     scores tie by design), so rank < k (the spill's `recall`) means that token is in the
     ranking's top k up to ties at its edge. With quote spans on, the spans
     take part of the buffer and only the ranking's top k - (span tokens) are recalled;
-    where the spill kept no queries (`quote` off) only the top k is known and a rank past it
-    is "unknown, >= k";
-  - *late*: every token of A on the host was evicted after the question's recall (a
-    question's final chunk may still evict older tokens): nothing ranked it (no rank) and
-    it is not recalled; decoding reads it nowhere;
+    where the spill kept no queries only the top k is known and a rank past it is
+    "unknown, >= k";
+  - *late*: every token of A on the host arrived after the question's last ranking: nothing
+    ranked it (no rank) and it is not recalled. (A question's final chunk evicts older
+    tokens after its recall; the spill ranks those too before the first decode step, so
+    this counts only what something else evicted later);
   - precision = |recalled ∩ A| / |recalled ∩ F| where the head recalled any token of F
     (where no other fact exists, one fact or one key's values, it is 1 wherever defined).
 
@@ -112,7 +113,7 @@ def pooled(s: torch.Tensor, conv: torch.Tensor, pool: int) -> torch.Tensor:
 
 def question_scores(sp: OffloadSpill) -> torch.Tensor | None:
     """[Hkv, n0] float32 (CPU): the scores the last scoring ranked the first n0 host rows by
-    (n0: the host as that recall saw it); None where the spill kept no queries (quote off)."""
+    (n0: the host as that recall saw it); None where the spill kept no queries."""
     n0 = sp._ranked_n if sp._ranked is not None else 0
     if sp._qs is None or n0 == 0:
         return None
