@@ -7,13 +7,13 @@ import re
 
 import pytest
 
-from app.heads.data import _THINGS, build_document, load_text, make_example
+from app.heads.data import _THINGS, build_document, load_texts, make_example
 from tiny import tiny_tokenizer
 
 
 @pytest.mark.parametrize("seed", [0, 7, 31])
 def test_distractors_are_inserted_and_never_asked(seed):
-    text, _ = load_text(())
+    text = load_texts(())[0][0]
     n = 5
     base, qa0 = build_document(random.Random(seed), text, 2400, 4)
     doc, qa = build_document(random.Random(seed), text, 2400, 4, n_distractors=n)
@@ -32,7 +32,7 @@ def test_distractors_are_inserted_and_never_asked(seed):
 
 def test_distractors_leave_the_question_answer_tail_unchanged():
     tok = tiny_tokenizer()
-    text, _ = load_text(())
+    text = load_texts(())[0][0]
     ids0, n0 = make_example(tok, random.Random(3), text, 300)
     ids, n = make_example(tok, random.Random(3), text, 300, n_distractors=4)
     assert n > n0, "distractors lengthen the context"
@@ -59,7 +59,7 @@ def test_same_shape_documents_hold_similar_facts_each_asked(seed):
     """A same-shape document: every fact one family, distinct entities and values, every one
     asked; without it the documents of a run are what they were (no extra draws)."""
     from app.heads.data import _FACTS
-    text, _ = load_text(())
+    text = load_texts(())[0][0]
     doc, qa = build_document(random.Random(seed), text, 2400, 5, same_shape=True)
     families = {q.replace(e, "{e}") for q, _ in qa for e in _THINGS if e in q}
     assert len(families) == 1 and families <= {f[2] for f in _FACTS}
@@ -76,7 +76,7 @@ def test_same_shape_documents_hold_similar_facts_each_asked(seed):
 
 
 def test_genres_each_document_from_one_text_and_held_out_from_each_tail():
-    from app.heads.data import GENRES, load_texts
+    from app.heads.data import GENRES
     from app.heads.train import _documents
     texts, prov = load_texts(GENRES)
     assert len(texts) == 4 and all(p["chars"] > 30000 for p in prov)
@@ -95,7 +95,7 @@ def test_genres_each_document_from_one_text_and_held_out_from_each_tail():
         assert all(inside) if j >= 10 else not any(inside[1:-1]), f"document {j}: held out iff from the tail"
     assert len(found) >= 3, "documents come from several genres"
     one = _documents(tok, texts[:1], 3, 2, 200, 0, 0, None, None)
-    text0, _ = load_text(())
+    text0 = load_texts(())[0][0]
     from app.heads.data import make_example as mk
     want = mk(tok, random.Random(0 * 100003 + 0), text0[:int(len(text0) * 0.9)], 200, 0)
     assert one[0][0].tolist() == want[0].tolist(), "one text: the documents of a one-file run"

@@ -190,9 +190,3 @@ def load_texts(files) -> tuple[list[str], list[dict]]:
         prov.append({"file": str(f.relative_to(ROOT) if f.resolve().is_relative_to(ROOT) else f),
                      "chars": len(t), "sha256": hashlib.sha256(t.encode()).hexdigest()[:16]})
     return texts, prov
-
-
-def load_text(files) -> tuple[str, list[dict]]:
-    """-> (the files' text joined, provenance per file)."""
-    texts, prov = load_texts(files)
-    return "\n\n".join(texts), prov
