@@ -130,10 +130,10 @@ NEEDLES = [("The pass key is {x}.", "What is the pass key?", "73914"),
            ("The colour of the door is {x}.", "What is the colour of the door?", "turquoise")]
 
 
-def needles(rt, doc_tokens: int = 8192, budget: int = 1024, recall: int = 512) -> list[dict]:
+def needles(rt, doc_tokens: int = 8192, budget: int = 1024, recall: int = 512, specs=None) -> list[dict]:
     """Three needles at depths 20/50/80 % of a prose document (the benchmark haystack, never
-    trained on), asked in turn per policy: `locret`, `locret+offload` and `auto`'s heads-free
-    choice (a policy that cannot run here is a row saying why)."""
+    trained on), asked in turn per policy: `specs`, or `locret`, `locret+offload` and `auto`'s
+    heads-free choices (a policy that cannot run here is a row saying why)."""
     from .locret import HAYSTACK
     text = HAYSTACK.read_text()
     ids = rt.tokens(text)[:doc_tokens]
@@ -147,7 +147,7 @@ def needles(rt, doc_tokens: int = 8192, budget: int = 1024, recall: int = 512) -
     doc = "".join(parts) + body[s:]
     from app.runtime.auto import SNAPKV
     rows = []
-    for spec in (f"locret:budget={budget}", f"locret:budget={budget}+offload:recall={recall}", SNAPKV):
+    for spec in specs or (f"locret:budget={budget}", f"locret:budget={budget}+offload:recall={recall}", SNAPKV):
         rt.clear()  # (before the switch: nothing to re-read)
         try:
             rt.set_policy(spec, reprefill=True)  # an empty conversation: just a fresh cache
