@@ -13,7 +13,7 @@ from .doublesparse import DoubleSparseReader
 from .host import HostStore
 from .spill import OffloadSpill
 
-_RECALL_OPTS = ("recall", "channels", "every", "pool", "quote", "channels_file")
+_RECALL_OPTS = ("recall", "channels", "every", "pool", "quote", "terms", "rank", "channels_file")
 
 
 def _place(slots) -> str:
@@ -31,6 +31,9 @@ def _place(slots) -> str:
 
 
 def _check_offload(opts) -> None:
+    if (opts["terms"] or not opts["rank"]) and opts["quote"] < 16:
+        raise SpecError(f"policy `offload`: options `terms` and `rank=off` work through quote spans; option "
+                        f"`quote` ({opts['quote']}) must be 16 or more")
     if opts["pool"] % 2 == 0:
         raise SpecError(f"option `pool` of policy `offload`: {opts['pool']} must be odd (a window centred "
                         "on each token)")
@@ -44,6 +47,9 @@ def _check_offload(opts) -> None:
                 min=1),
     "quote": Opt(int, 128, "tokens recalled in every head around text the question or answer repeats "
                  "verbatim (at most recall/2; under 16: off)", min=0),
+    "terms": Opt(bool, False, "quote spans also around the question's rare word pairs (the words "
+                 "that name a fact; needs quote)"),
+    "rank": Opt(bool, True, "on: the label ranking fills the recall buffer beside the spans; off: spans only"),
     "channels_file": Opt("path", "", "calibration file (default: the one shipped for this model)"),
 }, "host tier: alone, the whole cache in host memory streamed per layer; behind an evicting "
    "selector, evicted tokens go to the host and the best ones are recalled per question", place=_place,
@@ -53,7 +59,7 @@ def build_offload(policy, info, layer):
         return HostStore(info, layer)
     o = policy.opts
     return OffloadSpill(info, layer, o["recall"], o["channels"], o["every"], o["channels_file"], o["pool"],
-                        o["quote"])
+                        o["quote"], o["terms"], o["rank"])
 
 
 def _check_ds(opts) -> None:

@@ -21,6 +21,14 @@ token ids by conversation index (host int64, 8 B a token: 1 MiB at 128K).
   outside its span or near the span's end, a span opens around it (the question's
   other span stays) and the spills re-recall: about once per 7/8 of a span while an
   answer quotes, never while it does not.
+- With `terms` (named facts): each two-token run of the question (no special token in it)
+  that occurs at most `TERM_MAX` times in the text before it, outside earlier questions (prefills
+  of at most `TALK` tokens) and answers, marks a hit weighted 1/occurrences; hits within `span` of each other form a
+  cluster, and clusters weighing 1 or more (a rare word pair, or several) become spans after
+  the quotes'. A question names the fact it asks about ("the secret city", "the pass key")
+  in words that occur where the fact is stated and rarely elsewhere; the label scores of the
+  question's queries rank such a fact's value tokens no better than chance on the default
+  model (BENCHMARKS.md, the heads-free choice), the words find it.
 A span covers [p - span/8, p + 7·span/8) around the point p: copying reads forward.
 Spans take at most half the recall buffer; the other half keeps the label ranking.
 Only the host rows in a span come back (the kept tokens of it are in the store already).
@@ -35,13 +43,18 @@ MAX_ENDS = 16  # a run found in more places than this says nothing about where t
 CONFIRM = 3  # steps a found point must keep matching before the spans move to it
 QUESTION = 512  # a prefill's last tokens that count as the question
 UNKNOWN = -1  # token id of conversation indices read before the log existed
+TERM_MAX = 2  # a question's word pair found more often than this names nothing in particular
+TALK = 128  # a prefill this short is a question (talk, never a term hit later), a longer one a text
 
 
 class Quotes:
     """Token log + current spans of one cache; a new `version` tells the spills to re-recall."""
 
-    def __init__(self, span: int, recall: int):
+    def __init__(self, span: int, recall: int, terms: bool = False, special=()):
         self.span = span
+        self.terms = terms  # spans also from the question's rare word pairs (module docstring)
+        self.special = torch.tensor(sorted(set(special)), dtype=torch.long)  # ids no term contains
+        self.talk: list[tuple[int, int]] = []  # [a, b): earlier questions and answers (no term hits)
         self.max_spans = max(1, (recall // 2) // span)
         self.ids = torch.empty(0, dtype=torch.long)
         self.n = 0  # tokens logged (conversation indices 0..n-1)
@@ -63,6 +76,8 @@ class Quotes:
         if seen + t <= self.n:
             return
         if prefill and not self._reading:
+            if self._answer < seen:  # decoded tokens since the last prefill: an answer
+                self._talked(self._answer, seen)
             self._from = seen  # the first chunk of a prefill (the question's turn)
         self._reading = prefill and not final
         if seen > self.n:  # read before this log existed (a live conversion): unknown ids
@@ -103,9 +118,15 @@ class Quotes:
 
     _FIELDS = ("n", "version", "point", "_at", "_answer", "_from", "_reading", "_turn", "_run")
 
+    def _talked(self, a: int, b: int) -> None:
+        if self.talk and self.talk[-1][1] == a:
+            self.talk[-1] = (self.talk[-1][0], b)
+        else:
+            self.talk.append((a, b))
+
     def state(self) -> tuple[dict, dict]:
         meta = {f: getattr(self, f) for f in self._FIELDS}
-        meta.update(cap=self.ids.shape[0], spans=[list(s) for s in self.spans])
+        meta.update(cap=self.ids.shape[0], spans=[list(s) for s in self.spans], talk=[list(t) for t in self.talk])
         return {"ids": self.ids[: self.n]}, meta
 
     def restore(self, tensors: dict, meta: dict) -> None:
@@ -117,6 +138,7 @@ class Quotes:
         self.ids = torch.zeros(int(meta["cap"]), dtype=torch.long)
         self.ids[: self.n] = ids
         self.spans = [(int(a), int(b)) for a, b in meta["spans"]]
+        self.talk = [(int(a), int(b)) for a, b in meta.get("talk", [])]  # (files from before terms: none)
 
     # ---- spans --------------------------------------------------------------------------
     def at_prefill_end(self) -> None:
@@ -142,7 +164,25 @@ class Quotes:
             # NOTE: a lone hit is mostly the chat template (". <|im_end|> ... assistant"),
             # a quote of NGRAM + 1 tokens or more hits twice
             new = [self._around(g[0] - NGRAM + 1) for g in groups[: self.max_spans] if len(g) >= 2]
+        if self.terms:
+            new += [s for s in self._term_spans() if s not in new][: self.max_spans - len(new)]
+        if self.n - self._from <= TALK:  # a question, not a document: never a term hit later
+            self._talked(self._from, self.n)
         self._set(new)
+
+    def _term_spans(self) -> list[tuple[int, int]]:
+        """Spans around the question's rare word pairs (module docstring), heaviest first."""
+        ids = self.ids[: self.n]
+        hits, weight = _pair_hits(ids, self._turn, self.special, self.talk)
+        groups: list[list] = []  # [first hit, last hit, weight]
+        for p, w in zip(hits.tolist(), weight.tolist()):
+            if groups and p - groups[-1][1] <= self.span:
+                groups[-1][1], groups[-1][2] = p, groups[-1][2] + w
+            else:
+                groups.append([p, p, w])
+        groups = [g for g in groups if g[2] >= 1.0]
+        groups.sort(key=lambda g: (g[2], g[1]), reverse=True)  # heaviest, then latest
+        return [self._around(g[0] - 1) for g in groups]
 
     def at_step(self) -> bool:
         """After the decode step that logged the newest token: follow the reading point.
@@ -205,6 +245,31 @@ def _ngram_hits(ids: torch.Tensor, start: int) -> torch.Tensor:
 
 
 _BAD = torch.iinfo(torch.long).min
+
+
+def _pair_hits(ids: torch.Tensor, start: int, special: torch.Tensor, talk) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (sorted indices p < start where ids[p-1..p] is a two-token run of ids[start:] found
+    at most TERM_MAX times before start outside `talk` ranges, weights 1/occurrences [float]).
+    Runs holding an unknown or a `special` id never match."""
+    if start < 2 or ids.shape[0] - start < 2:
+        return torch.empty(0, dtype=torch.long), torch.empty(0)
+    a, b = ids[:-1], ids[1:]
+    h = a * 1_000_003 + b  # h[j]: the pair ending at j + 1
+    bad = (a == UNKNOWN) | (b == UNKNOWN)
+    if special.numel():
+        bad |= torch.isin(a, special) | torch.isin(b, special)
+    h = h.masked_fill(bad, _BAD)
+    before, after = h[: start - 1].clone(), h[start:]
+    for lo, hi in talk:  # earlier questions and answers name nothing in the document
+        before[max(0, lo - 1):max(0, min(hi, start) - 1)] = _BAD
+    hit = torch.isin(before, after[after != _BAD]) & (before != _BAD)
+    where = torch.nonzero(hit)[:, 0]
+    if where.numel() == 0:
+        return where, torch.empty(0)
+    _, inv, counts = torch.unique(before[where], return_inverse=True, return_counts=True)
+    c = counts[inv]
+    keep = c <= TERM_MAX
+    return where[keep] + 1, 1.0 / c[keep].float()
 
 
 def _hashes(ids: torch.Tensor) -> torch.Tensor:

@@ -57,9 +57,14 @@ class OffloadSpill(Spill):
     BLOCK = 256
 
     def __init__(self, info, layer: int, recall: int, channels: int, every: int, channels_file: str = "",
-                 pool: int = 1, quote: int = 0):
+                 pool: int = 1, quote: int = 0, terms: bool = False, rank: bool = True):
         self.info, self.layer, self.n_recall, self.every, self.pool = info, layer, recall, every, pool
         self.quote = min(quote, recall // 2)  # span length; spans take at most half the buffer
+        self.terms = terms  # spans around the question's rare word pairs too (offload/quotes.py)
+        # False: the buffer holds span rows only. Measured: label-ranked rows scattered over the
+        # document, placed before the kept tokens, make a model under a recency keep set loop
+        # on the question's words even with the asked passage recalled whole (BENCHMARKS.md)
+        self.rank = rank
         self.quotes: Quotes | None = None  # shared by the cache's spills (link), if quote
         self._qv = -1  # quotes.version this layer's buffer was filled for
         self._owns_log = False  # reports the shared log's bytes
@@ -92,7 +97,9 @@ class OffloadSpill(Spill):
         """Called once by the cache with every layer's spill: one token log and one set of
         quote spans for them all (offload/quotes.py)."""
         if spills[0].quote >= 16:
-            q = Quotes(spills[0].quote, spills[0].n_recall)
+            tok = spills[0].info.tokenizer
+            q = Quotes(spills[0].quote, spills[0].n_recall, spills[0].terms,
+                       tok.all_special_ids if tok is not None and spills[0].terms else ())
             for sp in spills:
                 sp.quotes = q
             spills[0]._owns_log = True
@@ -233,6 +240,9 @@ class OffloadSpill(Spill):
         if self.quotes is not None:
             self._qv = self.quotes.version
             inside = self.quotes.mask(self.hpos[:, :n])
+        if inside is None and not self.rank:  # nothing quoted or named: nothing to recall
+            self.m = 0
+            return
         if inside is None:
             idx = self._ranked.sort(dim=1).values.cpu()
         else:  # quoted spans first, in every head; the ranking fills the rest
@@ -240,6 +250,8 @@ class OffloadSpill(Spill):
             rank = torch.full((self._ranked.shape[0], n), -1.0, device=self._ranked.device)
             rank.scatter_(1, self._ranked, torch.arange(k, 0, -1, dtype=rank.dtype, device=rank.device).expand(
                 self._ranked.shape[0], -1))
+            if not self.rank:  # spans only: as many rows as the fullest head has inside them
+                k = min(k, int(inside.sum(1).max()))
             idx = labels.top(rank.masked_fill(inside.to(rank.device), float("inf")), k).cpu()  # [Hkv, m] host rows
         conv = self.hpos[:, :n].gather(1, idx)
         order = conv.argsort(1)  # NOTE: host rows are in eviction order, not conversation order

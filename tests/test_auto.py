@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from app.runtime.auto import SNAPKV, choose
+from app.runtime.auto import RECALL, SNAPKV, choose
 from app.runtime.engine import Runtime
 from policies.files import user_folder
 from tiny import tiny_pair, tiny_policy_files
@@ -30,12 +30,12 @@ def rt(tmp_path_factory):
 
 @pytest.mark.parametrize("tokens,files,memory,spec,why", [
     (100, (False, False), BIG, "full", "inside the native window of 512"),
-    (100, (True, True), (950_000, 1 << 40), "kivi:group=16", "2-bit K/V does"),
+    (100, (True, True), (950_000, 1 << 40), "kivi:group=16", "2-bit values do"),
     (100, (True, True), (850_000, 1 << 40), "offload", "only in host memory"),
     (900, (True, False), BIG, "locret", "retaining heads exist"),
     (900, (True, True), BIG, "locret+offload", "host memory for recall"),
     (900, (False, False), BIG, SNAPKV, "no retaining heads"),
-    (900, (False, True), BIG, SNAPKV + "+offload", "train-heads"),
+    (900, (False, True), BIG, RECALL, "train-heads"),
 ])
 def test_auto_picks_the_cheapest_stack_that_holds_the_conversation(rt, tokens, files, memory, spec, why):
     got = choose(rt, tokens, answer=64, files=files, memory=memory)

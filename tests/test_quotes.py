@@ -315,3 +315,86 @@ def test_runtime_log_matches_the_conversation_and_survives_a_conversion(tmp_path
             dec.step(t)
     assert log.n == rt.cache.seen == n0 + 3 and log.ids[n0:log.n].tolist() == [41, 42, 43]  # decode steps too
     assert not (log.ids[: log.n] == Q.UNKNOWN).any()
+
+
+# ---- terms: the words a question names a fact by ------------------------------------------
+
+def _pair_question(doc, pairs, fresh_seed=9):
+    """A question of fresh tokens holding each (a, b) pair of doc tokens."""
+    fresh = iter(_distinct(200, seed=fresh_seed, lo=30000))
+    out = [next(fresh) for _ in range(3)]
+    for p in pairs:
+        out += list(p) + [next(fresh) for _ in range(3)]
+    return out
+
+
+def test_terms_find_a_rare_word_pair_and_ignore_common_ones_specials_and_earlier_talk():
+    doc = _distinct(1000)
+    doc[700:702] = doc[300:302]  # the pair at 300 occurs twice: weight 1/2 each, one span
+    for p in (100, 400, 600):  # a pair found three times names nothing
+        doc[p:p + 2] = [7, 8]
+    q = Quotes(128, 512, terms=True, special=(5,))
+    _read(q, doc)
+    _read(q, _pair_question(doc, [(doc[500], doc[501]), (7, 8)]), start=1000)
+    assert q.spans == [(500 - 16, 500 + 112)]  # from the pair on
+    # the twice-found pair: two hits of weight 1/2 far apart weigh 1/2 each: no span
+    q2 = Quotes(128, 512, terms=True)
+    _read(q2, doc)
+    _read(q2, _pair_question(doc, [(doc[300], doc[301])]), start=1000)
+    assert q2.spans == []
+    # a pair holding a special id never matches; terms off: the pair is no quote
+    doc3 = _distinct(1000)
+    doc3[500] = 5
+    for terms, special, want in ((True, (5,), []), (True, (), [(500 - 16, 500 + 112)]), (False, (), [])):
+        q3 = Quotes(128, 512, terms=terms, special=special)
+        _read(q3, doc3)
+        _read(q3, _pair_question(doc3, [(5, doc3[501])]), start=1000)
+        assert q3.spans == want, (terms, special)
+    # a pair an earlier question held is talk, not the document
+    q4 = Quotes(128, 512, terms=True)
+    _read(q4, doc)
+    first = _pair_question(doc, [(doc[500], doc[501])], fresh_seed=1)
+    _read(q4, first, start=1000)
+    n = 1000 + len(first)
+    for i, t in enumerate(_distinct(5, seed=4, lo=60000)):  # its answer
+        q4.observe(n + i, torch.tensor([t]), prefill=False)
+        q4.at_step()
+    n += 5
+    again = _pair_question(first, [(first[0], first[1])], fresh_seed=2)  # names a pair of the first question only
+    _read(q4, again, start=n)
+    assert q4.spans == [] and q4.talk == [(1000, n + len(again))]
+    st, meta = q4.state()
+    q5 = Quotes(128, 512, terms=True)
+    q5.restore(st, meta)
+    assert q5.talk == q4.talk
+
+
+def test_rank_off_recalls_the_named_passage_only_and_nothing_when_nothing_is_named(chfile):
+    """Keeping the newest 40 of 200 tokens, a question naming the pair at 80..81 gets exactly
+    the host rows of its span back in every head with rank=off; rank=on fills the rest of the
+    buffer from the label ranking; a question naming nothing recalls nothing with rank=off."""
+    doc = (torch.randperm(250, generator=torch.Generator().manual_seed(0))[:200] + 3).tolist()
+    ad = Adapter(tiny_llama(0), None)
+    a, b, c = [t for t in range(3, 253) if t not in doc][:3]  # ids the document never holds
+    span = set(range(80 - 4, 80 + 28))  # quote=32: [p - 4, p + 28) from the pair on
+    for rank, ask, want in ((False, [doc[80], doc[81], a], span), (True, [doc[80], doc[81], a], None),
+                            (False, [a, b, c], set())):
+        cache = cache_with(ad, KeepNewest(40), {"recall": 64, "quote": 32, "terms": True, "rank": rank,
+                                                "channels_file": chfile})
+        run_chunks(ad, cache, torch.tensor(doc + doc[:1]), [64, 128, 200, 201])
+        run_chunks(ad, cache, torch.tensor(ask), [len(ask)])
+        for layer in cache.layers:
+            got = [set(r.tolist()) for r in layer.spill.recalled] if layer.spill.m else [set()] * 2
+            for g in got:
+                if want is None:
+                    assert span <= g and len(g) == 64
+                else:
+                    assert g == want
+
+
+def test_terms_and_rank_off_need_quote_spans():
+    from policies import SpecError, parse_spec
+    for opts in ("terms=on,quote=0", "rank=off,quote=8"):
+        with pytest.raises(SpecError, match="must be 16 or more"):
+            parse_spec(f"streaming+offload:{opts}")
+    parse_spec("streaming+offload:terms=on,rank=off")

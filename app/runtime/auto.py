@@ -6,12 +6,15 @@ model's native window and the files this model has (retaining heads, offload cha
 | the conversation ...                          | chosen                                   |
 |-----------------------------------------------|------------------------------------------|
 | fits the window, and its full K/V fits memory | `full`                                   |
-| fits the window, full K/V does not            | `kivi` (5x smaller), else `offload` (host)|
+| fits the window, full K/V does not            | `kivi` (6x smaller), else `offload` (host)|
 | passes the window, heads exist                | `locret`, `+offload` where channels exist |
 |                                               | (recall of evicted tokens, host memory), |
 |                                               | `+kivi` where the device is short        |
-| passes the window, no heads                   | `snapkv` (query-aware, no training),     |
-|                                               | `+offload` / `+kivi` the same way        |
+| passes the window, no heads, channels exist   | `streaming:window=2048` + `offload` that |
+|                                               | recalls the passages the question names  |
+|                                               | (quote spans only, no label ranking)     |
+| passes the window, no heads, no channels      | `snapkv` (votes of each chunk's end)     |
+| ... and the device is short                   | the same with `+kivi`                    |
 
 A stack that passes the window must compact positions (every evicting selector here
 does): a model never sees a RoPE position past what it was trained on. Memory is the
@@ -28,7 +31,11 @@ from policies import SpecError
 
 AUTO = "auto"
 SUMMARY = "choose for the conversation: full inside the window, else locret or a heads-free budget (+kivi/+offload)"
-SNAPKV = "snapkv:budget=2048,window=64"  # the heads-free choice: the question's queries vote
+SNAPKV = "snapkv:budget=2048,window=64"  # heads-free, no channels: each chunk's last queries vote
+# heads-free with channels: the start and the newest 2K tokens stay, the rest goes to the host, and
+# the question brings back whole passages around the words that name what it asks (BENCHMARKS.md,
+# the heads-free choice: label-ranked rows alone made the model loop)
+RECALL = "streaming:window=2048+offload:terms=on,rank=off"
 
 
 @dataclass(frozen=True)
@@ -84,7 +91,7 @@ def choose(rt, tokens: int, answer: int = 1024, files: tuple[bool, bool] | None 
         where = f"{need:,} tokens with the answer, inside the native window of {window:,}" if window else \
             "the model states no window"
         kivi = "kivi" if rt.adapter.info.head_dim % 32 == 0 else "kivi:group=16"  # groups divide head_dim
-        for spec, why in (("full", "its full K/V fits"), (kivi, "full K/V does not fit; 2-bit K/V does"),
+        for spec, why in (("full", "its full K/V fits"), (kivi, "full K/V does not fit; 4-bit keys and 2-bit values do"),
                           ("offload", "the K/V fits only in host memory")):
             if fits(spec):
                 return Choice(spec, f"{where}; {why}")
@@ -93,14 +100,14 @@ def choose(rt, tokens: int, answer: int = 1024, files: tuple[bool, bool] | None 
         SNAPKV, "no retaining heads for this model (train them: `main.py train-heads`)")
     why = f"{need:,} tokens with the answer pass the native window of {window:,}: a budget that " \
           f"compacts positions; {kind}"
-    tried = [base] + ([base + "+offload"] if channels else [])
+    tried = [base] + ([(base + "+offload") if heads else RECALL] if channels else [])
     for spec in reversed(tried):  # with recall first, where it fits
         if fits(spec):
             return Choice(spec, why + ("; evicted tokens go to host memory for recall" if "offload" in spec else ""))
     for spec in reversed([s + "+kivi" if "+" not in s else s.replace("+offload", "+kivi+offload") for s in tried]):
         if fits(spec):
-            return Choice(spec, why + "; 2-bit K/V: the device is short")
-    return Choice(base + "+kivi", why + "; even 2-bit K/V is tight on this device")
+            return Choice(spec, why + "; quantized K/V: the device is short")
+    return Choice(base + "+kivi", why + "; even quantized K/V is tight on this device")
 
 
 def check_spec(spec: str) -> None:
