@@ -30,7 +30,8 @@ token ids by conversation index (host int64, 8 B a token: 1 MiB at 128K).
   question's queries rank such a fact's value tokens no better than chance on the default
   model (BENCHMARKS.md, the heads-free choice), the words find it.
 A span covers [p - span/8, p + 7·span/8) around the point p: copying reads forward.
-Spans take at most half the recall buffer; the other half keeps the label ranking.
+Spans take at most half the recall buffer; the other half keeps the label ranking (with the
+spill's `rank=off`, the buffer holds the spans' rows only).
 Only the host rows in a span come back (the kept tokens of it are in the store already).
 """
 from __future__ import annotations

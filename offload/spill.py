@@ -241,7 +241,7 @@ class OffloadSpill(Spill):
             self._qv = self.quotes.version
             inside = self.quotes.mask(self.hpos[:, :n])
         if inside is None and not self.rank:  # nothing quoted or named: nothing to recall
-            self.m = 0
+            self.m, self.recalled = 0, self.recalled[:, :0]
             return
         if inside is None:
             idx = self._ranked.sort(dim=1).values.cpu()

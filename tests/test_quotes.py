@@ -384,7 +384,7 @@ def test_rank_off_recalls_the_named_passage_only_and_nothing_when_nothing_is_nam
         run_chunks(ad, cache, torch.tensor(doc + doc[:1]), [64, 128, 200, 201])
         run_chunks(ad, cache, torch.tensor(ask), [len(ask)])
         for layer in cache.layers:
-            got = [set(r.tolist()) for r in layer.spill.recalled] if layer.spill.m else [set()] * 2
+            got = [set(r.tolist()) for r in layer.spill.recalled] if layer.spill.m else [set()] * ad.info.n_kv_heads
             for g in got:
                 if want is None:
                     assert span <= g and len(g) == 64
