@@ -38,7 +38,7 @@ from policies.slots import Spill
 from . import labels
 from .calibrate import find_channels
 from .host import copy_rows, host_bytes, host_empty
-from .quotes import Quotes
+from .quotes import Quotes, breaks
 
 
 def pool_along_text(s: torch.Tensor, text_order: torch.Tensor, pool: int) -> torch.Tensor:
@@ -98,8 +98,8 @@ class OffloadSpill(Spill):
         quote spans for them all (offload/quotes.py)."""
         if spills[0].quote >= 16:
             tok = spills[0].info.tokenizer
-            q = Quotes(spills[0].quote, spills[0].n_recall, spills[0].terms,
-                       tok.all_special_ids if tok is not None and spills[0].terms else ())
+            words = {} if tok is None else dict(special=tok.all_special_ids, **breaks(tok))
+            q = Quotes(spills[0].quote, spills[0].n_recall, spills[0].terms, **words)
             for sp in spills:
                 sp.quotes = q
             spills[0]._owns_log = True

@@ -369,6 +369,32 @@ def test_terms_find_a_rare_word_pair_and_ignore_common_ones_specials_and_earlier
     assert q5.talk == q4.talk
 
 
+def test_the_question_is_the_last_message_and_of_a_long_one_its_last_paragraph():
+    """A prefill holding a document's tail (two pairs found earlier near 200: heavier than the
+    question's one pair) and, after a paragraph break, the question: the tail names nothing
+    when the message is longer than QUESTION; the template's own paragraph break after the
+    question (no text after it) is not where the question starts. A short message is all
+    question; an earlier message in the same prefill (before a special token) is not."""
+    NL, PARA, SPECIAL = 9, 10, (5, 6)
+    words = dict(special=SPECIAL, newline=[NL], paragraph=[PARA])
+    doc = _distinct(1000)
+    tail = _distinct(Q.QUESTION + 100, seed=3, lo=40000)
+    tail[-60:-58], tail[-30:-28] = doc[200:202], doc[210:212]  # inside the last QUESTION tokens
+    question = _pair_question(doc, [(doc[500], doc[501])])
+    end = [5, 6, 7, PARA]  # Llama 3's "<eot><hdr>assistant<hdr>\n\n"
+    named, both = [(500 - 16, 500 + 112)], [(200 - 16, 200 + 112), (500 - 16, 500 + 112)]
+    for turn, kw, want in ((tail + [NL, NL] + question + end, words, named),  # two line breaks
+                           (tail + [PARA] + question + end, words, named),  # one token
+                           (tail + [NL, NL] + question + end, {}, both),  # breaks unknown: the last QUESTION
+                           (tail + [NL] + question + end, words, both),  # a line break only
+                           (tail[-100:] + [NL, NL] + question + end, words, both),  # a short message
+                           (tail[-100:] + [5, 7] + question + end, words, named)):  # an earlier message
+        q = Quotes(128, 1024, terms=True, **kw)
+        _read(q, doc)
+        _read(q, turn, start=1000)
+        assert sorted(q.spans) == want, (turn[-len(question) - 6:], kw)
+
+
 def test_rank_off_recalls_the_named_passage_only_and_nothing_when_nothing_is_named(chfile):
     """Keeping the newest 40 of 200 tokens, a question naming the pair at 80..81 gets exactly
     the host rows of its span back in every head with rank=off; rank=on fills the rest of the
