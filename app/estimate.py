@@ -268,8 +268,8 @@ def _layer_bytes(layer, info, n: int, chunk: int, answer: int, spill_opts: dict,
 
 def _spill(opts: dict, info, spilled: list[int], out: dict) -> None:
     """offload behind a selector: the evicted tokens' K/V and conversation index on the host,
-    their labels (`channels` per KV head, as the spill's LabelCache stores them) and the
-    recall buffer on the device.
+    their labels (`channels` per KV head, as the spill's LabelCache stores them; none with
+    rank=off) and the recall buffer on the device.
     NOTE: the spill's host rows grow by the rule and block of the default store's buffers
     (offload/spill.py `_reserve`), replayed here through FullStore.reserve on meta tensors;
     the spill itself copies to the host, so it cannot be replayed on meta."""
@@ -280,10 +280,12 @@ def _spill(opts: dict, info, spilled: list[int], out: dict) -> None:
         probe.reserve(n)
     cap = sum(probe.nbytes().values()) // (2 * elt)
     host = cap * (info.kv_bytes_per_token() + 8 * info.n_kv_heads)
-    from offload.labels import LabelCache  # the spill's own label rows, grown on meta tensors
-    lab = LabelCache(info.n_kv_heads, opts["channels"], info.dtype, torch.device("meta"))
-    lab.grow(cap, 0)
-    gpu = lab.nbytes() + (opts["recall"] * info.kv_bytes_per_token() if cap else 0)
+    gpu = opts["recall"] * info.kv_bytes_per_token() if cap else 0
+    if opts["rank"]:  # rank=off keeps no labels
+        from offload.labels import LabelCache  # the spill's own label rows, grown on meta tensors
+        lab = LabelCache(info.n_kv_heads, opts["channels"], info.dtype, torch.device("meta"))
+        lab.grow(cap, 0)
+        gpu += lab.nbytes()
     for tier, n in (("host", host), ("gpu", gpu)):
         out[tier] += n
         out[tier + "_end"] += n

@@ -73,14 +73,15 @@ class OffloadSpill(Spill):
         self._qs = None  # [Hkv, Tq, r] group queries of the last scoring
         self._asking = False  # between a prefill's last-chunk recall and the first decode step
         self._text_order = None  # [Hkv, n] host rows in text order (pool > 1), until the host changes
-        self.ch = find_channels(info, channels, channels_file, "offload")[layer]  # [Hkv, r]
+        # [Hkv, r] label channels; rank=off ranks nothing: no channels, no labels (any model)
+        self.ch = find_channels(info, channels, channels_file, "offload")[layer] if rank else None
         self.cuda = info.device.type == "cuda"
         h, d, dt = info.n_kv_heads, info.head_dim, info.dtype
         self.n = 0  # host tokens per KV head
         self.hk = host_empty((h, 0, d), dt, self.cuda)  # [Hkv, cap, D] keys at position 0
         self.hv = host_empty((h, 0, d), dt, self.cuda)  # [Hkv, cap, D]
         self.hpos = torch.empty(h, 0, dtype=torch.long)  # [Hkv, cap] conversation index
-        self.labels = labels.LabelCache(h, self.ch.shape[1], dt, info.device)  # [Hkv, cap, r]
+        self.labels = labels.LabelCache(h, self.ch.shape[1], dt, info.device) if rank else None  # [Hkv, cap, r]
         self.buf_k = torch.empty(h, 0, d, dtype=dt, device=info.device)  # [Hkv, <=k, D]
         self.buf_v = torch.empty_like(self.buf_k)
         self._staged = None  # CUDA event: the copies out of `stage` were issued before it
@@ -134,10 +135,12 @@ class OffloadSpill(Spill):
         pos = torch.empty(self.hpos.shape[0], cap, dtype=torch.long)
         pos[:, : self.n] = self.hpos[:, : self.n]
         self.hpos = pos
-        self.labels.grow(cap, self.n)
+        if self.labels is not None:
+            self.labels.grow(cap, self.n)
 
     def _put(self, k0, v, lab, conv) -> None:
-        """Append de-rotated keys k0 / values v [Hkv, e, D], labels [Hkv, e, r], conv [Hkv, e]."""
+        """Append de-rotated keys k0 / values v [Hkv, e, D], labels [Hkv, e, r] (None with
+        rank=off), conv [Hkv, e]."""
         e = k0.shape[1]
         if self._copied is not None:
             self._copied.synchronize()  # NOTE: _reserve may copy host rows still in flight
@@ -146,7 +149,8 @@ class OffloadSpill(Spill):
         copy_rows(self.hk[:, self.n:end], k0.contiguous())
         copy_rows(self.hv[:, self.n:end], v.contiguous())
         self.hpos[:, self.n:end] = conv.cpu()
-        self.labels.write(self.n, lab)
+        if self.labels is not None:
+            self.labels.write(self.n, lab)
         self.n = end
         self._text_order = None
         if self.cuda:
@@ -160,8 +164,8 @@ class OffloadSpill(Spill):
         k, v = layer.store.dense(idx)  # post-RoPE at positions base + idx
         pos = layer.base + idx
         k0 = rope.rotate(k, -pos, self.info.inv_freq)
-        self._put(k0, v, labels.take(k, self.ch), layer.positions().gather(1, idx))
-        if self._asking and self._qs is not None:  # evicted by the question's own last chunk, after its recall
+        self._put(k0, v, labels.take(k, self.ch) if self.rank else None, layer.positions().gather(1, idx))
+        if self._asking and (self._qs is not None or not self.rank):  # evicted by the question's own last chunk
             self._recall(layer, None, rescore=False)  # with the question's queries, before decoding
 
     def adopt(self, other: "OffloadSpill") -> None:
@@ -170,9 +174,11 @@ class OffloadSpill(Spill):
         if other._copied is not None:
             other._copied.synchronize()
         k0 = other.hk[:, :n]
-        if torch.equal(other.ch.cpu(), self.ch.cpu()):
+        if not self.rank:
+            lab = None
+        elif other.ch is not None and torch.equal(other.ch.cpu(), self.ch.cpu()):
             lab = other.labels[:, :n]
-        else:  # other channels: labels from the position-0 keys (the eviction frame is gone)
+        else:  # other channels or none: labels from the position-0 keys (the eviction frame is gone)
             lab = labels.take(k0.to(self.info.device), self.ch)
         self._put(k0, other.hv[:, :n], lab, other.hpos[:, :n])
         if self.quotes is not None and other.quotes is not None:
@@ -217,13 +223,15 @@ class OffloadSpill(Spill):
         Offload)."""
         n = self.n
         if n == 0 or self.n_recall == 0:
-            if rescore and q is not None and self.n_recall:  # (the last chunk may evict: rank with these)
+            if rescore and q is not None and self.n_recall and self.rank:  # (the last chunk may evict: rank with these)
                 self._qs = labels.group_queries(q, self.ch)
             self.m = 0
             return
         self.recalls += 1
         if self._copied is not None:
             self._copied.synchronize()
+        if not self.rank:
+            return self._recall_spans(layer)
         if rescore or self._qs is None:
             qs = labels.group_queries(q, self.ch)  # [Hkv, Tq, r]
             self._qs = qs  # quote moves and the last chunk's evictions re-rank with these
@@ -240,9 +248,6 @@ class OffloadSpill(Spill):
         if self.quotes is not None:
             self._qv = self.quotes.version
             inside = self.quotes.mask(self.hpos[:, :n])
-        if inside is None and not self.rank:  # nothing quoted or named: nothing to recall
-            self.m, self.recalled = 0, self.recalled[:, :0]
-            return
         if inside is None:
             idx = self._ranked.sort(dim=1).values.cpu()
         else:  # quoted spans first, in every head; the ranking fills the rest
@@ -250,9 +255,31 @@ class OffloadSpill(Spill):
             rank = torch.full((self._ranked.shape[0], n), -1.0, device=self._ranked.device)
             rank.scatter_(1, self._ranked, torch.arange(k, 0, -1, dtype=rank.dtype, device=rank.device).expand(
                 self._ranked.shape[0], -1))
-            if not self.rank:  # spans only: as many rows as the fullest head has inside them
-                k = min(k, int(inside.sum(1).max()))
             idx = labels.top(rank.masked_fill(inside.to(rank.device), float("inf")), k).cpu()  # [Hkv, m] host rows
+        self._fill(layer, idx)
+
+    def _recall_spans(self, layer) -> None:
+        """rank=off: the host rows inside the quote spans, as many as the fullest head has
+        (at most k); a head with fewer takes the rows nearest a span in the text. Nothing
+        quoted or named: nothing recalled."""
+        n = self.n
+        inside = None
+        if self.quotes is not None:
+            self._qv = self.quotes.version
+            inside = self.quotes.mask(self.hpos[:, :n])
+        if inside is None or not inside.any():
+            self.m, self.recalled = 0, self.recalled[:, :0]
+            return
+        conv = self.hpos[:, :n]
+        near = torch.full(conv.shape, float("-inf"))
+        for a, b in self.quotes.spans:  # minus the distance in the text to the nearest span
+            near = torch.maximum(near, -(a - conv).clamp(min=0).float() - (conv - (b - 1)).clamp(min=0).float())
+        k = min(self.n_recall, int(inside.sum(1).max()))
+        self._fill(layer, labels.top(near.masked_fill(inside, float("inf")), k))
+
+    def _fill(self, layer, idx: torch.Tensor) -> None:
+        """Copy host rows idx [Hkv, m] into the buffer in text order, rotated into place."""
+        n = self.n
         conv = self.hpos[:, :n].gather(1, idx)
         order = conv.argsort(1)  # NOTE: host rows are in eviction order, not conversation order
         idx, conv = idx.gather(1, order), conv.gather(1, order)
@@ -290,7 +317,8 @@ class OffloadSpill(Spill):
         if self._copied is not None:
             self._copied.synchronize()  # host rows still in flight
         n, m = self.n, self.m
-        t = {"hk": self.hk[:, :n], "hv": self.hv[:, :n], "hpos": self.hpos[:, :n], **self.labels.state(n),
+        t = {"hk": self.hk[:, :n], "hv": self.hv[:, :n], "hpos": self.hpos[:, :n],
+             **(self.labels.state(n) if self.labels is not None else {}),
              "buf_k": self.buf_k[:, :m], "buf_v": self.buf_v[:, :m], "recalled": self.recalled}
         for name, x in (("ranked", self._ranked), ("qs", self._qs)):
             if x is not None:
@@ -312,7 +340,8 @@ class OffloadSpill(Spill):
         self.hk[:, :n], self.hv[:, :n] = tensors["hk"], tensors["hv"]
         self.hpos = torch.zeros(h, cap, dtype=torch.long)
         self.hpos[:, :n] = tensors["hpos"]
-        self.labels.restore(tensors, n, cap)
+        if self.labels is not None:
+            self.labels.restore(tensors, n, cap)
         self.buf_k = self.buf_k.new_zeros(h, int(meta["buf_cap"]), d)
         self.buf_v = torch.zeros_like(self.buf_k)
         self.buf_k[:, :m], self.buf_v[:, :m] = tensors["buf_k"], tensors["buf_v"]
@@ -334,7 +363,8 @@ class OffloadSpill(Spill):
         if self._owns_log:  # the cache's one token log
             host["index"] += self.quotes.nbytes()
         out = {("host", k): v for k, v in host.items()}
-        out[("gpu", "labels")] = self.labels.nbytes() + (self._qs.nbytes if self._qs is not None else 0)
+        if self.labels is not None:
+            out[("gpu", "labels")] = self.labels.nbytes() + (self._qs.nbytes if self._qs is not None else 0)
         if self._ranked is not None:  # the last label ranking, kept for quote moves
             out[("gpu", "index")] = self._ranked.nbytes
         out[("gpu", "keys")] = self.buf_k.nbytes

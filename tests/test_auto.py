@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from app.runtime.auto import RECALL, SNAPKV, choose
+from app.runtime.auto import RECALL, budgeted, choose
 from app.runtime.engine import Runtime
 from policies.files import user_folder
 from tiny import tiny_pair, tiny_policy_files
@@ -28,14 +28,24 @@ def rt(tmp_path_factory):
     return rt
 
 
+TINY_RECALL = "streaming:window=128+offload:terms=on,rank=off,recall=64,quote=32"
+
+
+def test_budgets_follow_the_window():
+    assert budgeted(True, True, 8192) == ["locret", "locret+offload"]
+    assert budgeted(False, False, 8192) == budgeted(False, True, 131072) == [RECALL]
+    assert budgeted(False, False, 4096) == ["streaming:window=1024+offload:terms=on,rank=off,recall=512,quote=128"]
+
+
 @pytest.mark.parametrize("tokens,files,memory,spec,why", [
     (100, (False, False), BIG, "full", "inside the native window of 512"),
     (100, (True, True), (950_000, 1 << 40), "kivi:group=16", "2-bit values do"),
     (100, (True, True), (850_000, 1 << 40), "offload", "only in host memory"),
-    (900, (True, False), BIG, "locret", "retaining heads exist"),
-    (900, (True, True), BIG, "locret+offload", "host memory for recall"),
-    (900, (False, False), BIG, SNAPKV, "no retaining heads"),
-    (900, (False, True), BIG, RECALL, "train-heads"),
+    # the tiny model's window is 512: a quarter of it kept, an eighth recalled
+    (900, (True, False), BIG, "locret:budget=128,stabilizers=32,local=16", "retaining heads exist"),
+    (900, (True, True), BIG, "locret:budget=128,stabilizers=32,local=16+offload:recall=64", "host memory for recall"),
+    (900, (False, False), BIG, TINY_RECALL, "no retaining heads"),  # no channels needed
+    (900, (False, True), BIG, TINY_RECALL, "train-heads"),
 ])
 def test_auto_picks_the_cheapest_stack_that_holds_the_conversation(rt, tokens, files, memory, spec, why):
     got = choose(rt, tokens, answer=64, files=files, memory=memory)
@@ -45,7 +55,7 @@ def test_auto_picks_the_cheapest_stack_that_holds_the_conversation(rt, tokens, f
 def test_auto_past_the_window_never_picks_a_stack_that_keeps_positions(rt):
     """Short of memory past the window: quantize the budgeted stack, never `full`/`kivi`."""
     got = choose(rt, 5000, answer=64, files=(False, False), memory=(1, None))
-    assert got.spec.startswith("snapkv") and "kivi" in got.spec
+    assert got.spec == "streaming:window=128+kivi+offload:terms=on,rank=off,recall=64,quote=32", got
 
 
 def _words(n: int, seed: int) -> str:
@@ -71,9 +81,9 @@ def test_auto_reads_inside_the_window_as_full_then_switches_before_passing_it(tm
     assert rt.policy == "full" and rt.auto_choice.spec == "full" and not seen_at_note
     seen = rt.cache.seen
     rt.load_document(_doc(tmp_path, "b.txt", 700, 1))
-    assert rt.policy.startswith("snapkv") and rt.cache.evicts
+    assert rt.policy.startswith("streaming:window=128+offload") and rt.cache.evicts
     (at, text), = seen_at_note
-    assert at == seen and "auto chose `snapkv" in text and "pass the native window of 512" in text
+    assert at == seen and "auto chose `streaming:window=128" in text and "pass the native window of 512" in text
     assert rt.policy_label == f"auto: {rt.policy}"
     res = rt.ask("which word comes first?", max_new_tokens=3)
     assert res.new_tokens >= 1 and rt.cache.length < rt.cache.seen  # positions compacted

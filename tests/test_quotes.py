@@ -398,15 +398,16 @@ def test_the_question_is_the_last_message_and_of_a_long_one_its_last_paragraph()
 def test_rank_off_recalls_the_named_passage_only_and_nothing_when_nothing_is_named(chfile):
     """Keeping the newest 40 of 200 tokens, a question naming the pair at 80..81 gets exactly
     the host rows of its span back in every head with rank=off; rank=on fills the rest of the
-    buffer from the label ranking; a question naming nothing recalls nothing with rank=off."""
+    buffer from the label ranking; a question naming nothing recalls nothing with rank=off.
+    rank=off needs no channels (the tiny model has none) and keeps no labels."""
     doc = (torch.randperm(250, generator=torch.Generator().manual_seed(0))[:200] + 3).tolist()
     ad = Adapter(tiny_llama(0), None)
     a, b, c = [t for t in range(3, 253) if t not in doc][:3]  # ids the document never holds
     span = set(range(80 - 4, 80 + 28))  # quote=32: [p - 4, p + 28) from the pair on
     for rank, ask, want in ((False, [doc[80], doc[81], a], span), (True, [doc[80], doc[81], a], None),
                             (False, [a, b, c], set())):
-        cache = cache_with(ad, KeepNewest(40), {"recall": 64, "quote": 32, "terms": True, "rank": rank,
-                                                "channels_file": chfile})
+        opts = {"recall": 64, "quote": 32, "terms": True, "rank": rank}
+        cache = cache_with(ad, KeepNewest(40), opts | ({"channels_file": chfile} if rank else {}))  # rank=off: none
         run_chunks(ad, cache, torch.tensor(doc + doc[:1]), [64, 128, 200, 201])
         run_chunks(ad, cache, torch.tensor(ask), [len(ask)])
         for layer in cache.layers:
@@ -416,6 +417,27 @@ def test_rank_off_recalls_the_named_passage_only_and_nothing_when_nothing_is_nam
                     assert span <= g and len(g) == 64
                 else:
                     assert g == want
+            assert (("gpu", "labels") in layer.spill.nbytes()) == rank
+
+
+def test_rank_off_fills_a_head_with_fewer_span_rows_from_the_rows_nearest_the_span():
+    """Heads hold different host rows under a per-head selector: the buffer takes as many rows
+    as the fullest head has inside the spans; a head with fewer takes the rows nearest a span."""
+    doc = (torch.randperm(250, generator=torch.Generator().manual_seed(0))[:200] + 3).tolist()
+    ad = Adapter(tiny_llama(0), None)
+    a = next(t for t in range(3, 253) if t not in doc)
+    cache = cache_with(ad, KeepNewest(40), {"recall": 64, "quote": 32, "terms": True, "rank": False})
+    run_chunks(ad, cache, torch.tensor(doc + doc[:1]), [64, 128, 200, 201])
+    run_chunks(ad, cache, torch.tensor([doc[80], doc[81], a]), [3])
+    sp = cache.layers[0].spill
+    assert sp.quotes.spans == [(76, 108)]
+    with torch.inference_mode():  # as the forward runs it
+        hpos = sp.hpos[:, :sp.n]
+        moved = (hpos[1] >= 100) & (hpos[1] < 108)  # head 1 lost 100..107 (held elsewhere): 24 rows inside
+        hpos[1, moved] = 150 + torch.arange(int(moved.sum()))  # far from the span
+        sp._recall_spans(cache.layers[0])
+    assert sp.m == 32 and set(sp.recalled[0].tolist()) == set(range(76, 108))
+    assert set(sp.recalled[1].tolist()) == set(range(72, 100)) | set(range(108, 112))  # and the 8 nearest it
 
 
 def test_terms_and_rank_off_need_quote_spans():

@@ -40,7 +40,8 @@ SPECS = {
 }
 # stacks whose parts meet in one layer: a store swapped by a selector, the host store alone
 COMBOS = ["lighttransfer:sinks=4,window=60,queries=8+kivi:group=16,residual=32", "offload",
-          "locret:budget=64,stabilizers=8,local=0,heads={heads}+kivi:group=16,residual=32"]
+          "locret:budget=64,stabilizers=8,local=0,heads={heads}+kivi:group=16,residual=32",
+          "streaming:sinks=4,window=40+offload:terms=on,rank=off,recall=32,quote=16"]  # no labels
 DOC = ("The pass key is 4242. Remember it well. " * 3 + "Apples are red; the sky is blue. " * 4).strip()
 
 

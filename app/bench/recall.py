@@ -145,9 +145,9 @@ def needles(rt, doc_tokens: int = 8192, budget: int = 1024, recall: int = 512, s
         parts += [body[s:cut], stmt.format(x=ans) + " "]
         s = cut
     doc = "".join(parts) + body[s:]
-    from app.runtime.auto import RECALL, SNAPKV
+    from app.runtime.auto import RECALL
     rows = []
-    for spec in specs or (f"locret:budget={budget}", f"locret:budget={budget}+offload:recall={recall}", RECALL, SNAPKV):
+    for spec in specs or (f"locret:budget={budget}", f"locret:budget={budget}+offload:recall={recall}", RECALL):
         rt.clear()  # (before the switch: nothing to re-read)
         try:
             rt.set_policy(spec, reprefill=True)  # an empty conversation: just a fresh cache

@@ -20,8 +20,8 @@ def add_parser(sub):
                         "by one forward per step (auto on CUDA: no disk, never all held)")
     p.add_argument("--data", nargs="*", default=[], help="text files, each document from one, drawn alike (default: "
                    "data/train/python_topics.txt; several genres ship beside it: code.txt, changelogs.txt, tables.txt)")
-    p.add_argument("--steps", type=int, default=1200)
-    p.add_argument("--docs", type=int, default=128, help="training documents")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--docs", type=int, default=96, help="training documents (96 and 600 steps: the shipped heads' recipe)")
     p.add_argument("--doc-tokens", type=int, default=2048,
                    help="prose tokens per training document (2048: the shipped heads'; BENCHMARKS.md has shorter ones)")
     p.add_argument("--width", type=int, default=128, help="hidden width of each head")

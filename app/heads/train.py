@@ -75,7 +75,7 @@ def config_hash(model) -> str:
     return hashlib.sha256(model.config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
 
 
-def train_heads(model, out_dir=None, data_files=(), steps=1200, docs=128, val_docs=8, doc_tokens=2048,
+def train_heads(model, out_dir=None, data_files=(), steps=600, docs=96, val_docs=8, doc_tokens=2048,
                 d_r=128, lr=2e-3, warmup=60, seed=0, threads=2, progress=None, command="",
                 label_mode="shared", distractors=0, device="auto", features_mode="auto", stop=None,
                 same_shape=0.0) -> dict:
@@ -295,7 +295,7 @@ def _resume(out, heads, opt, sched) -> int:
 _RATE = {"cpu": 3.0e11, "cuda": 2.5e14}
 
 
-def estimate_seconds(params: int, info, device: str, docs: int = 128, val_docs: int = 8, steps: int = 1200,
+def estimate_seconds(params: int, info, device: str, docs: int = 96, val_docs: int = 8, steps: int = 600,
                      doc_tokens: int = 2048, d_r: int = 128) -> float:
     """A rough wall time for `train_heads` with these settings: one forward per document
     (three per token of a ~2x longer document, with its questions), plus per step the

@@ -10,14 +10,14 @@ model's native window and the files this model has (retaining heads, offload cha
 | passes the window, heads exist                | `locret`, `+offload` where channels exist |
 |                                               | (recall of evicted tokens, host memory), |
 |                                               | `+kivi` where the device is short        |
-| passes the window, no heads, channels exist   | `streaming:window=2048` + `offload` that |
+| passes the window, no heads                   | `streaming:window=2048` + `offload` that |
 |                                               | recalls the passages the question names  |
-|                                               | (quote spans only, no label ranking)     |
-| passes the window, no heads, no channels      | `snapkv` (votes of each chunk's end)     |
+|                                               | (quote spans only: no channels needed)   |
 | ... and the device is short                   | the same with `+kivi`                    |
 
 A stack that passes the window must compact positions (every evicting selector here
-does): a model never sees a RoPE position past what it was trained on. Memory is the
+does): a model never sees a RoPE position past what it was trained on. Under an 8K window
+the budgets shrink with it (`budgeted`: a quarter kept, an eighth recalled). Memory is the
 estimate `main.py plan` makes (app/estimate.py) against what this process could use:
 the device's free memory plus what the model and cache hold now.
 """
@@ -31,11 +31,24 @@ from policies import SpecError
 
 AUTO = "auto"
 SUMMARY = "choose for the conversation: full inside the window, else locret or a heads-free budget (+kivi/+offload)"
-SNAPKV = "snapkv:budget=2048,window=64"  # heads-free, no channels: each chunk's last queries vote
-# heads-free with channels: the start and the newest 2K tokens stay, the rest goes to the host, and
-# the question brings back whole passages around the words that name what it asks (BENCHMARKS.md,
-# the heads-free choice: label-ranked rows alone made the model loop)
+# heads-free: the start and the newest 2K tokens stay, the rest goes to the host, and the question
+# brings back whole passages around the words that name what it asks; no label ranking, so no
+# channels either (BENCHMARKS.md, the heads-free choice: `snapkv` held none of three needles,
+# label-ranked rows made the model loop)
 RECALL = "streaming:window=2048+offload:terms=on,rank=off"
+
+
+def budgeted(heads: bool, channels: bool, window: int) -> list[str]:
+    """The stacks that compact positions, cheapest first, sized to the native window: what
+    they keep, recall and answer stays inside it (a quarter of the window kept, an eighth
+    recalled; the defaults from an 8K window up: `locret`, `RECALL`)."""
+    kept, recall = window // 4, min(512, window // 8)
+    if heads:
+        loc = "locret" if kept >= 1024 else f"locret:budget={kept},stabilizers={kept // 4},local={kept // 8}"
+        return [loc] + ([f"{loc}+offload" + ("" if recall == 512 else f":recall={recall}")] if channels else [])
+    if kept >= 2048:
+        return [RECALL]
+    return [f"streaming:window={kept}+offload:terms=on,rank=off,recall={recall},quote={min(128, recall // 2)}"]
 
 
 @dataclass(frozen=True)
@@ -96,18 +109,19 @@ def choose(rt, tokens: int, answer: int = 1024, files: tuple[bool, bool] | None 
             if fits(spec):
                 return Choice(spec, f"{where}; {why}")
         return Choice("offload", f"{where}; nothing fits the device: the K/V goes to host memory")
-    base, kind = ("locret", "retaining heads exist for this model") if heads else (
-        SNAPKV, "no retaining heads for this model (train them: `main.py train-heads`)")
+    kind = "retaining heads exist for this model" if heads else \
+        "no retaining heads for this model (train them: `main.py train-heads`)"
     why = f"{need:,} tokens with the answer pass the native window of {window:,}: a budget that " \
           f"compacts positions; {kind}"
-    tried = [base] + ([(base + "+offload") if heads else RECALL] if channels else [])
+    tried = budgeted(heads, channels, window)
     for spec in reversed(tried):  # with recall first, where it fits
         if fits(spec):
             return Choice(spec, why + ("; evicted tokens go to host memory for recall" if "offload" in spec else ""))
-    for spec in reversed([s + "+kivi" if "+" not in s else s.replace("+offload", "+kivi+offload") for s in tried]):
+    quantized = [s.replace("+offload", "+kivi+offload") if "+offload" in s else s + "+kivi" for s in tried]
+    for spec in reversed(quantized):
         if fits(spec):
             return Choice(spec, why + "; quantized K/V: the device is short")
-    return Choice(base + "+kivi", why + "; even quantized K/V is tight on this device")
+    return Choice(quantized[0], why + "; even quantized K/V is tight on this device")
 
 
 def check_spec(spec: str) -> None:
