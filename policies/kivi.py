@@ -28,13 +28,14 @@ the same frame offset (base' + j = base + i + delta: always so under compacted p
 `compact` only changes `shift`: kept quantized keys are never rotated. What it cannot avoid
 is regrouping: removing tokens from inside a key group changes which G tokens share a
 scale. Such groups go on one per-channel grid per layer (`grid`: the min/max of every key
-the first regrouping places; a later key past it clamps): a key re-quantized on the grid it already sits on comes back
-bit-identical, so a kept key loses precision once, at its first regrouping, however many
-evictions follow (re-fitting each new group instead compounded: a needle's key error grew
-0.07 -> 0.35 over 32 evictions at 4 bits, BENCHMARKS.md). Groups whose members are
-unchanged keep their own fit and come back bit-identical too, and values (per-token
-groups) always do; tests/test_kivi.py checks both. The full-precision residual keeps post-RoPE keys exactly as `FullStore` does, so
-with R >= the context the store equals `full`: that is its lossless setting.
+the first regrouping keeps; a later key past it clamps): a key re-quantized on the grid it
+already sits on comes back bit-identical, so a kept key loses precision once, at its first
+regrouping, not at every eviction (re-fitting each new group instead compounded: a needle's
+key error grew 0.07 -> 0.35 over 32 evictions at 4 bits, BENCHMARKS.md; widening the grid
+whenever a key lay past it compounded the same way, 0.41). Groups whose members are unchanged keep their own fit and come back
+bit-identical too, and values (per-token groups) always do; tests/test_kivi.py checks both.
+The full-precision residual keeps post-RoPE keys exactly as `FullStore` does, so with
+R >= the context the store equals `full`: that is its lossless setting.
 """
 from __future__ import annotations
 
@@ -296,13 +297,13 @@ class KiviStore(Store):
             shift = self.shift + int(lo)
             fq = self._frame().gather(1, idx.clamp(max=max(nq - 1, 0))[..., None].expand_as(ix)) \
                 if nq else None
-        else:  # arbitrary moves: rotate everything into a fresh frame
-            shift, nq, fq = self.shift, 0, None
+        else:  # arbitrary moves: rotate everything into a fresh frame (each group its own fit)
+            shift, nq, fq, given, self.grid = self.shift, 0, None, None, None
         frame = rope.rotate(post.float(), -(j + shift), self.info.inv_freq)
         if fq is not None:
             frame = torch.where((idx < nq)[..., None], fq, frame)
         if given is not None and not kept[~fresh].all():
-            if self.grid is None:  # the min/max of every kept key, unclipped
+            if self.grid is None:  # the min/max of every kept key, unclipped; then fixed
                 self.grid = channel_grid(frame, self.kbits, self.info.dtype, "minmax")
             pick = kept[..., None]
             given = (torch.where(pick, given[0], self.grid[0][:, None]),

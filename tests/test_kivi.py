@@ -229,7 +229,7 @@ def test_a_regrouped_key_loses_precision_once(bits):
     g = torch.Generator().manual_seed(9)
     off = torch.randn(D, generator=g) * 3
     st, fu = KiviStore(info(), bits, 32, 64), FullStore(info())
-    needle, frames, errs, base = 40, [], [], 0
+    needle, frames, errs, grids, base = 40, [], [], [], 0
     for r in range(16):
         feed([st, fu], 128, g, base + fu.length, off)
         L, b = fu.length, fu.length * 3 // 4
@@ -242,11 +242,13 @@ def test_a_regrouped_key_loses_precision_once(bits):
         needle = int((idx[0] == needle).nonzero())
         assert needle < st.nq  # quantized
         frames.append(st._frame()[:, needle].clone())
+        grids.append(st.grid)
         k = st.dense(torch.full((H, 1), needle))[0]
         errs.append(rel(k, fu.dense(torch.full((H, 1), needle))[0]))
     assert st.grid is not None
     moved = [i for i in range(1, 16) if not torch.equal(frames[i], frames[i - 1])]
     assert len(moved) == 1, moved  # its own fit, then the grid from its first regrouping on
+    assert all(gr is grids[-1] for gr in grids[moved[0]:])  # fitted once
     assert max(errs) < errs[moved[0]] * 1.0001, errs  # (RoPE at new positions: float noise)
 
 
