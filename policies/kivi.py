@@ -27,15 +27,11 @@ read time (the kernel does it in registers). When eviction moves every kept toke
 the same frame offset (base' + j = base + i + delta: always so under compacted positions)
 `compact` only changes `shift`: kept quantized keys are never rotated. What it cannot avoid
 is regrouping: removing tokens from inside a key group changes which G tokens share a
-scale. Such groups go on one per-channel grid per layer (`grid`: the min/max of every key
-the first regrouping keeps; a later key past it clamps): a key re-quantized on the grid it
-already sits on comes back bit-identical, so a kept key loses precision once, at its first
-regrouping, not at every eviction (re-fitting each new group instead compounded: a needle's
-key error grew 0.07 -> 0.35 over 32 evictions at 4 bits, BENCHMARKS.md; widening the grid
-whenever a key lay past it compounded the same way, 0.41). Groups whose members are unchanged keep their own fit and come back
-bit-identical too, and values (per-token groups) always do; tests/test_kivi.py checks both.
-The full-precision residual keeps post-RoPE keys exactly as `FullStore` does, so with
-R >= the context the store equals `full`: that is its lossless setting.
+scale, so kept keys are re-quantized from their dequantized values. Groups whose members
+are unchanged come back bit-identical (codes were chosen on the stored grid) and values
+(per-token groups) always do; tests/test_kivi.py bounds the error that repeated evictions
+add. The full-precision residual keeps post-RoPE keys exactly as `FullStore` does, so
+with R >= the context the store equals `full`: that is its lossless setting.
 """
 from __future__ import annotations
 
@@ -44,7 +40,7 @@ import torch
 from . import rope
 from .base import ModelInfo
 from .kernels import kivi_attn, kivi_cpu
-from .kernels.pack import channel_grid, dequantize_keys, dequantize_values, per_word, quantize_keys, quantize_values
+from .kernels.pack import dequantize_keys, dequantize_values, per_word, quantize_keys, quantize_values
 from .registry import Opt, SpecError, register
 from .slots import Store
 
@@ -100,9 +96,6 @@ class KiviStore(Store):
         self.rv = 0  # residual values (tokens nv..), rows v0..v0+rv of `vr`
         self.v0 = 0
         self.shift = 0  # NOTE: stored key i = R(-(i + shift)) · its post-RoPE key
-        # (scale, zero) [H, D]: one per-channel grid for the key groups an eviction regroups,
-        # fitted at the first such eviction (module docstring: keys that move stay exact)
-        self.grid = None
         self.pending = None  # (k, v) [H, T, D] a prefill chunk not yet laid out
         self._staged = 0
         self.kernel = info.kernels.on("kivi", info.device)  # decode through the Triton kernel
@@ -155,10 +148,9 @@ class KiviStore(Store):
         return k.gather(1, ix), v.gather(1, ix)
 
     # ---- placing tokens ---------------------------------------------------------------
-    def _place_keys(self, kp: torch.Tensor, frame: torch.Tensor | None = None, given: tuple | None = None) -> None:
+    def _place_keys(self, kp: torch.Tensor, frame: torch.Tensor | None = None) -> None:
         """Lay out the unquantized key tail kp [H, r, D] (post-RoPE, tokens nq..) by the
-        flush rule; frame [H, r, D] float32, if given, holds them already in the store frame;
-        given (scale, zero [H, r//G, D], use [H, r//G]): the grids of groups that keep one."""
+        flush rule; frame [H, r, D] float32, if given, holds them already in the store frame."""
         g, res, dt = self.group, self.residual, self.info.dtype
         r = kp.shape[1]
         m = r - r % g if r >= res else 0  # whole G-aligned groups only
@@ -168,9 +160,7 @@ class KiviStore(Store):
             else:
                 pos = torch.arange(self.nq, self.nq + m, device=kp.device) + self.shift
                 kf = rope.rotate(kp[:, :m].float(), -pos, self.info.inv_freq)
-            if given is not None:
-                given = tuple(t[:, : m // g] for t in given)
-            codes, sc, zr = quantize_keys(kf, self.kbits, g, dt, self.fit, given)
+            codes, sc, zr = quantize_keys(kf, self.kbits, g, dt, self.fit)
             end = self.nq + m
             self.kc = _grow(self.kc, end, self.nq, self.BLOCK)
             rows = -(-self.kc.shape[1] // g)  # one scale row per G rows of codes capacity
@@ -284,40 +274,26 @@ class KiviStore(Store):
         post = rope.rotate(k, delta, self.info.inv_freq)  # [H, b, D], as FullStore does
         ix = idx[..., None].expand(-1, -1, k.shape[2])
         vals = self._values32().gather(1, ix)
-        g, nq = self.group, self.nq
-        whole = idx[:, : b - b % g].reshape(idx.shape[0], -1, g)  # [H, b//G, G]: each new group's
-        kept = (whole[..., 0] % g == 0) & (whole[..., -1] - whole[..., 0] == g - 1) & (whole[..., -1] < nq)
-        fresh = whole[..., 0] >= nq  # never quantized: its own fit
-        rows = (whole[..., 0] // g).clamp(max=max(nq // g - 1, 0))[..., None].expand(-1, -1, k.shape[2])
-        given = None
-        if nq and not fresh.all():  # kept groups keep their grid, regrouped keys go on the layer's
-            old = self.ks[:, : nq // g].gather(1, rows), self.kz[:, : nq // g].gather(1, rows)
-            given = (old[0], old[1], ~fresh)
         if lo == hi:  # every kept token moves by one offset: the frame only shifts
             shift = self.shift + int(lo)
+            nq = self.nq
             fq = self._frame().gather(1, idx.clamp(max=max(nq - 1, 0))[..., None].expand_as(ix)) \
                 if nq else None
-        else:  # arbitrary moves: rotate everything into a fresh frame (each group its own fit)
-            shift, nq, fq, given, self.grid = self.shift, 0, None, None, None
+        else:  # arbitrary moves: rotate everything into a fresh frame
+            shift, nq, fq = self.shift, 0, None
         frame = rope.rotate(post.float(), -(j + shift), self.info.inv_freq)
         if fq is not None:
             frame = torch.where((idx < nq)[..., None], fq, frame)
-        if given is not None and not kept[~fresh].all():
-            if self.grid is None:  # the min/max of every kept key, unclipped; then fixed
-                self.grid = channel_grid(frame, self.kbits, self.info.dtype, "minmax")
-            pick = kept[..., None]
-            given = (torch.where(pick, given[0], self.grid[0][:, None]),
-                     torch.where(pick, given[1], self.grid[1][:, None]), given[2])
         self._reset()
         self.shift = shift
-        self._place_keys(post, frame, given)
+        self._place_keys(post, frame)
         self._place_values(vals)
         self.length = b
 
     def load(self, k, v) -> None:
         """Replace the contents with dense post-RoPE k/v [H, T, D] (live conversion, lossy)."""
         self._reset()
-        self.shift, self.grid = 0, None
+        self.shift = 0
         self._place_keys(k)
         self._place_values(v)
         self.length = k.shape[1]
@@ -340,9 +316,8 @@ class KiviStore(Store):
         res = self.kr.nbytes + self.vr.nbytes
         if self.pending is not None:
             res += self.pending[0].nbytes + self.pending[1].nbytes
-        grid = self.grid[0].nbytes if self.grid is not None else 0  # (scale and zero alike)
-        return {"codes": self.kc.nbytes + self.vc.nbytes, "scales": self.ks.nbytes + self.vs.nbytes + grid,
-                "zeros": self.kz.nbytes + self.vz.nbytes + grid, "residual": res}
+        return {"codes": self.kc.nbytes + self.vc.nbytes, "scales": self.ks.nbytes + self.vs.nbytes,
+                "zeros": self.kz.nbytes + self.vz.nbytes, "residual": res}
 
     _BUFS = ("kc", "ks", "kz", "vc", "vs", "vz", "kr", "vr")
     _COUNTS = ("length", "nq", "nv", "rk", "rv", "v0", "shift")
@@ -356,8 +331,6 @@ class KiviStore(Store):
              "kr": self.kr[:, :self.rk], "vr": self.vr[:, v0:v0 + self.rv]}
         if self.pending is not None:
             t["pk"], t["pv"] = self.pending
-        if self.grid is not None:
-            t["grid_scale"], t["grid_zero"] = self.grid
         meta = {n: getattr(self, n) for n in self._COUNTS}
         meta["cap"] = {n: getattr(self, n).shape[1] for n in self._BUFS}
         return t, meta
@@ -380,7 +353,6 @@ class KiviStore(Store):
                              f"its counts say {used[bad[0]]}")
         dev = self.info.device
         self.pending = (tensors["pk"].to(dev), tensors["pv"].to(dev)) if "pk" in tensors else None
-        self.grid = (tensors["grid_scale"].to(dev), tensors["grid_zero"].to(dev)) if "grid_scale" in tensors else None
         self._staged = 0
 
 

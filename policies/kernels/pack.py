@@ -87,28 +87,17 @@ def _fit(xg: torch.Tensor, dim: int, bits: int, dtype: torch.dtype, fit: str):
     return sc.gather(-1, pick).squeeze(-1), zr.gather(-1, pick).squeeze(-1)
 
 
-def channel_grid(x: torch.Tensor, bits: int, dtype: torch.dtype, fit: str = "mse"):
-    """Keys x [H, N, D] -> one (scale, zero) [H, D] per channel over all N tokens."""
-    return _fit(x.float().transpose(1, 2), 2, bits, dtype, fit)
-
-
 def _codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     q = torch.floor((x - zero.float()) / scale.float() + 0.5)
     return q.clamp_(0, 2**bits - 1)
 
 
-def quantize_keys(x: torch.Tensor, bits: int, group: int, dtype: torch.dtype, fit: str = "mse",
-                  given: tuple | None = None):
+def quantize_keys(x: torch.Tensor, bits: int, group: int, dtype: torch.dtype, fit: str = "mse"):
     """Per-channel keys x [H, N, D] (N a multiple of group) -> (codes [H, N, D/PK] int32,
-    scale [H, N/G, D], zero [H, N/G, D]) with scale/zero in `dtype`; `fit` see `_fit`.
-    given (scale, zero [H, N/G, D], use [H, N/G] bool): the groups where `use` is True take
-    that grid instead of their own fit (keys already on it re-quantize exactly)."""
+    scale [H, N/G, D], zero [H, N/G, D]) with scale/zero in `dtype`; `fit` see `_fit`."""
     h, n, d = x.shape
     xg = x.float().reshape(h, n // group, group, d)
     scale, zero = _fit(xg, 2, bits, dtype, fit)  # [H, N/G, D]
-    if given is not None:
-        use = given[2][..., None]
-        scale, zero = torch.where(use, given[0], scale), torch.where(use, given[1], zero)
     codes = _codes(xg, scale[:, :, None], zero[:, :, None], bits).reshape(h, n, d)
     return pack(codes, bits), scale, zero
 
