@@ -33,6 +33,19 @@ def test_kvbits_rows_per_spec():
     assert kvbits.columns(quick)[-1] == "kv_peak_bytes"
 
 
+def test_a_spec_that_keeps_every_position_is_not_run_past_the_window():
+    from app.bench import kvbits
+    from app.runtime.engine import Runtime
+    from tiny import tiny_pair
+    rt = Runtime.from_model(*tiny_pair(0), model_id="tiny", chunk_size=128)  # a 512-token window
+    rows = kvbits.run(rt, specs=("full", "streaming:window=64"), lengths=(300, 700), trials=1, kl_tokens=256,
+                      kl_next=8)
+    full, stream = rows
+    assert full["passkey_700"] == "not run: keeps every position past the 512-token window"
+    assert full["passkey_300"].endswith("/1") and stream["passkey_700"].endswith("/1")
+    assert 700 not in full["answers"] and len(stream["answers"][700]) == 1
+
+
 def test_named_parts_refuse_whole_specs():
     from app.bench.quality import check_parts
     check_parts(("kvbits",), ["kivi:kbits=4,vbits=2", "locret+kivi"])
