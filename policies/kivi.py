@@ -57,8 +57,10 @@ def _grow(t: torch.Tensor, rows: int, keep: int, block: int, limit: int | None =
     return new
 
 
-DEFAULT_BITS = (4, 2)  # (keys, values) when neither `bits` nor `kbits`/`vbits` is given: keys carry
-# the error (BENCHMARKS.md, K and V bits): K4V2 answers the 4K pass key 9/10 to K2V2's 2/10
+DEFAULT_BITS = (8, 2)  # (keys, values) when neither `bits` nor `kbits`/`vbits` is given: keys carry
+# the error (BENCHMARKS.md, K and V bits). The smallest split within one trial of `full` at 4K and of
+# `locret` alone at 4K and 16K in `locret+kivi`: K8V2 10/10 alone, 10/10 and 9/10 stacked (K4V2
+# stacked 6/10 at 16K, K4V4 4/10: under eviction 4-bit keys misread a kept needle)
 
 
 def bits_of(opts: dict) -> tuple[int, int]:

@@ -38,7 +38,7 @@ HAYSTACK = Path(__file__).resolve().parents[2] / "data" / "dense" / "changelogs.
 KINDS = ("multikey", "multivalue", "after-turn")
 LENGTHS = (3072, 12288, 32768)
 DEFAULT = ("full", "locret", "locret+offload", "snapkv:budget=2048,window=64",
-           "streaming:window=2048+offload:terms=on,rank=off", "locret+kivi:kbits=4,vbits=2")
+           "streaming:window=2048+offload:terms=on,rank=off", "locret+kivi")
 COLUMNS = ["task", "policy", "length", "trials", "correct", "turn1", "asked_recalled", "asked_rank", "precision",
            "heads_on_host", "heads_kept", "skipped"]
 SHAPES = (("build number", "build numbers"), ("ticket number", "ticket numbers"), ("serial number", "serial numbers"))

@@ -1,6 +1,6 @@
 """Part `kvbits` of `bench quality`: what a store's bits cost, spec by spec.
 
-For each spec (default: `kivi` at K2V2, K4V2, K2V4, K4V4, K8V4 and `full`): next-token KL
+For each spec (default: `kivi` at K2V2, K4V2, K2V4, K4V4, K8V2, K8V4 and `full`): next-token KL
 from `full` on real prose (the KL part's protocol: a 2K-token prefix, 32 teacher-forced
 tokens), the store's bytes per token over all layers (`Store.token_bytes`: a quantized
 token's codes, scales and zeros; `full` keeps K and V in the cache dtype), KV peak bytes,
@@ -16,7 +16,7 @@ from . import baselines
 from .locret import trial
 
 SPLITS = ("kivi:kbits=2,vbits=2", "kivi:kbits=4,vbits=2", "kivi:kbits=2,vbits=4", "kivi:kbits=4,vbits=4",
-          "kivi:kbits=8,vbits=4")
+          "kivi:kbits=8,vbits=2", "kivi:kbits=8,vbits=4")
 DEFAULT = ("full",) + SPLITS
 
 

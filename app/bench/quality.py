@@ -16,7 +16,7 @@
 - `ffnskip`: short factual questions `full` answers correctly, answered again with FFN
   skipping, with the skip ratio;
 - `kvbits`: any specs (`--policies`; default `full` and `kivi` at K2V2, K4V2, K2V4, K4V4,
-  K8V4): KL from `full`, bytes per token and the pass key at each length (app/bench/kvbits.py);
+  K8V2, K8V4): KL from `full`, bytes per token and the pass key at each length (app/bench/kvbits.py);
 - `labels`: offload's label cache stored as the cache dtype, fp16 or int8: what the
   question's recall ranks, at the longest length (app/bench/label_cache.py);
 - `dense` (only when named: hours on a CPU): facts of one shape in Debian changelogs, six

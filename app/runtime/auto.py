@@ -6,7 +6,7 @@ model's native window and the files this model has (retaining heads, offload cha
 | the conversation ...                          | chosen                                   |
 |-----------------------------------------------|------------------------------------------|
 | fits the window, and its full K/V fits memory | `full`                                   |
-| fits the window, full K/V does not            | `kivi` (6x smaller), else `offload` (host)|
+| fits the window, full K/V does not            | `kivi` (4.6x smaller), else `offload` (host)|
 | passes the window, heads exist                | `locret`, `+offload` where channels exist |
 |                                               | (recall of evicted tokens, host memory), |
 |                                               | `+kivi` where the device is short        |
@@ -104,7 +104,7 @@ def choose(rt, tokens: int, answer: int = 1024, files: tuple[bool, bool] | None 
         where = f"{need:,} tokens with the answer, inside the native window of {window:,}" if window else \
             "the model states no window"
         kivi = "kivi" if rt.adapter.info.head_dim % 32 == 0 else "kivi:group=16"  # groups divide head_dim
-        for spec, why in (("full", "its full K/V fits"), (kivi, "full K/V does not fit; 4-bit keys and 2-bit values do"),
+        for spec, why in (("full", "its full K/V fits"), (kivi, "full K/V does not fit; 8-bit keys and 2-bit values do"),
                           ("offload", "the K/V fits only in host memory")):
             if fits(spec):
                 return Choice(spec, f"{where}; {why}")
