@@ -26,8 +26,9 @@ def test_memory_measured_equals_expected(ad, tmp_path):
             assert r["expected_kv"] <= r["kv"] <= r["expected_kv"] + slack, r
         else:
             # the formula counts a full residual window for keys; the key residual cycles
-            # between 0 and R tokens (fill-then-flush), so measured sits a few % under
-            assert 0.95 <= r["measured/expected"] <= 1.0, r
+            # between 0 and R tokens (fill-then-flush), so measured sits a few % under; codes
+            # grow by 256-row blocks, which with 8-bit keys (K8V2, the default) can outweigh that
+            assert 0.95 <= r["measured/expected"] <= 1.01, r
         assert r["retained"] == r["expected_retained"] == r["context"]
     full = {r["context"]: r["kv"] for r in rows if r["policy"] == "full"}
     kivi = {r["context"]: r["kv"] for r in rows if r["policy"] == "kivi:group=16,residual=64"}
