@@ -159,20 +159,10 @@ class Quotes:
         # question, is looked up in everything before it)
         self._turn = self._question()
         hits = _ngram_hits(self.ids[: self.n], self._turn)
-        new = []
-        if hits.numel() >= 2:
-            groups, cur = [], [int(hits[0])]
-            for p in hits[1:].tolist():
-                if p - cur[-1] <= self.span:
-                    cur.append(p)
-                else:
-                    groups.append(cur)
-                    cur = [p]
-            groups.append(cur)
-            groups.sort(key=lambda g: (len(g), g[-1]), reverse=True)  # most hits, then latest
-            # NOTE: a lone hit is mostly the chat template (". <|im_end|> ... assistant"),
-            # a quote of NGRAM + 1 tokens or more hits twice
-            new = [self._around(g[0] - NGRAM + 1) for g in groups[: self.max_spans] if len(g) >= 2]
+        # NOTE: a lone hit is mostly the chat template (". <|im_end|> ... assistant"), a quote
+        # of NGRAM + 1 tokens or more hits twice
+        firsts = self._clusters(hits.tolist(), [1.0] * hits.numel(), least=2)
+        new = [self._around(p - NGRAM + 1) for p in firsts[: self.max_spans]]
         if self.terms:
             new += [s for s in self._term_spans() if s not in new][: self.max_spans - len(new)]
         if self.n - self._from <= TALK:  # a question, not a document: never a term hit later
@@ -183,15 +173,19 @@ class Quotes:
         """Spans around the question's rare word pairs (module docstring), heaviest first."""
         ids = self.ids[: self.n]
         hits, weight = _pair_hits(ids, self._turn, self.special, self.talk)
+        return [self._around(p - 1) for p in self._clusters(hits.tolist(), weight.tolist(), least=1.0)]
+
+    def _clusters(self, hits: list[int], weights: list[float], least: float) -> list[int]:
+        """Sorted hits within `span` of each other form a cluster -> the first hit of each
+        cluster weighing `least` or more, heaviest first, then latest."""
         groups: list[list] = []  # [first hit, last hit, weight]
-        for p, w in zip(hits.tolist(), weight.tolist()):
+        for p, w in zip(hits, weights):
             if groups and p - groups[-1][1] <= self.span:
                 groups[-1][1], groups[-1][2] = p, groups[-1][2] + w
             else:
                 groups.append([p, p, w])
-        groups = [g for g in groups if g[2] >= 1.0]
-        groups.sort(key=lambda g: (g[2], g[1]), reverse=True)  # heaviest, then latest
-        return [self._around(g[0] - 1) for g in groups]
+        groups.sort(key=lambda g: (g[2], g[1]), reverse=True)
+        return [g[0] for g in groups if g[2] >= least]
 
     def _question(self) -> int:
         """Where the question begins in the prefill just read: its last message (after the last
