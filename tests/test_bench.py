@@ -167,6 +167,15 @@ def test_quality_refuses_unknown_parts_before_loading():
     assert out.returncode != 0 and "unknown part(s) nope" in out.stderr and "random-heads" in out.stderr
 
 
+def test_quality_checks_dense_kinds_before_loading():
+    from app.bench.quality import check_parts
+    check_parts(("dense",), None, ("multikey", "after-turn"))
+    with pytest.raises(ValueError, match=r"unknown kind\(s\) nope; choose from multikey, multivalue, after-turn"):
+        check_parts(("dense",), None, ("multikey", "nope"))
+    with pytest.raises(ValueError, match="name the part"):
+        check_parts(("kl",), None, ("multikey",))
+
+
 def test_passkey_skips_longer_lengths_after_a_miss_except_full(monkeypatch):
     from app.bench import baselines
     from app.runtime.engine import Runtime

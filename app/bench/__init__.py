@@ -41,6 +41,8 @@ def add_parser(sub) -> None:
                    help="quality: comma-separated parts, any of kl,lazy,passkey,ffnskip,random-heads,needles,copy,"
                         "kvbits,labels, and dense (run only when named: hours at its defaults on a CPU) (default: all but "
                         "dense; kvbits and dense take whole specs in --policies)")
+    p.add_argument("--kinds", default=None,
+                   help="quality, part dense: comma-separated kinds, any of multikey,multivalue,after-turn (default: all)")
     p.add_argument("--turns", type=int, default=100,
                    help="soak: turns per policy against one document (its length: first of --lengths, default 8192)")
     g = p.add_argument_group("gpu128k")
@@ -85,15 +87,16 @@ def run(args) -> int:
     pols = _list(args.policies)
     lengths = _list(args.lengths, int, ",")
     parts = _list(args.parts, str, ",")
+    kinds = _list(args.kinds, str, ",")
     if args.suite == "quality":
         from .quality import PARTS, check_parts
         parts = parts or PARTS
         try:
-            check_parts(parts, pols)  # before the model loads
+            check_parts(parts, pols, kinds)  # before the model loads
         except ValueError as e:
             raise SystemExit(str(e)) from None
-    elif parts:
-        raise SystemExit(f"bench {args.suite}: --parts is for the quality suite")
+    elif parts or kinds:
+        raise SystemExit(f"bench {args.suite}: --parts and --kinds are for the quality suite")
     gone = missing()
     if gone:
         print(f"bench: not installed: {', '.join(gone)}; those parts are skipped. `bash scripts/setup.sh` "
@@ -143,7 +146,7 @@ def run(args) -> int:
             reopen.run(rt, decode=args.decode or 16, trials=args.trials or 3, out_dir=out, **kw)
         else:
             from . import quality
-            quality.run(rt, out_dir=out, trials=args.trials, parts=parts, **kw)
+            quality.run(rt, out_dir=out, trials=args.trials, parts=parts, kinds=kinds, **kw)
     print(f"\n{args.suite}: {time.perf_counter() - t0:,.0f} s on {torch.get_num_threads()} threads; "
           f"JSON and plots in {out}/")
     return 0

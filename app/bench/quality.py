@@ -59,9 +59,10 @@ NAMED_ONLY = ("dense",)  # run only when --parts names them
 NAMED = ("kl", "lazy", "passkey", "ffnskip")  # parts whose --policies are names of baselines.policies_at
 
 
-def check_parts(parts, policies=None) -> None:
-    """Refuse an unknown part by name, with the list to choose from; and --policies that are
-    not policy names where a part takes names (`kvbits` and `dense` take whole specs)."""
+def check_parts(parts, policies=None, kinds=None) -> None:
+    """Refuse an unknown part by name, with the list to choose from; --policies that are not
+    policy names where a part takes names (`kvbits` and `dense` take whole specs); and --kinds
+    that are not `dense`'s, or without part `dense`."""
     unknown = sorted(set(parts) - set(PARTS + NAMED_ONLY))
     if unknown:
         raise ValueError(f"bench quality: unknown part(s) {', '.join(unknown)}; choose from "
@@ -72,11 +73,18 @@ def check_parts(parts, policies=None) -> None:
         raise ValueError(f"bench quality: --policies {' '.join(specs)} are not policy names, which parts "
                          f"{','.join(named)} take (names: {', '.join(baselines.policies_at(1024, 512))}); "
                          "whole specs go to parts kvbits and dense alone (--parts kvbits,dense)")
+    if kinds:
+        if "dense" not in parts:
+            raise ValueError("bench quality: --kinds picks part dense's kinds; name the part (--parts dense)")
+        unknown = sorted(set(kinds) - set(dense.KINDS))
+        if unknown:
+            raise ValueError(f"bench quality: unknown kind(s) {', '.join(unknown)}; choose from "
+                             f"{', '.join(dense.KINDS)}")
 
 
 def run(rt, out_dir=None, trials=None, lengths=None, policies=None, budget: int = 1024, chunk: int = 512,
-        parts=PARTS):
-    check_parts(parts, policies)
+        parts=PARTS, kinds=None):
+    check_parts(parts, policies, kinds)
     if "dense" in parts and trials == 0:
         raise ValueError("bench quality: --trials 0 runs no answers; part dense is nothing but answers")
     kv_trials = 2 if trials is None else trials  # kvbits: 0 runs no pass key
@@ -111,7 +119,7 @@ def run(rt, out_dir=None, trials=None, lengths=None, policies=None, budget: int 
                                        progress=show))
     timed("labels", lambda: label_cache.run(rt, max(lengths), trials, progress=show))
     timed("dense", lambda: dense.run(rt, policies=policies or dense.DEFAULT, lengths=dense_lengths,
-                                     trials=dense_trials, progress=show))
+                                     trials=dense_trials, kinds=kinds or dense.KINDS, progress=show))
     for kind, cols in (("kl", ["policy", "kl_nats", "ppl_full", "ppl_spec", "kv_peak_bytes"]),
                        ("passkey", ["policy", "tokens", "trials", "correct", "accuracy", "skipped"]),
                        ("passkey-random-heads", ["policy", "length", "trials", "correct", "accuracy"]),
