@@ -75,11 +75,23 @@ def test_same_shape_documents_hold_similar_facts_each_asked(seed):
     assert a[0].tolist() == b[0].tolist()
 
 
+def test_data_files_named_as_a_user_types_them(tmp_path, monkeypatch):
+    from app.heads.data import ROOT
+    monkeypatch.chdir(ROOT)  # relative to the checkout: named from it
+    assert load_texts(["data/train/code.txt"])[1][0]["file"] == "data/train/code.txt"
+    mine = tmp_path / "mine.txt"
+    mine.write_text("A line of my own text. " * 200)
+    monkeypatch.chdir(tmp_path)  # relative elsewhere: the full path
+    assert load_texts(["mine.txt"])[1][0]["file"] == str(mine.resolve())
+
+
 def test_genres_each_document_from_one_text_and_held_out_from_each_tail():
     from app.heads.data import GENRES
     from app.heads.train import _documents
     texts, prov = load_texts(GENRES)
     assert len(texts) == 4 and all(p["chars"] > 30000 for p in prov)
+    assert [p["file"] for p in prov] == [f"data/train/{f}" for f in
+                                         ("python_topics.txt", "code.txt", "changelogs.txt", "tables.txt")]
     tok = tiny_tokenizer()
     docs = _documents(tok, texts, 12, 10, 200, 0, 0, None, None)
     bodies = [tok.decode(ids[:n]) for ids, n in docs]

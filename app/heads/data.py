@@ -187,6 +187,7 @@ def load_texts(files) -> tuple[list[str], list[dict]]:
         if len(t) < 2000:
             raise ValueError(f"{f}: only {len(t)} characters; training needs real prose (a few KB at least)")
         texts.append(t)
-        prov.append({"file": str(f.relative_to(ROOT) if f.resolve().is_relative_to(ROOT) else f),
+        full = f.resolve()
+        prov.append({"file": str(full.relative_to(ROOT) if full.is_relative_to(ROOT) else full),
                      "chars": len(t), "sha256": hashlib.sha256(t.encode()).hexdigest()[:16]})
     return texts, prov
