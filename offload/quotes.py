@@ -108,12 +108,14 @@ class Quotes:
     def fill(self, ids: list[int], seen: int) -> bool:
         """Take the ids of the whole conversation read so far (`seen` tokens) where this log
         lacks some (a cache converted from one that keeps no log). Only where the count
-        agrees with what was read; -> whether it took them."""
+        agrees with what was read; -> whether it took them. What it takes is text, not an
+        answer: the next prefill does not count it as talk."""
         if self.n >= seen or len(ids) != seen:
             return False
         self._grow(seen)
         self.ids[:seen] = torch.tensor(ids, dtype=torch.long)
         self.n = seen
+        self._answer = max(self._answer, seen)
         return True
 
     def _grow(self, n: int) -> None:
@@ -158,7 +160,7 @@ class Quotes:
         # the question (a conversation re-read in one prefill, or a document read with its
         # question, is looked up in everything before it)
         self._turn = self._question()
-        hits = _ngram_hits(self.ids[: self.n], self._turn)
+        hits = _ngram_hits(self.ids[: self.n], self._turn, self.talk)
         # NOTE: a lone hit is mostly the chat template (". <|im_end|> ... assistant"), a quote
         # of NGRAM + 1 tokens or more hits twice
         firsts = self._clusters(hits.tolist(), [1.0] * hits.numel(), least=2)
@@ -280,15 +282,19 @@ def breaks(tok) -> dict[str, list[int]]:
     return out
 
 
-def _ngram_hits(ids: torch.Tensor, start: int) -> torch.Tensor:
-    """Sorted conversation indices p < start where ids[p-NGRAM+1..p] equals some NGRAM-run
-    of ids[start:] (runs with an unknown id never match). Runs are compared by a 64-bit
-    hash: a false hit needs a collision (tests compare with brute force)."""
+def _ngram_hits(ids: torch.Tensor, start: int, talk=()) -> torch.Tensor:
+    """Sorted conversation indices p < start, outside `talk` ranges, where ids[p-NGRAM+1..p]
+    equals some NGRAM-run of ids[start:] (runs with an unknown id never match; a question
+    that repeats an earlier question's or answer's words quotes nothing in the document).
+    Runs are compared by a 64-bit hash: a false hit needs a collision (tests compare with
+    brute force)."""
     if start < NGRAM or ids.shape[0] - start < NGRAM:
         return torch.empty(0, dtype=torch.long)
     h = _hashes(ids)  # h[j]: the run ending at j + NGRAM - 1
     before, after = h[: start - NGRAM + 1], h[start:]
     hit = torch.isin(before, after[after != _BAD]) & (before != _BAD)
+    for lo, hi in talk:  # runs ending in [lo, hi)
+        hit[max(0, lo - NGRAM + 1):max(0, min(hi, start) - NGRAM + 1)] = False
     return torch.nonzero(hit)[:, 0] + NGRAM - 1
 
 

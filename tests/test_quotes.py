@@ -59,6 +59,8 @@ def test_ngram_hits_equal_brute_force(seed):
     runs = {tuple(ids[j:j + Q.NGRAM].tolist()) for j in range(start, 160 - Q.NGRAM + 1)}
     want = [p for p in range(Q.NGRAM - 1, start) if tuple(ids[p - Q.NGRAM + 1:p + 1].tolist()) in runs]
     assert Q._ngram_hits(ids, start).tolist() == want
+    talk = [(30, 45), (100, 130)]  # runs ending in earlier questions and answers never match
+    assert Q._ngram_hits(ids, start, talk).tolist() == [p for p in want if not (30 <= p < 45 or 100 <= p < 120)]
     ids[60] = Q.UNKNOWN  # runs through an unknown id never match
     assert not set(range(60, 60 + Q.NGRAM)) & set(Q._ngram_hits(ids, start).tolist())
 
@@ -367,6 +369,25 @@ def test_terms_find_a_rare_word_pair_and_ignore_common_ones_specials_and_earlier
     q5 = Quotes(128, 512, terms=True)
     q5.restore(st, meta)
     assert q5.talk == q4.talk
+
+
+def test_a_question_repeating_an_earlier_questions_words_quotes_nothing():
+    doc = _distinct(1000)
+    q = Quotes(128, 512)
+    _read(q, doc)
+    ending = _distinct(8, seed=6, lo=50000)  # "Answer with the number only."
+    first = _question(doc, [(300, 309)]) + ending  # quotes the document: a span
+    _read(q, first, start=1000)
+    assert q.spans == [(300 - 16, 300 + 112)]
+    n = 1000 + len(first)
+    for i, t in enumerate(_distinct(5, seed=4, lo=60000)):  # its answer
+        q.observe(n + i, torch.tensor([t]), prefill=False)
+        q.at_step()
+    n += 5
+    again = _distinct(4, seed=5, lo=40000) + ending  # the first question's closing words again
+    _read(q, again, start=n)
+    assert q.spans == []  # was a span on the first question itself
+    assert q.talk == [(1000, n + len(again))]
 
 
 def test_the_question_is_the_last_message_and_of_a_long_one_its_last_paragraph():
