@@ -23,7 +23,8 @@ token ids by conversation index (host int64, 8 B a token: 1 MiB at 128K).
   outside its span or near the span's end, a span opens around it (the question's
   other span stays) and the spills re-recall: about once per 7/8 of a span while an
   answer quotes, never while it does not.
-- With `terms` (named facts): each two-token run of the question (no special token in it)
+- With `terms` (named facts): each two-token run of the question (no special token or line
+  break in it: a role name and its line break are the chat template's, not words)
   that occurs at most `TERM_MAX` times in the text before it, outside earlier questions (prefills
   of at most `TALK` tokens) and answers, marks a hit weighted 1/occurrences; hits within `span` of each other form a
   cluster, and clusters weighing 1 or more (a rare word pair, or several) become spans after
@@ -174,7 +175,7 @@ class Quotes:
     def _term_spans(self) -> list[tuple[int, int]]:
         """Spans around the question's rare word pairs (module docstring), heaviest first."""
         ids = self.ids[: self.n]
-        hits, weight = _pair_hits(ids, self._turn, self.special, self.talk)
+        hits, weight = _pair_hits(ids, self._turn, torch.cat([self.special, self.newline]), self.talk)
         return [self._around(p - 1) for p in self._clusters(hits.tolist(), weight.tolist(), least=1.0)]
 
     def _clusters(self, hits: list[int], weights: list[float], least: float) -> list[int]:
@@ -304,7 +305,8 @@ _BAD = torch.iinfo(torch.long).min
 def _pair_hits(ids: torch.Tensor, start: int, special: torch.Tensor, talk) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (sorted indices p < start where ids[p-1..p] is a two-token run of ids[start:] found
     at most TERM_MAX times before start outside `talk` ranges, weights 1/occurrences [float]).
-    Runs holding an unknown or a `special` id never match."""
+    Runs holding an unknown or a `special` id (the caller's: special ids and line breaks)
+    never match."""
     if start < 2 or ids.shape[0] - start < 2:
         return torch.empty(0, dtype=torch.long), torch.empty(0)
     a, b = ids[:-1], ids[1:]

@@ -352,6 +352,14 @@ def test_terms_find_a_rare_word_pair_and_ignore_common_ones_specials_and_earlier
         _read(q3, doc3)
         _read(q3, _pair_question(doc3, [(5, doc3[501])]), start=1000)
         assert q3.spans == want, (terms, special)
+    # a pair with a line break in it is the chat template's ("user" + line break), not words
+    doc4 = _distinct(1000)
+    doc4[21] = 10  # the conversation's first "user\n"
+    for newline, want in (((10,), []), ((), [(20 - 16, 20 + 112)])):
+        q6 = Quotes(128, 512, terms=True, newline=newline)
+        _read(q6, doc4)
+        _read(q6, _pair_question(doc4, [(doc4[20], 10)]), start=1000)
+        assert q6.spans == want, newline
     # a pair an earlier question held is talk, not the document
     q4 = Quotes(128, 512, terms=True)
     _read(q4, doc)
