@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from app.runtime.auto import RECALL, budgeted, choose
+from app.runtime.auto import RECALL, RECALLS, budgeted, choose
 from app.runtime.engine import Runtime
 from policies.files import user_folder
 from tiny import tiny_pair, tiny_policy_files
@@ -32,29 +32,36 @@ TINY_RECALL = "streaming:window=128+offload:terms=on,rank=off,recall=64,quote=32
 
 
 def test_budgets_follow_the_window():
-    assert budgeted(True, True, 8192) == ["locret", "locret+offload"]
-    assert budgeted(False, False, 8192) == budgeted(False, True, 131072) == [RECALL]
-    assert budgeted(False, False, 4096) == ["streaming:window=1024+offload:terms=on,rank=off,recall=512,quote=128"]
+    assert RECALLS == "offload:terms=on,rank=off" and RECALL == "streaming:window=2048+offload:terms=on,rank=off"
+    assert budgeted(True, 8192) == budgeted(True, 131072) == ["locret", "locret+offload:terms=on,rank=off"]
+    assert budgeted(False, 8192) == budgeted(False, 131072) == [RECALL]
+    assert budgeted(False, 4096) == ["streaming:window=1024+offload:terms=on,rank=off"]
+    assert budgeted(True, 2048) == ["locret:budget=512,stabilizers=128,local=64",
+                                    "locret:budget=512,stabilizers=128,local=64+offload:terms=on,rank=off,"
+                                    "recall=256,quote=128"]
 
 
-@pytest.mark.parametrize("tokens,files,memory,spec,why", [
-    (100, (False, False), BIG, "full", "inside the native window of 512"),
-    (100, (True, True), (950_000, 1 << 40), "kivi:group=16", "2-bit values do"),
-    (100, (True, True), (850_000, 1 << 40), "offload", "only in host memory"),
-    # the tiny model's window is 512: a quarter of it kept, an eighth recalled
-    (900, (True, False), BIG, "locret:budget=128,stabilizers=32,local=16", "retaining heads exist"),
-    (900, (True, True), BIG, "locret:budget=128,stabilizers=32,local=16+offload:recall=64", "host memory for recall"),
-    (900, (False, False), BIG, TINY_RECALL, "no retaining heads"),  # no channels needed
-    (900, (False, True), BIG, TINY_RECALL, "train-heads"),
+@pytest.mark.parametrize("tokens,heads,memory,spec,why", [
+    (100, False, BIG, "full", "inside the native window of 512"),
+    (100, True, (950_000, 1 << 40), "kivi:group=16", "2-bit values do"),
+    (100, True, (850_000, 1 << 40), "offload", "only in host memory"),
+    # the tiny model's window is 512: a quarter of it kept, an eighth recalled (no channels needed)
+    (900, True, BIG, "locret:budget=128,stabilizers=32,local=16+offload:terms=on,rank=off,recall=64,quote=32",
+     "host memory for recall"),
+    (900, True, (1_300_000, None), "locret:budget=128,stabilizers=32,local=16", "retaining heads exist"),  # recall does not fit
+    (900, False, BIG, TINY_RECALL, "no retaining heads"),
+    (900, False, BIG, TINY_RECALL, "train-heads"),
+    (900, None, BIG, "locret:budget=128,stabilizers=32,local=16+offload:terms=on,rank=off,recall=64,quote=32",
+     "retaining heads exist"),  # looked up: the fixture's, trained "on this machine"
 ])
-def test_auto_picks_the_cheapest_stack_that_holds_the_conversation(rt, tokens, files, memory, spec, why):
-    got = choose(rt, tokens, answer=64, files=files, memory=memory)
+def test_auto_picks_the_cheapest_stack_that_holds_the_conversation(rt, tokens, heads, memory, spec, why):
+    got = choose(rt, tokens, answer=64, heads=heads, memory=memory)
     assert got.spec == spec and why in got.reason, got
 
 
 def test_auto_past_the_window_never_picks_a_stack_that_keeps_positions(rt):
     """Short of memory past the window: quantize the budgeted stack, never `full`/`kivi`."""
-    got = choose(rt, 5000, answer=64, files=(False, False), memory=(1, None))
+    got = choose(rt, 5000, answer=64, heads=False, memory=(1, None))
     assert got.spec == "streaming:window=128+kivi+offload:terms=on,rank=off,recall=64,quote=32", got
 
 

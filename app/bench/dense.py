@@ -37,8 +37,8 @@ from . import precision
 HAYSTACK = Path(__file__).resolve().parents[2] / "data" / "dense" / "changelogs.txt"
 KINDS = ("multikey", "multivalue", "after-turn")
 LENGTHS = (3072, 12288, 32768)
-DEFAULT = ("full", "locret", "locret+offload", "snapkv:budget=2048,window=64",
-           "streaming:window=2048+offload:terms=on,rank=off", "locret+kivi")
+DEFAULT = ("full", "locret", "locret+offload", "locret+offload:terms=on,rank=off",  # (auto's, with heads)
+           "streaming:window=2048+offload:terms=on,rank=off", "locret+kivi")  # (auto's, without)
 COLUMNS = ["task", "policy", "length", "trials", "correct", "turn1", "asked_recalled", "asked_rank", "precision",
            "heads_on_host", "heads_kept", "skipped"]
 SHAPES = (("build number", "build numbers"), ("ticket number", "ticket numbers"), ("serial number", "serial numbers"))

@@ -1,19 +1,23 @@
 """`auto`: the cheapest policy stack that holds the conversation, chosen again as it grows.
 
 From the device's free memory, the conversation's length (plus room for an answer), the
-model's native window and the files this model has (retaining heads, offload channels):
+model's native window and whether retaining heads exist for this model:
 
 | the conversation ...                          | chosen                                   |
 |-----------------------------------------------|------------------------------------------|
 | fits the window, and its full K/V fits memory | `full`                                   |
 | fits the window, full K/V does not            | `kivi` (4.6x smaller), else `offload` (host)|
-| passes the window, heads exist                | `locret`, `+offload` where channels exist |
-|                                               | (recall of evicted tokens, host memory), |
-|                                               | `+kivi` where the device is short        |
-| passes the window, no heads                   | `streaming:window=2048` + `offload` that |
-|                                               | recalls the passages the question names  |
-|                                               | (quote spans only: no channels needed)   |
+| passes the window, heads exist                | `locret`, `+offload` that recalls the    |
+|                                               | passages the question names (evicted     |
+|                                               | tokens in host memory)                   |
+| passes the window, no heads                   | `streaming:window=2048` + the same       |
+|                                               | `offload`                                |
 | ... and the device is short                   | the same with `+kivi`                    |
+
+The recall is `offload:terms=on,rank=off` (`RECALLS`): the spans around what the question
+quotes and the rare word pairs it names a fact by, no per-head label picks, so no channels
+are needed (BENCHMARKS.md: the label picks made answers loop on number-dense text, 4/8
+against 6/8 behind `locret`; they found one needle of three the spans alone missed).
 
 A stack that passes the window must compact positions (every evicting selector here
 does): a model never sees a RoPE position past what it was trained on. Under an 8K window
@@ -31,24 +35,24 @@ from policies import SpecError
 
 AUTO = "auto"
 SUMMARY = "choose for the conversation: full inside the window, else locret or a heads-free budget (+kivi/+offload)"
-# heads-free: the start and the newest 2K tokens stay, the rest goes to the host, and the question
-# brings back whole passages around the words that name what it asks; no label ranking, so no
-# channels either (BENCHMARKS.md, the heads-free choice: `snapkv` held none of three needles,
-# label-ranked rows made the model loop)
-RECALL = "streaming:window=2048+offload:terms=on,rank=off"
+# the question brings back whole passages around the words that name what it asks; no label
+# ranking, so no channels either (BENCHMARKS.md, the heads-free choice: `snapkv` held none of
+# three needles, label-ranked rows made the model loop; part `dense`: the same behind `locret`)
+RECALLS = "offload:terms=on,rank=off"
+# heads-free: the start and the newest 2K tokens stay, the rest goes to the host
+RECALL = f"streaming:window=2048+{RECALLS}"
 
 
-def budgeted(heads: bool, channels: bool, window: int) -> list[str]:
+def budgeted(heads: bool, window: int) -> list[str]:
     """The stacks that compact positions, cheapest first, sized to the native window: what
     they keep, recall and answer stays inside it (a quarter of the window kept, an eighth
-    recalled; the defaults from an 8K window up: `locret`, `RECALL`)."""
+    recalled; the defaults from an 8K window up: `locret`, `locret+RECALLS`, `RECALL`)."""
     kept, recall = window // 4, min(512, window // 8)
+    spill = RECALLS + ("" if recall == 512 else f",recall={recall},quote={min(128, recall // 2)}")
     if heads:
         loc = "locret" if kept >= 1024 else f"locret:budget={kept},stabilizers={kept // 4},local={kept // 8}"
-        return [loc] + ([f"{loc}+offload" + ("" if recall == 512 else f":recall={recall}")] if channels else [])
-    if kept >= 2048:
-        return [RECALL]
-    return [f"streaming:window={kept}+offload:terms=on,rank=off,recall={recall},quote={min(128, recall // 2)}"]
+        return [loc, f"{loc}+{spill}"]
+    return [f"streaming:window={min(kept, 2048)}+{spill}"]
 
 
 @dataclass(frozen=True)
@@ -57,16 +61,14 @@ class Choice:
     reason: str
 
 
-def has_files(rt) -> tuple[bool, bool]:
-    """(retaining heads, offload channels) exist for this model (shipped or trained here)."""
-    from offload.calibrate import shipped as channels_file
+def has_heads(rt) -> bool:
+    """Retaining heads exist for this model (shipped or trained here)."""
     from policies.locret import find_heads
     try:
         find_heads(rt.adapter.info)
-        heads = True
+        return True
     except SpecError:
-        heads = False
-    return heads, channels_file(rt.adapter.info) is not None
+        return False
 
 
 def room(rt) -> tuple[int, int | None]:
@@ -80,11 +82,12 @@ def room(rt) -> tuple[int, int | None]:
     return host + held, None
 
 
-def choose(rt, tokens: int, answer: int = 1024, files: tuple[bool, bool] | None = None,
+def choose(rt, tokens: int, answer: int = 1024, heads: bool | None = None,
            memory: tuple[int, int | None] | None = None) -> Choice:
-    """The stack for a conversation of `tokens` tokens (and an answer of `answer`)."""
+    """The stack for a conversation of `tokens` tokens (and an answer of `answer`); `heads`:
+    whether retaining heads exist (default: looked up)."""
     from app import estimate
-    heads, channels = files if files is not None else has_files(rt)
+    heads = has_heads(rt) if heads is None else heads
     fit, host = memory if memory is not None else room(rt)
     m = estimate._model(rt.adapter.model, rt.adapter.info, rt.model_id, rt.adapter.refused)
     weights = rt.weights if rt.weights in estimate.CHOICES else "fp32"
@@ -113,7 +116,7 @@ def choose(rt, tokens: int, answer: int = 1024, files: tuple[bool, bool] | None 
         "no retaining heads for this model (train them: `main.py train-heads`)"
     why = f"{need:,} tokens with the answer pass the native window of {window:,}: a budget that " \
           f"compacts positions; {kind}"
-    tried = budgeted(heads, channels, window)
+    tried = budgeted(heads, window)
     for spec in reversed(tried):  # with recall first, where it fits
         if fits(spec):
             return Choice(spec, why + ("; evicted tokens go to host memory for recall" if "offload" in spec else ""))
