@@ -64,6 +64,7 @@ class Quotes:
         # ids whose text holds a line break / a paragraph break (two line breaks in a row: too)
         self.newline = torch.tensor(sorted(set(newline) | set(paragraph)), dtype=torch.long)
         self.paragraph = torch.tensor(sorted(set(paragraph)), dtype=torch.long)
+        self._unpaired = torch.cat([self.special, self.newline])  # ids no term pair holds
         self.talk: list[tuple[int, int]] = []  # [a, b): earlier questions and answers (no term hits)
         self.max_spans = max(1, (recall // 2) // span)
         self.ids = torch.empty(0, dtype=torch.long)
@@ -175,7 +176,7 @@ class Quotes:
     def _term_spans(self) -> list[tuple[int, int]]:
         """Spans around the question's rare word pairs (module docstring), heaviest first."""
         ids = self.ids[: self.n]
-        hits, weight = _pair_hits(ids, self._turn, torch.cat([self.special, self.newline]), self.talk)
+        hits, weight = _pair_hits(ids, self._turn, self._unpaired, self.talk)
         return [self._around(p - 1) for p in self._clusters(hits.tolist(), weight.tolist(), least=1.0)]
 
     def _clusters(self, hits: list[int], weights: list[float], least: float) -> list[int]:
