@@ -85,10 +85,14 @@ def attend_plain(q, keys, vals, scale):
     return attend(q, keys, vals, scale)
 
 
-def max_pool(s: torch.Tensor, k: int) -> torch.Tensor:
+def max_pool(s: torch.Tensor, k: int, back: int | None = None) -> torch.Tensor:
     """Max over a window of k neighbours ([H, T] -> [H, T]): a token scores as well as
-    the best within k//2 of it, so a kept fact keeps the words around it (SnapKV pools its
-    scores for the same reason). Kept at the chunk's edges by padding."""
+    the best in its window, so a kept fact keeps the words around it (SnapKV pools its
+    scores for the same reason). The window reaches min(back, k//2) tokens back and the rest
+    of it ahead (back None: k//2 each way); a token then inherits the score of a peak up to
+    k-1-back tokens after it, so the words that lead to a value (its name) stay with it.
+    Kept at the chunk's edges by padding."""
     if k <= 1 or s.shape[-1] < 2:
         return s
-    return F.max_pool1d(s[None], k, 1, k // 2)[0][..., : s.shape[-1]]
+    b = k // 2 if back is None else min(back, k // 2)
+    return F.max_pool1d(F.pad(s[None], (b, k - 1 - b), value=float("-inf")), k, 1)[0]

@@ -21,7 +21,9 @@ chunk's tokens become their mean over all layers' heads before eviction (`KVCach
 calls `combine` once per chunk, after every layer has scored it): an ensemble of
 L x Hkv predictors, and every layer keeps the same tokens -- a fact must survive in most
 layers to be answered. `pool=k` then gives each token the best score within k//2 of it,
-so a kept number keeps the words that say what it is. The shipped heads are trained for
+so a kept number keeps the words that say what it is; `back=b` (b < k//2) leans that window
+ahead, from b tokens before a token to k-1-b after it, so more of the words before a value
+(its name) and fewer after it stay with it at the same cost in slots. The shipped heads are trained for
 this (`train-heads --labels shared`: every head regresses the max over layers of
 z-scored labels). Per-head, shared and shared + pooled selection side by side:
 BENCHMARKS.md, Locret.
@@ -254,7 +256,7 @@ class LocretSelector(EvictingSelector):
     def __init__(self, opts: dict, info: ModelInfo, layer: int):
         super().__init__(opts, info)
         self.stabilizers = opts["stabilizers"]
-        self.share_scores, self.pool = opts["share"], opts["pool"]
+        self.share_scores, self.pool, self.back = opts["share"], opts["pool"], opts["back"]
         self.layer = layer
         self.heads, self.source = find_heads(info, opts["heads"])
 
@@ -265,12 +267,12 @@ class LocretSelector(EvictingSelector):
             raise RuntimeError(f"locret: layer {self.layer} got no hidden state (the adapter must "
                                "capture it for selectors with needs_hidden)")
         s = self.heads.score(self.layer, x)
-        return s if self.share_scores else _pool(s, self.pool)
+        return s if self.share_scores else _pool(s, self.pool, self.back)
 
     def combine(self, scores: torch.Tensor) -> torch.Tensor:
         """share=on: [L, Hkv, T] scores of new tokens -> one score per token [T]: the mean
         over every layer's heads (an ensemble of L x Hkv predictors), then pooled."""
-        return _pool(scores.mean((0, 1))[None], self.pool)[0]
+        return _pool(scores.mean((0, 1))[None], self.pool, self.back)[0]
 
     def pick(self, cache, chunk, cap, fixed) -> torch.Tensor:
         """-> sorted indices [Hkv, cap]: sinks, stabilizers, the final chunk, the best scored."""
@@ -299,6 +301,9 @@ def _check(opts: dict) -> None:
     "share": Opt(bool, True, "on: every layer keeps the tokens with the best mean score over all layers' "
                  "heads; off: each head keeps its own best (the paper)"),
     "pool": Opt(int, 9, "score of a token = the best within this window around it (odd; 1: none)", min=1, max=63),
+    "back": Opt(int, 63, "the pool window reaches at most this many tokens back (at most pool//2), the rest "
+                "ahead: a token keeps the score of a peak up to pool-1-back tokens after it, so a value "
+                "keeps the words before it (its name)", min=0, max=63),
 }, "retaining heads keep the best `budget` tokens per head; memory fixed by budget + chunk", _check)
 def build(policy, info, layer):
     return LocretSelector(policy.opts, info, layer)

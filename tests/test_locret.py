@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -104,15 +106,21 @@ def test_pool_takes_the_window_max_and_refuses_even_windows(tmp_path):
     assert _pool(s, 3).tolist() == [[0, 5, 5, 5, 0, 1, 1], [3, 3, 0, 0, 0, 0, 0]]
     assert _pool(s, 5).tolist() == [[5, 5, 5, 5, 5, 1, 1], [3, 3, 3, 0, 0, 0, 0]]
     assert torch.equal(_pool(s, 1), s)
+    # back: the window reaches at most `back` tokens back and the rest ahead, so the tokens
+    # before a peak (a value's name) inherit its score; back >= k//2 is the centred window
+    assert _pool(s, 5, 0).tolist() == [[5, 5, 5, 1, 1, 1, 1], [3, 0, 0, 0, 0, 0, 0]]
+    assert _pool(s, 5, 1).tolist() == [[5, 5, 5, 5, 1, 1, 1], [3, 3, 0, 0, 0, 0, 0]]
+    assert torch.equal(_pool(s, 5, 2), _pool(s, 5)) and torch.equal(_pool(s, 5, 63), _pool(s, 5))
+    assert torch.equal(_pool(s, 1, 0), s)
     rt = _runtime("full")
     f = random_heads(rt.adapter.info, tmp_path / "heads.safetensors")
     with pytest.raises(SpecError, match="option `pool` .4. must be odd"):
         _runtime(f"locret:pool=4,heads={f}")
     # pooling keeps a span: the neighbours of the best-scored token survive with it
-    rt = _runtime(f"locret:budget=16,stabilizers=2,local=4,chunk=16,pool=5,share=off,heads={f}")
+    rt = _runtime(f"locret:budget=16,stabilizers=2,local=4,chunk=16,pool=5,back=1,share=off,heads={f}")
     rt.prefill(_ids(80))
     sel = rt.cache.layers[0].selector
-    assert sel.pool == 5 and not sel.share_scores
+    assert sel.pool == 5 and sel.back == 1 and not sel.share_scores
 
 
 def test_compacted_keys_are_rope_at_new_slots(tmp_path):
@@ -302,3 +310,26 @@ def test_oracle_scorer_keeps_the_needle_through_eviction():
             for h in range(kept.shape[0]):
                 assert set(range(at, at + len(needle))) <= set(kept[h].tolist())
         assert res["tokens"] == len(ids) and rt.cache.length <= 96 + 16 + 2
+
+
+def test_pool_replay_gives_back_the_live_selection(tmp_path):
+    """scripts/pool_replay.py (the offline sweep behind BENCHMARKS.md's pooling windows):
+    replaying the recorded scores with the live window gives back exactly the tokens the
+    cache holds, centred or leaning ahead (`back`), and `back` changes what is held."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("pool_replay", Path(__file__).parents[1] / "scripts" / "pool_replay.py")
+    pr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pr)
+    f = random_heads(_runtime("full").adapter.info, tmp_path / "heads.safetensors")
+    held = {}
+    for pool, back in ((5, 2), (5, 0), (7, 1)):
+        rt = _runtime(f"locret:budget=24,stabilizers=4,local=0,chunk=16,pool={pool},back={back},heads={f}")
+        with pr.recording(rt) as (start, stop):
+            start()
+            rt.prefill(_ids(150))
+            rec = stop("test", [])
+        assert len(rec["ids"]) == 150 and rec["raw"].shape == (150,)
+        held[pool, back] = set(rec["held"])
+        assert pr.replay(rec, back, pool - 1 - back, budget=24, stabilizers=4) == held[pool, back]
+        assert pr.replay(rec, 0, 0, budget=24, stabilizers=4) != held[pool, back]
+    assert held[5, 0] != held[5, 2]
