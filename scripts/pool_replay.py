@@ -1,7 +1,7 @@
 """Replay `locret`'s selection offline, to try pooling windows in seconds instead of hours.
 
     .venv/bin/python scripts/pool_replay.py capture --out scores.pt [--seeds 0,...,7] [--passkey 16384,32768] [--trials 5]
-    .venv/bin/python scripts/pool_replay.py replay scores.pt [--windows 4:4,8:8,2:6]
+    .venv/bin/python scripts/pool_replay.py replay scores.pt [--pools 9,17,9:2,13:2]
 
 `capture` reads part `dense`'s multikey documents (12,288 tokens, seed s = the bench's trial s)
 and the pass-key prompts of `bench quality --parts kvbits` (same depths and seeds) under
@@ -9,15 +9,14 @@ and the pass-key prompts of `bench quality --parts kvbits` (same depths and seed
 (the mean over all layers' heads, before pooling), the chunk lengths, where the values sit
 and what the live cache held at the end (`torch.save`; read back with weights_only=True).
 
-`replay` runs the chunked eviction again on those scores with other windows `back:ahead`
-(a token scores as the best from `back` tokens before it to `ahead` after it) and counts,
-per window: the facts whose name, "is" and digits are all held ("named", the tokens from the
+`replay` runs the chunked eviction again on those scores with other pooling options (`P`:
+`pool=P`; `P:B`: `pool=P,back=B`), pooled by the policy's own `max_pool`, and counts per option: the facts whose name, "is" and digits are all held ("named", the tokens from the
 one after " of" to the digits' end), the facts whose digits are held, and the pass keys whose
-digits are held. It first checks that replaying the captured window gives back exactly the
+digits are held. It first checks that replaying the captured `pool=9` gives back exactly the
 live cache's tokens. The scores of a prefill depend a little on what was kept before (the
-hidden states read the kept cache), so a replayed window is an estimate of its live run
-(BENCHMARKS.md: `pool=17` replayed from `pool=9`'s scores held the same facts in 7 of 8
-documents). An experiment, not a policy.
+hidden states read the kept cache), so a replayed option is an estimate of its live run
+(BENCHMARKS.md: `pool=17` replayed from `pool=9`'s scores held the same facts as a live run
+in 7 of 8 documents). An experiment, not a policy.
 """
 from __future__ import annotations
 
@@ -28,13 +27,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from app.bench import dense  # noqa: E402
 from app.bench.kvbits import depths  # noqa: E402
 from app.bench.locret import NEEDLE, passkey_prompt  # noqa: E402
-from policies.evict import best  # noqa: E402
+from policies.evict import best, max_pool  # noqa: E402
 from policies.locret import SINKS, LocretSelector  # noqa: E402
 
 BUDGET, STABILIZERS = 1024, 256  # locret's defaults
@@ -45,18 +43,14 @@ def _find(seq: list, sub: list) -> list[int]:
     return [j for j in range(len(seq) - len(sub) + 1) if seq[j:j + len(sub)] == sub]
 
 
-def window(s: torch.Tensor, back: int, ahead: int) -> torch.Tensor:
-    """[T] -> [T]: each token's best score from `back` tokens before it to `ahead` after."""
-    return F.max_pool1d(F.pad(s[None, None], (back, ahead), value=float("-inf")), back + ahead + 1, 1)[0, 0]
-
-
-def replay(rec: dict, back: int, ahead: int, budget: int = BUDGET, stabilizers: int = STABILIZERS) -> set[int]:
-    """The positions a `locret` cache (share=on) holds after the prefill, scored by `window`."""
+def replay(rec: dict, pool: int, back: int | None = None, budget: int = BUDGET,
+           stabilizers: int = STABILIZERS) -> set[int]:
+    """The positions a `locret:pool=P,back=B` cache (share=on) holds after the prefill."""
     pos, kept, a = torch.empty(0, dtype=torch.long), torch.empty(0), 0
     for i, n in enumerate(rec["chunks"]):
         fixed = n if i == len(rec["chunks"]) - 1 else 0  # the final chunk is never evicted
         pos = torch.cat((pos, torch.arange(a, a + n)))
-        kept = torch.cat((kept, window(rec["raw"][a:a + n].float(), back, ahead)))
+        kept = torch.cat((kept, max_pool(rec["raw"][None, a:a + n].float(), pool, back)[0]))
         if pos.numel() > budget + fixed:
             s = kept.clone()
             s[pos.numel() - min(pos.numel(), stabilizers + fixed):] = float("inf")
@@ -160,7 +154,7 @@ def main() -> None:
     c.add_argument("--threads", type=int, default=2)
     r = sub.add_parser("replay")
     r.add_argument("scores")
-    r.add_argument("--windows", default="4:4,8:8,2:6,2:10,6:6")
+    r.add_argument("--pools", default="9,13,17,9:2,13:2")
     a = p.parse_args()
     from app.runtime.engine import Runtime
     if a.cmd == "capture":
@@ -172,15 +166,16 @@ def main() -> None:
         print(f"wrote {a.out}")
         return
     recs = torch.load(a.scores, weights_only=True)
-    live = [replay(rec, 4, 4) == set(rec["held"]) for rec in recs]
+    live = [replay(rec, 9) == set(rec["held"]) for rec in recs]
     if not all(live):
-        sys.exit(f"replay: the captured window 4:4 does not give back the live cache in {live.count(False)} "
+        sys.exit(f"replay: the captured pool=9 does not give back the live cache in {live.count(False)} "
                  "prompts; the capture and this replay disagree on locret's selection")
     of_id = Runtime.load().tok(" of", add_special_tokens=False)["input_ids"][0]
-    for w in a.windows.split(","):
-        back, ahead = (int(x) for x in w.split(":"))
-        got = count(recs, [replay(rec, back, ahead) for rec in recs], of_id)
-        print(f"window {back}:{ahead}  " + "  ".join(f"{k} {v}" for k, v in got.items()), flush=True)
+    for opt in a.pools.split(","):
+        pool, _, back = opt.partition(":")
+        got = count(recs, [replay(rec, int(pool), int(back) if back else None) for rec in recs], of_id)
+        name = f"pool={pool}" + (f",back={back}" if back else "")
+        print(f"{name:16s}  " + "  ".join(f"{k} {v}" for k, v in got.items()), flush=True)
 
 
 if __name__ == "__main__":

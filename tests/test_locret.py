@@ -330,6 +330,6 @@ def test_pool_replay_gives_back_the_live_selection(tmp_path):
             rec = stop("test", [])
         assert len(rec["ids"]) == 150 and rec["raw"].shape == (150,)
         held[pool, back] = set(rec["held"])
-        assert pr.replay(rec, back, pool - 1 - back, budget=24, stabilizers=4) == held[pool, back]
-        assert pr.replay(rec, 0, 0, budget=24, stabilizers=4) != held[pool, back]
+        assert pr.replay(rec, pool, back, budget=24, stabilizers=4) == held[pool, back]
+        assert pr.replay(rec, 1, budget=24, stabilizers=4) != held[pool, back]
     assert held[5, 0] != held[5, 2]
