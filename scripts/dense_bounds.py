@@ -26,13 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from app.bench import dense  # noqa: E402
+from app.bench.locret import find_all  # noqa: E402
 from app.runtime.engine import Runtime  # noqa: E402
 
 BEFORE = 8  # tokens before the digits that belong to the statement ("number of Lunsto is ")
-
-
-def _find(seq: list, sub: list) -> list[int]:
-    return [j for j in range(len(seq) - len(sub) + 1) if seq[j:j + len(sub)] == sub]
 
 
 def _override(sel, mode: str, state: dict) -> None:
@@ -44,7 +41,7 @@ def _override(sel, mode: str, state: dict) -> None:
             state["ids"][a:a + n] = chunk.input_ids.tolist()
             lo = max(0, a - 64)  # a statement cut by the chunk's start
             for d in state["digits"]:
-                for j in _find(state["ids"][lo:a + n], d):
+                for j in find_all(state["ids"][lo:a + n], d):
                     state["hits"].update(range(lo + j - BEFORE, lo + j + len(d) + 1))
         hit = torch.tensor([p in state["hits"] for p in range(a, a + n)], device=k.device)
         if mode == "heads":
@@ -69,7 +66,7 @@ def run(rt, mode: str, doc, budget: int) -> tuple[list[bool], list[str], int]:
         path.write_text(doc.text)
         rt.load_document(str(path))
     held = set(rt.cache.layers[0].positions()[0].tolist())
-    kept = [all(p in held for j in _find(state["ids"], d) for p in range(j, j + len(d))) for d in digits]
+    kept = [all(p in held for j in find_all(state["ids"], d) for p in range(j, j + len(d))) for d in digits]
     answers = [rt.ask(t.question, max_new_tokens=t.max_new).answer.strip() for t in doc.turns]
     right = sum(dense.score(a, t) for a, t in zip(answers, doc.turns))
     rt.clear()

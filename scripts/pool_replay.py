@@ -10,7 +10,8 @@ and the pass-key prompts of `bench quality --parts kvbits` (same depths and seed
 and what the live cache held at the end (`torch.save`; read back with weights_only=True).
 
 `replay` runs the chunked eviction again on those scores with other pooling options (`P`:
-`pool=P`; `P:B`: `pool=P,back=B`), pooled by the policy's own `max_pool`, and counts per option: the facts whose name, "is" and digits are all held ("named", the tokens from the
+`pool=P`; `P:B`: `pool=P,back=B`), through the policy's own `max_pool` and `LocretSelector.pick`, and
+counts per option: the facts whose name, "is" and digits are all held ("named", the tokens from the
 one after " of" to the digits' end), the facts whose digits are held, and the pass keys whose
 digits are held. It first checks that replaying the captured `pool=9` gives back exactly the
 live cache's tokens. The scores of a prefill depend a little on what was kept before (the
@@ -25,37 +26,34 @@ import contextlib
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from app.bench import dense  # noqa: E402
 from app.bench.kvbits import depths  # noqa: E402
-from app.bench.locret import NEEDLE, passkey_prompt  # noqa: E402
-from policies.evict import best, max_pool  # noqa: E402
-from policies.locret import SINKS, LocretSelector  # noqa: E402
+from app.bench.locret import NEEDLE, find_all, passkey_prompt  # noqa: E402
+from policies.evict import cap_and_fixed, max_pool  # noqa: E402
+from policies.locret import LocretSelector  # noqa: E402
 
 BUDGET, STABILIZERS = 1024, 256  # locret's defaults
 SPEC = f"locret:budget={BUDGET},stabilizers={STABILIZERS}"
 
 
-def _find(seq: list, sub: list) -> list[int]:
-    return [j for j in range(len(seq) - len(sub) + 1) if seq[j:j + len(sub)] == sub]
-
-
 def replay(rec: dict, pool: int, back: int | None = None, budget: int = BUDGET,
            stabilizers: int = STABILIZERS) -> set[int]:
-    """The positions a `locret:pool=P,back=B` cache (share=on) holds after the prefill."""
+    """The positions a `locret:pool=P,back=B` cache (share=on) holds after the prefill: the
+    recorded chunks pooled by `max_pool` and picked by `LocretSelector.pick` itself."""
+    pick = SimpleNamespace(stabilizers=stabilizers)
     pos, kept, a = torch.empty(0, dtype=torch.long), torch.empty(0), 0
     for i, n in enumerate(rec["chunks"]):
-        fixed = n if i == len(rec["chunks"]) - 1 else 0  # the final chunk is never evicted
+        cap, fixed = cap_and_fixed(budget, SimpleNamespace(n=n, final=i == len(rec["chunks"]) - 1))
         pos = torch.cat((pos, torch.arange(a, a + n)))
         kept = torch.cat((kept, max_pool(rec["raw"][None, a:a + n].float(), pool, back)[0]))
-        if pos.numel() > budget + fixed:
-            s = kept.clone()
-            s[pos.numel() - min(pos.numel(), stabilizers + fixed):] = float("inf")
-            s[pos < SINKS] = float("inf")
-            idx = best(s[None], budget + fixed)[0]
+        if pos.numel() > cap:
+            cache = SimpleNamespace(length=pos.numel(), scores=kept[None], positions=lambda: pos[None])
+            idx = LocretSelector.pick(pick, cache, None, cap, fixed)[0]
             pos, kept = pos[idx], kept[idx]
         a += n
     return set(pos.tolist())
@@ -109,7 +107,7 @@ def capture(rt, seeds: list[int], lengths: list[int], trials: int) -> list[dict]
                 path.write_text(doc.text)
                 rt.load_document(str(path))
             rec = stop("dense", [], seed=seed)
-            rec["spans"] = [(j, j + len(enc(f.value))) for f in doc.facts for j in _find(rec["ids"], enc(f.value))]
+            rec["spans"] = [(j, j + len(enc(f.value))) for f in doc.facts for j in find_all(rec["ids"], enc(f.value))]
             out.append(rec)
             print(f"dense seed {seed}: {len(rec['ids'])} tokens", flush=True)
         for n in lengths:
@@ -119,8 +117,8 @@ def capture(rt, seeds: list[int], lengths: list[int], trials: int) -> list[dict]
                 start()
                 rt.prefill(ids)
                 needle = enc(" " + NEEDLE.format(key=key) + " ")
-                at = _find(ids, needle)[0]
-                spans = [(at + j, at + j + len(enc(key))) for j in _find(needle, enc(key))]
+                at = find_all(ids, needle)[0]
+                spans = [(at + j, at + j + len(enc(key))) for j in find_all(needle, enc(key))]
                 out.append(stop("passkey", spans, length=n, depth=d))
                 print(f"pass key {n} depth {d:.2f}", flush=True)
     return out

@@ -24,6 +24,11 @@ QUESTION = "What is the pass key? Answer with the number only."
 _HAY: dict = {}
 
 
+def find_all(seq: list, sub: list) -> list[int]:
+    """Every index where the token list `sub` starts in `seq`."""
+    return [i for i in range(len(seq) - len(sub) + 1) if seq[i:i + len(sub)] == sub]
+
+
 def _hay_ids(tok, n):
     if id(tok) not in _HAY:
         _HAY[id(tok)] = tok(HAYSTACK.read_text(), add_special_tokens=False)["input_ids"]
@@ -83,7 +88,7 @@ def trial(rt, spec: str, n_tokens: int, depth: float, seed: int, scorer: str = "
             _streaming(layer.selector)
     elif scorer == "oracle":
         needle = r.tok(" " + NEEDLE.format(key=key) + " ", add_special_tokens=False)["input_ids"]
-        at = next(i for i in range(len(ids) - len(needle) + 1) if ids[i:i + len(needle)] == needle)
+        at = find_all(ids, needle)[0]
         for layer in r.cache.layers:
             _oracle(layer.selector, set(range(at, at + len(needle))))
     t0 = time.perf_counter()
