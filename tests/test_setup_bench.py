@@ -1,32 +1,28 @@
-"""`bench` works after the README's set-up: scripts/setup.sh installs the `bench` extra."""
+"""`bench` works after the README's set-up: the locks scripts/setup.sh installs hold the `bench`
+extra (tests/test_lock.py checks that they pin every package of it)."""
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import re
 import tomllib
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_setup_installs_the_bench_extra_and_it_holds_what_the_suites_import():
+def test_the_locks_are_made_with_the_bench_and_test_extras():
     from app.bench import NEEDS
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     names = {re.split(r"[<>=\[; ]", d)[0] for d in extras["bench"]}
     assert {"matplotlib", "optimum-quanto"} <= names
     assert set(NEEDS) == {"matplotlib", "optimum.quanto"}
-    installs = re.findall(r'pip install -q -e "\.\[([^\]]*)\]"', (ROOT / "scripts" / "setup.sh").read_text())
-    assert installs and "bench" in installs[0].split(",") and "test" in installs[0].split(",")
+    lock = (ROOT / "scripts" / "lock.sh").read_text()
+    assert "--extra test --extra bench" in lock
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    assert re.search(r'--require-hashes --no-deps .*-r "\$lock"', setup)
 
 
-def test_a_venv_set_up_by_the_script_has_them():
-    stamp = ROOT / ".venv" / ".vramchat-installed"
-    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + (ROOT / "scripts" / "setup.sh").read_bytes())
-    if not stamp.exists() or stamp.read_text().strip() != want.hexdigest()[:16]:
-        pytest.skip("this environment was not set up by the current scripts/setup.sh")
+def test_this_environment_has_what_the_bench_imports():
     from app.bench import missing
     assert missing() == []
     assert importlib.util.find_spec("matplotlib") is not None

@@ -83,8 +83,9 @@ class RemoteRuntime:
         self.base, self.root = split_url(url)
         self.url = url
         self._openai = openai
+        # NOTE: openai's own Timeout, never httpx's: openai 3 is built on httpx2 and refuses httpx types.
         self.client = openai.OpenAI(base_url=self.base, api_key=api_key or "none", max_retries=0,
-                                    timeout=httpx.Timeout(3600.0, connect=10.0))
+                                    timeout=openai.Timeout(3600.0, connect=10.0))
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(timeout=httpx.Timeout(5.0), headers=headers)
         self.conv = Conversation()
