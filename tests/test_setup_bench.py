@@ -14,8 +14,8 @@ def test_the_locks_are_made_with_the_bench_and_test_extras():
     from app.bench import NEEDS
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     names = {re.split(r"[<>=\[; ]", d)[0] for d in extras["bench"]}
-    assert {"matplotlib", "optimum-quanto"} <= names
-    assert set(NEEDS) == {"matplotlib", "optimum.quanto"}
+    assert {"matplotlib", "optimum-quanto", "lm-eval"} <= names
+    assert set(NEEDS) == {"matplotlib", "optimum.quanto", "lm_eval"}
     lock = (ROOT / "scripts" / "lock.sh").read_text()
     assert "--extra test --extra bench" in lock
     setup = (ROOT / "scripts" / "setup.sh").read_text()

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 SUITES = ("memory", "speed", "quality", "gpu128k", "soak", "kernels", "probe-attn", "probe-decode", "probe-pinned",
-          "serve", "reopen")
+          "serve", "reopen", "ruler")
 PROBE_VARIANTS = "torch window fused"
 
 
@@ -43,6 +43,10 @@ def add_parser(sub) -> None:
                         "dense; kvbits and dense take whole specs in --policies)")
     p.add_argument("--kinds", default=None,
                    help="quality, part dense: comma-separated kinds, any of multikey,multivalue,after-turn (default: all)")
+    p.add_argument("--tasks", default=None,
+                   help="ruler: comma-separated RULER tasks as lm-eval names them (default niah_single_1,"
+                        "niah_multikey_2,niah_multikey_3; generated here: also vt,cwe,fwe)")
+    p.add_argument("--limit", type=int, default=5, help="ruler: samples per task, length and policy (default 5)")
     p.add_argument("--turns", type=int, default=100,
                    help="soak: turns per policy against one document (its length: first of --lengths, default 8192)")
     g = p.add_argument_group("gpu128k")
@@ -60,7 +64,8 @@ def add_parser(sub) -> None:
     g.add_argument("--profile", default=PROBE_VARIANTS, help="variants whose kernels to profile")
 
 
-NEEDS = {"matplotlib": "matplotlib (plots)", "optimum.quanto": "optimum-quanto (transformers' QuantizedCache peer)"}
+NEEDS = {"matplotlib": "matplotlib (plots)", "optimum.quanto": "optimum-quanto (transformers' QuantizedCache peer)",
+         "lm_eval": "lm-eval (bench ruler: RULER's tasks and the stock client)"}
 
 
 def missing() -> list[str]:
@@ -95,7 +100,12 @@ def run(args) -> int:
             check_parts(parts, pols, kinds)  # before the model loads
         except ValueError as e:
             raise SystemExit(str(e)) from None
-    elif parts or kinds:
+    elif args.suite == "ruler":
+        from .ruler import check_tasks
+        check_tasks(_list(args.tasks, str, ",") or ())  # before the model loads
+        if args.limit < 1:
+            raise SystemExit(f"bench ruler: --limit {args.limit}: must be at least 1")
+    if args.suite != "quality" and (parts or kinds):
         raise SystemExit(f"bench {args.suite}: --parts and --kinds are for the quality suite")
     gone = missing()
     if gone:
@@ -141,6 +151,10 @@ def run(args) -> int:
         elif args.suite == "serve":
             from . import serve
             serve.run(rt, decode=args.decode or 64, trials=args.trials or 3, out_dir=out, **kw)
+        elif args.suite == "ruler":
+            from . import ruler
+            ruler.run(rt, policies=pols or ruler.DEFAULT_POLICIES, lengths=lengths or ruler.DEFAULT_LENGTHS,
+                      tasks=_list(args.tasks, str, ",") or ruler.DEFAULT_TASKS, limit=args.limit, out_dir=out)
         elif args.suite == "reopen":
             from . import reopen
             reopen.run(rt, decode=args.decode or 16, trials=args.trials or 3, out_dir=out, **kw)
