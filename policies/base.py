@@ -28,7 +28,7 @@ import torch
 from . import static
 from .full import FullStore, KeepAll  # noqa: F401  (the default store and selector)
 from .kernels.switch import Kernels
-from .registry import Policy, REGISTRY, SpecError, parse_spec
+from .registry import Policy, REGISTRY, SpecError, parse_spec, spec_of
 
 
 @dataclass
@@ -229,11 +229,8 @@ class KVCache:
 
     @property
     def spec(self) -> str:
-        order = ("selector", "store", "spill", "reader", "ffn")
-        parts = [self.slots[s].spec() for s in order if s in self.slots]
-        if parts[0] == "full" and len(parts) > 1:
-            parts = parts[1:]
-        return "+".join(parts)
+        """The canonical spec of this cache (`registry.canonical_spec`)."""
+        return spec_of(self.slots)
 
     def _build_layer(self, i: int) -> LayerCache:
         made = {}

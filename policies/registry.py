@@ -19,6 +19,11 @@ class SpecError(ValueError):
     """A policy spec or option that cannot be used; the message names the bad part."""
 
 
+class NoHeadsError(SpecError):
+    """`locret` found no retaining heads for this model (none ship, none were trained here):
+    the one refusal a person can fix by training them (`main.py train-heads`, the app's dialog)."""
+
+
 @dataclass(frozen=True)
 class Opt:
     """One option of a policy: its type, default and the range it must fall in."""
@@ -80,16 +85,21 @@ class Policy:
 
     def spec(self) -> str:
         entry = REGISTRY[self.name]
-        changed = {k: v for k, v in self.opts.items() if v != entry.options[k].default}
+        changed = {k: self.opts[k] for k, o in entry.options.items() if k in self.opts and self.opts[k] != o.default}
         if not changed:
             return self.name
         return self.name + ":" + ",".join(f"{k}={_fmt(v)}" for k, v in changed.items())
 
 
 def _fmt(v: Any) -> str:
+    """An option value as the canonical spec writes it: bools on/off (as the README does),
+    floats short where that reads back the same value."""
+    if isinstance(v, bool):
+        return "on" if v else "off"
     if isinstance(v, float):
-        return f"{v:g}"
-    return str(v).lower() if isinstance(v, bool) else str(v)
+        short = f"{v:g}"
+        return short if float(short) == v else repr(v)
+    return str(v)
 
 
 @dataclass
@@ -152,6 +162,23 @@ def parse_policy(text: str) -> Policy:
     if entry.check is not None:
         entry.check(opts)
     return Policy(name, entry.slot, opts)
+
+
+def spec_of(slots: dict[str, Policy]) -> str:
+    """The canonical spec of parsed slots: slots in `SLOTS` order, each policy with only the
+    options that differ from their defaults, in the order it registers them, and no `full`
+    selector in front of other parts (it is what a cache has without one)."""
+    parts = [slots[s].spec() for s in SLOTS if s in slots]
+    if parts and parts[0] == "full" and len(parts) > 1:
+        parts = parts[1:]
+    return "+".join(parts)
+
+
+def canonical_spec(spec: str) -> str:
+    """The one form of `spec` used for display, comparison and files: two specs that build
+    the same cache have the same canonical form (`kivi+locret` and `locret+kivi`;
+    `h2o+offload:rank=false,terms=true` and `h2o+offload:terms=on,rank=off`). Raises SpecError."""
+    return spec_of(parse_spec(spec))
 
 
 def parse_spec(spec: str) -> dict[str, Policy]:

@@ -28,7 +28,7 @@ def rt(tmp_path_factory):
     return rt
 
 
-TINY_RECALL = "streaming:window=128+offload:terms=on,rank=off,recall=64,quote=32"
+TINY_RECALL = "streaming:window=128+offload:recall=64,quote=32,terms=on,rank=off"  # canonical: options in order
 
 
 def test_budgets_follow_the_window():
@@ -46,11 +46,11 @@ def test_budgets_follow_the_window():
     (100, True, (950_000, 1 << 40), "kivi:group=16", "2-bit values do"),
     (100, True, (850_000, 1 << 40), "offload", "only in host memory"),
     # the tiny model's window is 512: a quarter of it kept, an eighth recalled (no channels needed)
-    (900, True, BIG, "locret:budget=128,stabilizers=32,local=16+offload:terms=on,rank=off,recall=64,quote=32",
+    (900, True, BIG, "locret:budget=128,stabilizers=32,local=16+offload:recall=64,quote=32,terms=on,rank=off",
      "host memory for recall"),
     (900, True, (1_300_000, None), "locret:budget=128,stabilizers=32,local=16", "retaining heads exist"),  # recall does not fit
     (900, False, BIG, TINY_RECALL, "no retaining heads for this model (train them: `main.py train-heads`)"),
-    (900, None, BIG, "locret:budget=128,stabilizers=32,local=16+offload:terms=on,rank=off,recall=64,quote=32",
+    (900, None, BIG, "locret:budget=128,stabilizers=32,local=16+offload:recall=64,quote=32,terms=on,rank=off",
      "retaining heads exist"),  # looked up: the fixture's, trained "on this machine"
 ])
 def test_auto_picks_the_cheapest_stack_that_holds_the_conversation(rt, tokens, heads, memory, spec, why):
@@ -61,7 +61,7 @@ def test_auto_picks_the_cheapest_stack_that_holds_the_conversation(rt, tokens, h
 def test_auto_past_the_window_never_picks_a_stack_that_keeps_positions(rt):
     """Short of memory past the window: quantize the budgeted stack, never `full`/`kivi`."""
     got = choose(rt, 5000, answer=64, heads=False, memory=(1, None))
-    assert got.spec == "streaming:window=128+kivi+offload:terms=on,rank=off,recall=64,quote=32", got
+    assert got.spec == "streaming:window=128+kivi+offload:recall=64,quote=32,terms=on,rank=off", got
 
 
 def _words(n: int, seed: int) -> str:
@@ -115,3 +115,19 @@ def test_choosing_auto_live_and_leaving_it(tmp_path):
     assert rt.auto and rt.policy == "full" and res.new_policy == "full"
     rt.set_policy("kivi:group=16")
     assert not rt.auto and rt.policy == "kivi:group=16"
+
+
+def test_questions_under_auto_convert_nothing_once_it_chose(tmp_path):
+    """Past the window auto chose a compressing stack; the questions after it find the same
+    choice and the cache untouched: no note, no conversion (its spec and the cache's are one
+    canonical string, the form the note and the panels show)."""
+    rt = Runtime.from_model(*tiny_pair(0), policy="auto", model_id="tiny", chunk_size=32)
+    rt.load_document(_doc(tmp_path, "long.txt", 700, 2))
+    (note,) = rt.notes
+    assert rt.cache.evicts and f"auto chose `{rt.policy}` (was `full`)" in note
+    assert "=true" not in rt.policy and "terms=on,rank=off" in rt.policy
+    cache, policy = rt.cache, rt.policy
+    for q in ("which word comes first?", "and which comes last?"):
+        rt.ask(q, max_new_tokens=3)
+        assert rt.notes == [note] and rt.cache is cache and rt.policy == policy
+        assert rt.auto_choice.spec == policy

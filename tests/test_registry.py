@@ -83,3 +83,34 @@ def test_every_registered_policy_has_a_summary_and_valid_defaults():
         for key, opt in entry.options.items():
             if opt.default not in (None, ""):
                 assert opt.parse(name, key, str(opt.default)) == opt.default, (name, key)
+
+
+@pytest.mark.parametrize("spec,canonical", [
+    ("full", "full"),
+    ("full+kivi", "kivi"),
+    ("kivi+locret", "locret+kivi"),  # slots in order, whatever order they were written in
+    ("ffnskip+kivi+locret:budget=1024", "locret+kivi+ffnskip"),  # defaults are not written
+    ("h2o+offload:rank=false,terms=true", "h2o+offload:terms=on,rank=off"),  # an old spelling; bools on/off
+    ("streaming:window=128+offload:terms=yes,rank=0,quote=32,recall=64",
+     "streaming:window=128+offload:recall=64,quote=32,terms=on,rank=off"),  # options in registered order
+    ("doublesparse:keep=1/8", "doublesparse:keep=0.125"),
+    ("doublesparse:keep=1/3", "doublesparse:keep=0.3333333333333333"),  # reads back the same value
+])
+def test_one_canonical_form(spec, canonical):
+    from policies import KVCache
+    from policies.registry import canonical_spec
+    from test_base import _info
+    assert canonical_spec(spec) == canonical
+    assert canonical_spec(canonical) == canonical  # a fixed point: comparing canonical forms is stable
+    if "locret" not in spec and "doublesparse" not in spec and "ffnskip" not in spec:  # need no files
+        assert KVCache(spec, _info(d=32)).spec == canonical  # the live cache shows the same string
+
+
+def test_every_registered_policy_canonical_form_reads_back():
+    from policies.registry import canonical_spec
+    for name, entry in REGISTRY.items():
+        for key, opt in entry.options.items():
+            if opt.kind is bool:
+                spec = f"h2o+{name}:{key}={'off' if opt.default else 'on'}" if name == "offload" else \
+                    f"{name}:{key}={'off' if opt.default else 'on'}"
+                assert canonical_spec(spec) == spec, spec

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from policies import SpecError
+from policies.registry import canonical_spec
 
 AUTO = "auto"
 SUMMARY = "choose for the conversation: full inside the window, else locret or a heads-free budget (+kivi/+offload)"
@@ -61,11 +62,11 @@ class Choice:
     reason: str
 
 
-def has_heads(rt) -> bool:
-    """Retaining heads exist for this model (shipped or trained here)."""
+def has_heads(info) -> bool:
+    """Retaining heads exist for the model of `info` (a ModelInfo; shipped or trained here)."""
     from policies.locret import find_heads
     try:
-        find_heads(rt.adapter.info)
+        find_heads(info)
         return True
     except SpecError:
         return False
@@ -84,34 +85,48 @@ def room(rt) -> tuple[int, int | None]:
 
 def choose(rt, tokens: int, answer: int = 1024, heads: bool | None = None,
            memory: tuple[int, int | None] | None = None) -> Choice:
-    """The stack for a conversation of `tokens` tokens (and an answer of `answer`); `heads`:
-    whether retaining heads exist (default: looked up)."""
+    """The stack for rt's conversation of `tokens` tokens (and an answer of `answer`); `heads`:
+    whether retaining heads exist (default: looked up); `memory`: (device, host) bytes
+    (default: what this process could use now, `room`)."""
     from app import estimate
-    heads = has_heads(rt) if heads is None else heads
-    fit, host = memory if memory is not None else room(rt)
+    heads = has_heads(rt.adapter.info) if heads is None else heads
     m = estimate._model(rt.adapter.model, rt.adapter.info, rt.model_id, rt.adapter.refused)
     weights = rt.weights if rt.weights in estimate.CHOICES else "fp32"
-    device = rt.device.type
-    need, window = tokens + answer, rt.window or 0
+    return choose_for(m, tokens, answer, heads=heads, memory=memory if memory is not None else room(rt),
+                      weights=weights, device=rt.device.type, chunk=rt.chunk_size)
+
+
+def choose_for(m, tokens: int, answer: int, *, heads: bool, memory: tuple[int, int | None], weights: str,
+               device: str, chunk: int) -> Choice:
+    """The stack for a conversation of `tokens` tokens on model `m` (an `app.estimate.Model`:
+    a loaded runtime's, or `main.py plan`'s from metadata alone), by the estimate `plan`
+    makes: `memory` is (bytes the device's peak may reach, host bytes; None on a CPU, where
+    host-tier K/V shares the one memory). The spec is canonical (`canonical_spec`)."""
+    from app import estimate
+    fit, host = memory
+    need, window = tokens + answer, m.window or 0
 
     def fits(spec: str) -> bool:
         try:
-            e = estimate.estimate(m, spec, max(tokens, 1), rt.chunk_size, answer, weights, device, exact=False)
+            e = estimate.estimate(m, spec, max(tokens, 1), chunk, answer, weights, device, exact=False)
         except SpecError:  # not for this model (e.g. a kivi group that does not divide head_dim)
             return False
-        if host is None:  # a CPU: host-tier K/V lives in the same memory
+        if host is None:
             return e["peak"] + e["kv_host"] <= fit
         return e["peak"] <= fit and e["kv_host"] <= host
+
+    def chosen(spec: str, reason: str) -> Choice:
+        return Choice(canonical_spec(spec), reason)
 
     if not window or need <= window:
         where = f"{need:,} tokens with the answer, inside the native window of {window:,}" if window else \
             "the model states no window"
-        kivi = "kivi" if rt.adapter.info.head_dim % 32 == 0 else "kivi:group=16"  # groups divide head_dim
+        kivi = "kivi" if m.info.head_dim % 32 == 0 else "kivi:group=16"  # groups divide head_dim
         for spec, why in (("full", "its full K/V fits"), (kivi, "full K/V does not fit; 8-bit keys and 2-bit values do"),
                           ("offload", "the K/V fits only in host memory")):
             if fits(spec):
-                return Choice(spec, f"{where}; {why}")
-        return Choice("offload", f"{where}; nothing fits the device: the K/V goes to host memory")
+                return chosen(spec, f"{where}; {why}")
+        return chosen("offload", f"{where}; nothing fits the device: the K/V goes to host memory")
     kind = "retaining heads exist for this model" if heads else \
         "no retaining heads for this model (train them: `main.py train-heads`)"
     why = f"{need:,} tokens with the answer pass the native window of {window:,}: a budget that " \
@@ -119,12 +134,12 @@ def choose(rt, tokens: int, answer: int = 1024, heads: bool | None = None,
     tried = budgeted(heads, window)
     for spec in reversed(tried):  # with recall first, where it fits
         if fits(spec):
-            return Choice(spec, why + ("; evicted tokens go to host memory for recall" if "offload" in spec else ""))
+            return chosen(spec, why + ("; evicted tokens go to host memory for recall" if "offload" in spec else ""))
     quantized = [s.replace("+offload", "+kivi+offload") if "+offload" in s else s + "+kivi" for s in tried]
     for spec in reversed(quantized):
         if fits(spec):
-            return Choice(spec, why + "; quantized K/V: the device is short")
-    return Choice(quantized[0], why + "; even quantized K/V is tight on this device")
+            return chosen(spec, why + "; quantized K/V: the device is short")
+    return chosen(quantized[0], why + "; even quantized K/V is tight on this device")
 
 
 def check_spec(spec: str) -> None:

@@ -38,6 +38,7 @@ def before_reading(rt, n_new: int, progress=None, stop=None) -> None:
             if rt.auto:
                 choice = auto.choose(rt, rt.cache.seen + n_new, answer_room(rt))
                 rt.auto_choice = choice
+                # NOTE: both canonical (auto.choose_for, KVCache.spec): equal strings, the same stack
                 if choice.spec != rt.policy:
                     res = rt._convert(choice.spec, progress, stop)
                     rt._note(f"auto chose `{choice.spec}` (was `{res.old_policy}`): {choice.reason}; {res.message}")

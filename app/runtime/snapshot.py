@@ -149,6 +149,15 @@ def header(path) -> dict:
     return meta
 
 
+def _canonical(spec) -> str | None:
+    """A spec's canonical form (a file written before it had one spells `terms=true`)."""
+    from policies.registry import SpecError, canonical_spec
+    try:
+        return canonical_spec(spec)
+    except SpecError:
+        return None
+
+
 def read(path, adapter, spec: str | None) -> Snapshot:
     """Read and check the cache file at `path` for a cache of `spec` (None: any, as `auto`
     takes) on `adapter`'s model. Raises SnapshotError (one line) for anything that cannot be used."""
@@ -161,7 +170,7 @@ def read(path, adapter, spec: str | None) -> Snapshot:
         if meta.get(k) != v:
             other = "other weights" if k == "weights" else f"{meta.get('model_id')!r} ({meta.get('dtype')})"
             raise SnapshotError(f"{path.name}: made with {other}, not {want['model_id']!r} ({want['dtype']})")
-    if spec is not None and meta.get("spec") != spec:
+    if spec is not None and _canonical(meta.get("spec")) != _canonical(spec):
         raise SnapshotError(f"{path.name}: made under policy `{meta.get('spec')}`, not `{spec}`")
     try:
         tensors = load_file(str(path))
