@@ -48,14 +48,24 @@ class Model:
 class _Vocab:
     """A tokenizer stand-in that knows only its length: a model's key for its heads and
     channels (`policies.files.model_key`) counts the vocabulary, and building a GGUF's
-    tokenizer means reading every token (seconds). A policy that needs more of it fails
-    to build here and says so in its row."""
+    tokenizer means reading every token (seconds). Its tokens' texts are unknown: each
+    decodes to "" and none is special, so what a policy finds in the vocabulary when it is
+    built (offload's quote log, anchor's separators) is empty: sizes do not depend on it."""
+
+    all_special_ids: list = []
+    unk_token_id = None
 
     def __init__(self, n: int):
         self.n = n
 
     def __len__(self) -> int:
         return self.n
+
+    def batch_decode(self, ids: list) -> list[str]:
+        return [""] * len(ids)
+
+    def convert_tokens_to_ids(self, token: str) -> None:
+        return None
 
 
 def _tokenizer(path: Path, vocab: int, trust_remote_code: bool):
@@ -340,12 +350,15 @@ def estimate(m: Model, spec: str, n: int, chunk: int, answer: int, choice: str, 
             "peak": int(w + kv["gpu"] + workspace(m, chunk, kv["held"], choice, device))}
 
 
-def largest(m: Model, spec: str, chunk: int, answer: int, choice: str, device: str, gpu: int,
+def largest(m: Model, spec, chunk: int, answer: int, choice: str, device: str, gpu: int,
             host: int | None) -> int:
     """The longest context (tokens read before an answer of `answer`) whose peak fits `gpu`
-    bytes (and whose host KV fits `host`); MAX_SEARCH where nothing binds, 0 where none does."""
+    bytes (and whose host KV fits `host`); MAX_SEARCH where nothing binds, 0 where none does.
+    `spec`: a spec, or a function of the context giving the spec for it (`auto`'s choice)."""
+    spec_at = spec if callable(spec) else (lambda n: spec)
+
     def fits(n):
-        e = estimate(m, spec, n, chunk, answer, choice, device, exact=False)
+        e = estimate(m, spec_at(n), n, chunk, answer, choice, device, exact=False)
         return e["peak"] <= gpu and (host is None or e["kv_host"] <= host)
     if not fits(1):
         return 0

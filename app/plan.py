@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from app.estimate import CHOICES, MAX_SEARCH, _model, describe, estimate, largest, weights_bytes
+from app.runtime.auto import AUTO
 from app.runtime.types import VramchatError, fmt_bytes
 
 
@@ -45,9 +46,15 @@ def plan(model: str | None, context: int, specs: list[str], gpu_gib: float | Non
     for spec in specs:
         row = {"policy": spec}
         try:
+            auto = None
+            if spec.strip() == AUTO:  # the stack auto chooses here; at other lengths, others
+                auto = _auto(m, answer, fit, host, weights, device, chunk)
+                c = auto(context)
+                row["auto"], spec = {"spec": c.spec, "reason": c.reason}, c.spec
             row.update(estimate(m, spec, context, chunk, answer, weights, device))
             row["fits"] = row["peak"] <= fit and (host is None or row["kv_host"] <= host)
-            row["largest_context"] = largest(m, spec, chunk, answer, weights, device, fit, host)
+            row["largest_context"] = largest(m, spec if auto is None else (lambda n: auto(n).spec), chunk, answer,
+                                             weights, device, fit, host)
         except SpecError as e:
             row["error"] = str(e)
         rows.append(row)
@@ -55,6 +62,15 @@ def plan(model: str | None, context: int, specs: list[str], gpu_gib: float | Non
             "context": context, "answer": answer, "chunk": chunk, "weights": weights, "device": where,
             "capacity_bytes": fit, "host_available_bytes": host,
             "weights_bytes": {c: weights_bytes(m, c) for c in CHOICES}, "policies": rows}
+
+
+def _auto(m, answer: int, fit: int, host: int | None, weights: str, device: str, chunk: int):
+    """-> choose(n) -> the `auto.Choice` the runtime would make on this model for a
+    conversation of n tokens, with this memory (app/runtime/auto.py's own rule)."""
+    from app.runtime.auto import choose_for, has_heads
+    heads = has_heads(m.info)
+    return lambda n: choose_for(m, n, answer, heads=heads, memory=(fit, host), weights=weights, device=device,
+                                chunk=chunk)
 
 
 def _tokens(n: int) -> str:
@@ -72,13 +88,17 @@ def render(p: dict) -> str:
     for r in p["policies"]:
         if "error" in r:
             continue
-        rows.append([r["policy"], fmt_bytes(r["kv_gpu"]), fmt_bytes(r["kv_host"]) if r["kv_host"] else "-",
+        label = f"auto: {r['auto']['spec']}" if "auto" in r else r["policy"]
+        rows.append([label, fmt_bytes(r["kv_gpu"]), fmt_bytes(r["kv_host"]) if r["kv_host"] else "-",
                      fmt_bytes(r["peak"]), "yes" if r["fits"] else "NO", _tokens(r["largest_context"])])
     widths = [max([len(c)] + [len(x[i]) for x in rows]) for i, c in enumerate(cols)]
     if rows:
         lines.append("  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip())
         lines += ["  ".join(v.ljust(w) for v, w in zip(x, widths)).rstrip() for x in rows]
     lines += [f"{r['policy']}: {r['error']}" for r in p["policies"] if "error" in r]
+    lines += [f"auto would choose `{r['auto']['spec']}` for {p['context']:,} tokens: {r['auto']['reason']} (its "
+              "largest context: the longest at which the stack auto chooses for it fits)"
+              for r in p["policies"] if "auto" in r]
     over = [r["policy"] for r in p["policies"] if r.get("largest_context", MAX_SEARCH) < MAX_SEARCH
             and r.get("largest_context", 0) > p["window"]]
     lines.append(f"\npeak = weights + KV at its peak + one chunk's activations; largest context: the longest "
@@ -92,8 +112,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("plan", help="will a model, a context and a policy fit? (metadata only, no weights read)")
     p.add_argument("--model", default=None, help="as for chat: folder, .gguf, cached HF id or a `models` name")
     p.add_argument("--context", type=int, required=True, help="tokens to read (documents + conversation)")
-    p.add_argument("--policy", action="append", default=[], help="a policy spec (repeatable; default: "
-                   "full, kivi, locret, locret+kivi, streaming)")
+    p.add_argument("--policy", action="append", default=[], help="a policy spec, or `auto` (the stack auto "
+                   "would choose for this context; repeatable; default: full, kivi, locret, locret+kivi, streaming)")
     p.add_argument("--gpu-gib", type=float, default=None, help="plan for a card of this size (default: this "
                    "machine's GPU, or its RAM where there is none)")
     p.add_argument("--weights", default="auto", choices=("auto", *CHOICES))

@@ -170,3 +170,47 @@ def test_before_load_line(folder, measured, tmp_path):
     from app.runtime.types import fmt_bytes
     assert line.startswith(f"doc.txt: {n:,} tokens; `{rt.policy}` will hold {fmt_bytes(kv)} of KV")
     assert "fits" in line
+
+
+def test_plan_answers_for_auto(folder, capsys):
+    """`plan --policy auto`: the stack auto would choose for that context on that model (by
+    auto's own rule), its numbers, labelled as auto's choice."""
+    from app.cli import main
+    from app.runtime.auto import choose_for
+    model = str(folder / "model")
+    m = est.describe(model)
+    for context, word in ((100, "full"), (5000, "streaming:window=128+offload")):  # the window is 512
+        p = plan.plan(model, context, ["auto", "full"], gpu_gib=1, weights="bf16", answer=64)
+        row = p["policies"][0]
+        assert "error" not in row, row
+        want = choose_for(m, context, p["answer"], heads=False, memory=(p["capacity_bytes"], p["host_available_bytes"]),
+                          weights="bf16", device="cuda", chunk=p["chunk"])
+        assert row["policy"] == "auto" and row["auto"] == {"spec": want.spec, "reason": want.reason}
+        assert want.spec.startswith(word)
+        e = est.estimate(m, want.spec, context, p["chunk"], p["answer"], "bf16", "cuda")
+        assert {k: row[k] for k in e} == e and row["fits"]
+    assert row["largest_context"] > 5000  # past the window auto's stacks stay bounded on the device
+    assert main(["plan", "--model", model, "--context", "5000", "--gpu-gib", "1", "--answer", "64", "--policy", "auto"]) == 0
+    text = capsys.readouterr().out
+    assert f"auto: {want.spec} " in text and f"auto would choose `{want.spec}` for 5,000 tokens" in text
+
+
+def test_plan_on_a_config_only_model_builds_every_policy(folder, tmp_path):
+    """A folder with config.json alone (no tokenizer: plan's vocabulary stand-in): auto's
+    heads-free stack (offload's quote log reads the vocabulary when built) and every
+    registered policy give numbers or a SpecError row, never a crash."""
+    from policies import REGISTRY
+    import shutil
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(folder / "model" / "config.json", bare / "config.json")
+    m = est.describe(str(bare))
+    assert isinstance(m.info.tokenizer, est._Vocab)
+    specs = ["streaming:window=2048+offload:terms=on,rank=off", "streaming+offload:rank=off", "auto",
+             *sorted(REGISTRY), "h2o+offload:terms=on,rank=off"]
+    p = plan.plan(str(bare), 5000, specs, gpu_gib=1)
+    rows = {r["policy"]: r for r in p["policies"]}
+    for spec in specs[:3] + ["anchor", "h2o+offload:terms=on,rank=off"]:
+        assert "error" not in rows[spec] and rows[spec]["kv_host"] >= 0, rows[spec]
+    for spec, row in rows.items():  # a refusal names its reason
+        assert "fits" in row or row["error"].startswith(("policy `", "option `")), (spec, row)
