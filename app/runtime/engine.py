@@ -270,46 +270,80 @@ class Runtime:
             return DocumentInfo(name, str(path), len(text), n_new, took, from_cache=snap is not None, note=note)
 
     def ask(self, question: str, *, max_new_tokens: int = 1024, sampling: Sampling | None = None,
-            on_token=None, progress=None, stop: threading.Event | None = None) -> TurnResult:
+            on_token=None, progress=None, stop: threading.Event | None = None,
+            prefix: str | None = None) -> TurnResult:
+        """Answer `question`. prefix: the answer begins with this text and the model continues
+        it (the result's answer is the continuation only); trailing whitespace is dropped, as
+        transformers' `continue_final_message` does, since tokenizers read " word" as one token."""
         if not question.strip():
             raise VramchatError("empty question")
+        prefix = None if prefix is None else prefix.rstrip()
+        with self._changing():
+            msg = {"role": "user", "content": question}
+            target = self.conv.render(self.tok, pending=[msg], answer_prefix=prefix)
+            res, g = self._answer(target, question, max_new_tokens, sampling, on_token, progress, stop,
+                                  on_read=lambda: self.conv.messages.append(msg))
+            self.conv.messages.append({"role": "assistant", "content": (prefix or "") + g.text,
+                                       "partial": res.stopped, "stats": res.to_json()})
+            return self._checked(res, g)
+
+    def complete(self, prompt: str, *, max_new_tokens: int = 1024, sampling: Sampling | None = None,
+                 on_token=None, progress=None, stop: threading.Event | None = None) -> TurnResult:
+        """Continue raw text, no chat template (a text-completions API). The conversation
+        becomes empty; the cache keeps what it shares with `prompt` up to a message end.
+        A tokenizer that begins every text with BOS gets it here too."""
+        if not prompt:
+            raise VramchatError("empty prompt")
+        bos = self.tok.bos_token
+        if bos and not prompt.startswith(bos) and self.tok("a")["input_ids"][:1] == [self.tok.bos_token_id]:
+            prompt = bos + prompt
+        with self._changing():
+            # NOTE: no tolerance inside the last answer (`_sync`): raw text is read exactly as sent
+            self.conv, self._answer_start = Conversation(), None
+            res, g = self._answer(prompt, prompt, max_new_tokens, sampling, on_token, progress, stop,
+                                  on_read=lambda: None)
+            return self._checked(res, g)
+
+    def _answer(self, target: str, question: str, max_new_tokens: int, sampling: Sampling | None, on_token,
+                progress, stop, on_read):
+        """Read what the cache lacks of `target` (then on_read()), decode after it.
+        -> (TurnResult, the generation); the caller records the answer, then `_checked`."""
         if max_new_tokens < 1:
             raise VramchatError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
         sampling = sampling or Sampling()
-        with self._changing():
-            msg = {"role": "user", "content": question}
-            target = self.conv.render(self.tok, pending=[msg])
-            t0 = time.perf_counter()
-            logits, n_prompt = self._sync(target, progress, stop)
-            if logits is None:
-                raise VramchatError("nothing new to answer")
-            t_prefill = time.perf_counter() - t0
-            self.conv.messages.append(msg)
-            self._answer_start = len(self.cached_text)
-            gen = torch.Generator(device="cpu")
-            if sampling.seed is not None:
-                gen.manual_seed(sampling.seed)
-            g = generate(self.adapter, self.cache, logits, self.tok, stop_ids=self.stop_ids,
-                         max_new_tokens=max_new_tokens, sampling=sampling, gen=gen, on_token=on_token, stop=stop,
-                         on_step=self._publish_now_and_then)
-            self.cached_text += self.tok.decode(g.ids, skip_special_tokens=False)
-            self._ids.extend(g.ids)
-            self._marks.append((len(self.cached_text), self.cache.seen))
-            n, t_end = len(g.ids), g.end_s
-            decode_s = (t_end - g.first_s) if g.first_s else 0.0
-            res = TurnResult(
-                question=question, answer=g.text, prompt_tokens=n_prompt, new_tokens=n,
-                ttft_s=(g.first_s or t_end) - t0, prefill_tok_s=n_prompt / t_prefill if t_prefill > 0 else 0.0,
-                decode_tok_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0, policy=self.policy,
-                stopped=g.finish in ("stopped", "oom"), finish=g.finish,
-                ffn_skip_ratio=self.cache.ffn.ratio() if self.cache.ffn is not None else None,
-                decode_mode=g.mode)
-            self.conv.messages.append({"role": "assistant", "content": g.text, "partial": res.stopped,
-                                       "stats": res.to_json()})
-            if g.finish == "oom":
-                raise VramchatError(f"out of memory after {n} generated tokens; the partial answer is kept. "
-                                    "Try `kivi` or a smaller budget.")
-            return res
+        t0 = time.perf_counter()
+        logits, n_prompt = self._sync(target, progress, stop)
+        if logits is None:
+            raise VramchatError("nothing new to answer")
+        t_prefill = time.perf_counter() - t0
+        on_read()
+        self._answer_start = len(self.cached_text)
+        gen = torch.Generator(device="cpu")
+        if sampling.seed is not None:
+            gen.manual_seed(sampling.seed)
+        g = generate(self.adapter, self.cache, logits, self.tok, stop_ids=self.stop_ids,
+                     max_new_tokens=max_new_tokens, sampling=sampling, gen=gen, on_token=on_token, stop=stop,
+                     on_step=self._publish_now_and_then)
+        self.cached_text += self.tok.decode(g.ids, skip_special_tokens=False)
+        self._ids.extend(g.ids)
+        self._marks.append((len(self.cached_text), self.cache.seen))
+        n, t_end = len(g.ids), g.end_s
+        decode_s = (t_end - g.first_s) if g.first_s else 0.0
+        res = TurnResult(
+            question=question, answer=g.text, prompt_tokens=n_prompt, new_tokens=n,
+            ttft_s=(g.first_s or t_end) - t0, prefill_tok_s=n_prompt / t_prefill if t_prefill > 0 else 0.0,
+            decode_tok_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0, policy=self.policy,
+            stopped=g.finish in ("stopped", "oom"), finish=g.finish,
+            ffn_skip_ratio=self.cache.ffn.ratio() if self.cache.ffn is not None else None,
+            decode_mode=g.mode)
+        return res, g
+
+    @staticmethod
+    def _checked(res: TurnResult, g) -> TurnResult:
+        if g.finish == "oom":
+            raise VramchatError(f"out of memory after {res.new_tokens} generated tokens; the partial answer is "
+                                "kept. Try `kivi` or a smaller budget.")
+        return res
 
     def _publish_now_and_then(self) -> None:
         if time.monotonic() - self._published >= PUBLISH_S:
@@ -339,11 +373,17 @@ class Runtime:
     def set_policy(self, spec: str, progress=None, stop=None, reprefill: bool = False) -> ConversionResult:
         """Switch the KV policy (`auto`: let the runtime choose, now and as the conversation grows)."""
         with self._changing():
+            was, old = self.auto, self.policy
             self.auto = spec == AUTO
-            if self.auto:
-                choice = auto.choose(self, self.cache.seen, self.answer_room)
-                self.auto_choice, spec = choice, choice.spec
-            return self._convert(spec, progress, stop, reprefill)
+            try:
+                if self.auto:
+                    choice = auto.choose(self, self.cache.seen, self.answer_room)
+                    self.auto_choice, spec = choice, choice.spec
+                return self._convert(spec, progress, stop, reprefill)
+            except BaseException:
+                if self.cache is not None and self.cache.spec == old:  # nothing switched (no heads): as it was
+                    self.auto = was
+                raise
 
     def _convert(self, spec: str, progress=None, stop=None, reprefill: bool = False) -> ConversionResult:
         from .convert import switch

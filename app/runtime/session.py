@@ -54,20 +54,20 @@ class Conversation:
                 out.append({"role": "user", "content": piece})
         return out
 
-    def render(self, tokenizer, pending: list | None = None, open_user: bool = False) -> str:
+    def render(self, tokenizer, pending: list | None = None, open_user: bool = False,
+               answer_prefix: str | None = None) -> str:
         """Text of the conversation (+ pending). open_user: end inside the last user
-        message, ready for more content; else end with the assistant prompt."""
+        message, ready for more content; answer_prefix: end inside an assistant message
+        that begins with it (the model continues it); else end with the assistant prompt."""
         msgs = self.template_messages(pending)
+        if answer_prefix is not None:
+            return _cut_at_sentinel(tokenizer, msgs + [{"role": "assistant", "content": answer_prefix + SENTINEL}])
         if open_user:
             if msgs and msgs[-1]["role"] == "user":
                 msgs[-1] = {"role": "user", "content": msgs[-1]["content"] + "\n\n" + SENTINEL}
             else:
                 msgs.append({"role": "user", "content": SENTINEL})
-            text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
-            cut = text.find(SENTINEL)
-            if cut < 0:
-                raise RuntimeError("the chat template dropped the message content")
-            return text[:cut]
+            return _cut_at_sentinel(tokenizer, msgs)
         if not msgs:
             return ""
         return tokenizer.apply_chat_template(msgs, tokenize=False,
@@ -75,6 +75,16 @@ class Conversation:
 
     def to_json(self) -> dict:
         return {"system": self.system, "messages": [dict(m) for m in self.messages]}
+
+
+def _cut_at_sentinel(tokenizer, msgs: list[dict]) -> str:
+    """The template's rendering of msgs up to the SENTINEL in the last message's content."""
+    text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
+    cut = text.find(SENTINEL)
+    if cut < 0:
+        raise VramchatError(f"this model's chat template drops the content of a final {msgs[-1]['role']} "
+                            "message, so it cannot end inside one")
+    return text[:cut]
 
 
 def common_prefix(a: str, b: str) -> int:
