@@ -1,4 +1,5 @@
-"""The HTTP side of `serve`: OpenAI's chat-completions API as a Starlette app.
+"""The HTTP side of `serve`: OpenAI's chat- and text-completions API as a Starlette app,
+plus Prometheus metrics at the root (`metrics.py`).
 
 Errors have OpenAI's shape, {"error": {"message", "type", "param", "code"}}, so the
 official clients raise them with their message. A streaming request gets its status
@@ -21,7 +22,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from . import schema
+from . import metrics, schema
 from .worker import Busy, Job, Outcome, Serving
 
 MAX_BODY = 64 * 2**20  # a 128K-token document is ~0.5 MB of text; this leaves room for many
@@ -69,9 +70,18 @@ def _usage(o: Outcome) -> dict:
 
 def _extension(o: Outcome) -> dict:
     r = o.result
-    return {"policy": r.policy, "prefilled_tokens": r.prompt_tokens, "ttft_s": round(r.ttft_s, 4),
+    return {"policy": r.policy, "auto": o.auto, "prefilled_tokens": r.prompt_tokens, "ttft_s": round(r.ttft_s, 4),
             "prefill_tok_s": round(r.prefill_tok_s, 1), "decode_tok_s": round(r.decode_tok_s, 2),
-            "decode_mode": r.decode_mode}
+            "decode_mode": r.decode_mode, "notes": o.notes}
+
+
+def _choice(chat: bool, text: str, finish: str | None, delta: bool = False) -> dict:
+    """One choice of a chat or text completion (delta: a streamed chat chunk's)."""
+    if not chat:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    if delta:
+        return {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish, "logprobs": None}
+    return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None}
 
 
 def _sse(obj) -> str:
@@ -106,7 +116,7 @@ def make_app(serving: Serving, api_key: str | None = None, max_body: int = MAX_B
         rt = serving.rt
 
         def snapshot():
-            return {"object": "vramchat.memory", "model": rt.model_id, "policy": rt.policy,
+            return {"object": "vramchat.memory", "model": rt.model_id, "policy": rt.policy, "auto": rt.auto,
                     "memory": asdict(rt.memory()), "context": asdict(rt.context()),
                     "queue": {"running": serving.running is not None, "waiting": serving.waiting(),
                               "max": serving.max_queue}}
@@ -116,7 +126,12 @@ def make_app(serving: Serving, api_key: str | None = None, max_body: int = MAX_B
             return error(503, f"memory snapshot unavailable right now ({type(e).__name__}); retry",
                          "busy", headers={"Retry-After": "1"})
 
-    async def chat(request: Request) -> Response:
+    def parse(raw: bytes, chat: bool) -> schema.ChatRequest:
+        if chat:
+            return schema.parse(raw, serving.models, serving.rt.window, serving.max_new_tokens, serving.sampling)
+        return schema.parse_completion(raw, serving.models, serving.rt.window, serving.sampling)
+
+    async def answer(request: Request, chat: bool) -> Response:
         if (refusal := denied(request)) is not None:
             return refusal
         try:
@@ -126,7 +141,7 @@ def make_app(serving: Serving, api_key: str | None = None, max_body: int = MAX_B
         except ClientDisconnect:
             return Response(status_code=499)
         try:
-            req = schema.parse(raw, serving.models, serving.rt.window, serving.max_new_tokens)
+            req = parse(raw, chat)
         except schema.RequestError as e:
             return error(400, str(e), e.code, e.field)
         job = Job(req, asyncio.get_running_loop())
@@ -145,9 +160,11 @@ def make_app(serving: Serving, api_key: str | None = None, max_body: int = MAX_B
         if kind in ("error", "gone"):
             watcher.cancel()
             return Response(status_code=499) if kind == "gone" else error(*data)
-        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        base = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+                "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": req.model}
         if req.stream:
-            return StreamingResponse(_stream(job, first, watcher, ident, created), media_type="text/event-stream",
+            return StreamingResponse(_stream(job, first, watcher, base, chat), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             pieces = []
@@ -160,26 +177,25 @@ def make_app(serving: Serving, api_key: str | None = None, max_body: int = MAX_B
             return Response(status_code=499)
         if kind == "error":
             return error(*data)
-        return JSONResponse({
-            "id": ident, "object": "chat.completion", "created": created, "model": req.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
-                         "finish_reason": data.finish_reason, "logprobs": None}],
-            "usage": _usage(data), "vramchat": _extension(data)})
+        return JSONResponse({**base, "choices": [_choice(chat, "".join(pieces), data.finish_reason)],
+                             "usage": _usage(data), "vramchat": _extension(data)})
 
-    async def _stream(job: Job, first, watcher, ident: str, created: int):
-        base = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": job.req.model}
+    async def _stream(job: Job, first, watcher, base: dict, chat: bool):
+        if chat:
+            base = {**base, "object": "chat.completion.chunk"}
 
-        def chunk(delta: dict, finish=None, **extra) -> str:
-            return _sse({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
-                                              "logprobs": None}], **extra})
+        def chunk(text: str, finish=None, **extra) -> str:
+            return _sse({**base, "choices": [_choice(chat, text, finish, delta=True)], **extra})
         try:
-            yield chunk({"role": "assistant", "content": ""})
+            if chat:
+                yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                 "finish_reason": None, "logprobs": None}]})
             kind, data = first
             while kind == "token":
-                yield chunk({"content": data})
+                yield chunk(data)
                 kind, data = await job.events.get()
             if kind == "done":
-                yield chunk({}, data.finish_reason, vramchat=_extension(data))
+                yield chunk("", data.finish_reason, vramchat=_extension(data))
                 if job.req.include_usage:
                     yield _sse({**base, "choices": [], "usage": _usage(data)})
             elif kind == "error":
@@ -190,16 +206,35 @@ def make_app(serving: Serving, api_key: str | None = None, max_body: int = MAX_B
             watcher.cancel()
             job.stop.set()  # a client gone mid-answer: the decode stops before its next token
 
+    async def chat(request: Request) -> Response:
+        return await answer(request, chat=True)
+
+    async def completions(request: Request) -> Response:
+        return await answer(request, chat=False)
+
+    async def prometheus(request: Request) -> Response:
+        if (refusal := denied(request)) is not None:
+            return refusal
+        try:
+            text = await run_in_threadpool(metrics.exposition, serving)
+        except Exception as e:  # noqa: BLE001 -- the cache was being replaced mid-read
+            return error(503, f"metrics unavailable right now ({type(e).__name__}); retry", "busy",
+                         headers={"Retry-After": "1"})
+        return Response(text, media_type=metrics.CONTENT_TYPE)
+
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         what = "no such endpoint" if exc.status_code == 404 else exc.detail
         return error(exc.status_code, f"{request.method} {request.url.path}: {what} (vramchat serves "
-                     "GET /v1/models, POST /v1/chat/completions, GET /v1/vramchat/memory)")
+                     "GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /v1/vramchat/memory, "
+                     "GET /metrics)")
 
     routes = [Route("/v1/models", models, methods=["GET"]),
               Route("/v1/chat/completions", chat, methods=["POST"]),
+              Route("/v1/completions", completions, methods=["POST"]),
               Route("/v1/vramchat/memory", memory, methods=["GET"]),
+              Route("/metrics", prometheus, methods=["GET"]),
               Route("/health", health, methods=["GET"])]
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error})

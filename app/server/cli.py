@@ -1,6 +1,7 @@
 """`main.py serve`: its options and the command (the model options are `chat`'s)."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -22,6 +23,31 @@ def add_arguments(p) -> None:
                    help="answer length when a request gives no max_tokens (default 1024)")
 
 
+class _Stderr(logging.Handler):
+    """Prints `vramchat.serve`'s records to whatever sys.stderr is now."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"vramchat: {self.format(record)}", file=sys.stderr, flush=True)
+
+
+def _log_to_stderr() -> None:
+    """`auto`'s choices, window warnings and failed requests, as they happen (once per process)."""
+    log = logging.getLogger("vramchat.serve")
+    log.setLevel(logging.INFO)
+    if not any(isinstance(h, _Stderr) for h in log.handlers):
+        log.addHandler(_Stderr())
+
+
+def ready_line(serving: Serving, url: str, key: bool) -> str:
+    rt, policy = serving.rt, serving.default_policy
+    held = f", now `{rt.policy}`" if policy == "auto" else ""
+    s = serving.sampling
+    sampling = f"temperature {s.temperature:g}, top_p {s.top_p:g}, top_k {s.top_k}" if s.temperature else "greedy"
+    return (f"vramchat: serving {rt.model_id} (policy {policy}{held}) at {url}\n"
+            f"  sampling when a request gives none: {sampling} ({serving.sampling_source})\n"
+            f"  try: curl {url}/models" + (" -H 'Authorization: Bearer KEY'" if key else ""))
+
+
 def cmd_serve(args, load_runtime) -> int:
     key = args.api_key or os.environ.get(KEY_ENV) or None
     check_bind(args.host, key)  # before the model loads: a refusal costs nothing
@@ -29,11 +55,10 @@ def cmd_serve(args, load_runtime) -> int:
         if value < 1:
             raise VramchatError(f"{name} {value}: must be at least 1")
     rt = load_runtime(args, lambda s: print(s, file=sys.stderr))
-    serving = Serving(rt, max_queue=args.queue, max_new_tokens=args.max_new_tokens).start()
-
-    def ready(url: str) -> None:
-        print(f"vramchat: serving {rt.model_id} (policy {rt.policy}) at {url}\n"
-              f"  try: curl {url}/models" + (" -H 'Authorization: Bearer KEY'" if key else ""),
-              file=sys.stderr, flush=True)
-    run(serving, args.host, args.port, key, on_ready=ready)
+    _log_to_stderr()
+    # NOTE: the policy asked for, not rt.policy: under `auto` that is only auto's choice for now
+    serving = Serving(rt, policy=args.policy or "auto", max_queue=args.queue,
+                      max_new_tokens=args.max_new_tokens).start()
+    run(serving, args.host, args.port, key,
+        on_ready=lambda url: print(ready_line(serving, url, bool(key)), file=sys.stderr, flush=True))
     return 0

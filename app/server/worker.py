@@ -7,7 +7,11 @@ matches, and the runtime checks it before every token.
 
 A request carries the whole chat. It becomes the runtime's conversation (history) plus a
 question; the runtime prefills only what its cache does not already hold, so the next
-turn of the same chat costs only its new tokens.
+turn of the same chat costs only its new tokens. A text completion is raw text, read as is.
+
+What the runtime says a person should know as it works (`auto`'s choices, the window
+warning) goes to the `vramchat.serve` logger as it happens, and into that answer's
+`vramchat.notes`.
 """
 from __future__ import annotations
 
@@ -19,10 +23,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from app.runtime.auto import AUTO
 from app.runtime.types import Sampling, Stopped, TurnResult, VramchatError
-from policies import SpecError, parse_spec
+from policies import SpecError
+from policies.registry import canonical_spec
 
-from .schema import ChatRequest
+from .schema import ChatRequest, model_defaults
 
 log = logging.getLogger("vramchat.serve")
 
@@ -59,6 +65,8 @@ class Outcome:
     finish_reason: str  # "stop" or "length" (OpenAI's names)
     prompt_tokens: int  # the whole prompt, as the model read it
     cached_tokens: int  # of which the cache already held this many (not prefilled again)
+    auto: bool = False  # the policy is `auto`'s choice
+    notes: list = field(default_factory=list)  # what the runtime said while answering
 
 
 class StopStrings:
@@ -89,13 +97,18 @@ class StopStrings:
 
 class Serving:
     """The queue and the thread that owns `rt`. `served` counts finished jobs (the
-    tests and the bench wait on `changed` for it, never on the clock)."""
+    tests and the bench wait on `changed` for it, never on the clock).
+
+    `policy` is what a request that names none runs under (default: `auto` where the
+    runtime is in auto mode, else its policy); `auto` stays on across requests, re-choosing
+    before each read. `sampling` holds the model's defaults for fields a request omits."""
 
     def __init__(self, rt, *, policy: str | None = None, max_queue: int = 8, max_new_tokens: int = 1024):
         if max_queue < 1:
             raise VramchatError(f"--queue {max_queue}: must be at least 1")
         self.rt = rt
-        self.default_policy = policy or rt.policy
+        self.default_policy = (policy or (AUTO if rt.auto else rt.policy)).strip()
+        self.sampling, self.sampling_source = model_defaults(rt.adapter.model)
         self.max_new_tokens = max_new_tokens
         self.models = [rt.model_id]
         self.max_queue = max_queue
@@ -107,6 +120,11 @@ class Serving:
         self._closed = False
         self._built: set[str] = set()  # policy specs known to build a cache for this model
         self._service_s = 1.0  # moving average of one job's time, for Retry-After
+        # counters for /metrics (written by the model thread only)
+        self.totals = {"prompt_tokens": 0, "generation_tokens": 0, "cached_tokens": 0, "prefilled_tokens": 0}
+        self.finished = {"stop": 0, "length": 0}  # finish_reason -> answers (fixed keys: read from any thread)
+        self._notes: list[str] = []  # the running job's notes
+        rt.on_note = self._on_note
         self._thread = threading.Thread(target=self._loop, name="vramchat-serve", daemon=True)
 
     # ---- the HTTP side ----------------------------------------------------------------
@@ -155,6 +173,12 @@ class Serving:
             return self.changed.wait_for(predicate, timeout)
 
     # ---- the model thread ---------------------------------------------------------------
+    def _on_note(self, text: str) -> None:
+        log.info("%s", text)
+        self._notes.append(text)
+        # NOTE: a server runs for weeks; the log keeps the notes, the runtime need not
+        self.rt.notes.clear()
+
     def _loop(self) -> None:
         while True:
             job = self._q.get()
@@ -182,13 +206,13 @@ class Serving:
             return
         rt, req = self.rt, job.req
         sent = [False]
+        self._notes = []
         try:
             self._use_policy(req.policy or self.default_policy)
         except (VramchatError, SpecError) as e:
             job.post("error", (400, f"vramchat.policy: {e}", "invalid_value", "vramchat.policy"))
             return
         try:
-            rt.set_conversation(req.system, req.history)
             stops = StopStrings(req.stop)
 
             def on_token(piece: str) -> None:
@@ -198,9 +222,14 @@ class Serving:
                     job.post("token", text)
                 if stops.hit:
                     job.stop.set()  # the runtime stops before the next token
-            res = rt.ask(req.question, max_new_tokens=req.max_tokens, on_token=on_token, stop=job.stop,
-                         sampling=Sampling(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                                           seed=req.seed))
+            kw = dict(max_new_tokens=req.max_tokens, on_token=on_token, stop=job.stop,
+                      sampling=Sampling(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                                        seed=req.seed))
+            if req.prompt is not None:
+                res = rt.complete(req.prompt, **kw)
+            else:
+                rt.set_conversation(req.system, req.history)
+                res = rt.ask(req.question, prefix=req.prefix, **kw)
         except Stopped:
             job.post("gone", None)
             return
@@ -218,26 +247,31 @@ class Serving:
             job.post("token", tail)
         total = rt.context().read - res.new_tokens  # NOTE: decode feeds every answer token to the cache
         finish = "stop" if stops.hit or res.finish == "stop" else "length"
-        out = Outcome(res, finish, total, max(0, total - res.prompt_tokens))
+        out = Outcome(res, finish, total, max(0, total - res.prompt_tokens), rt.auto, list(self._notes))
+        for key, n in (("prompt_tokens", out.prompt_tokens), ("generation_tokens", res.new_tokens),
+                       ("cached_tokens", out.cached_tokens), ("prefilled_tokens", res.prompt_tokens)):
+            self.totals[key] += n
+        self.finished[finish] += 1
         self.last = out
         job.post("done", out)
 
     def _use_policy(self, spec: str) -> None:
         """A request that names another policy than the cache holds starts a fresh cache
-        under it (converting would make answers depend on the previous request's policy)."""
-        if _same_policy(spec, self.rt.policy):
+        under it (converting would make answers depend on the previous request's policy).
+        `auto` is a policy of its own: a cache it chose is kept while requests ask for auto
+        (it re-chooses before each read), and is not reused by a request naming its choice."""
+        rt = self.rt
+        if spec == AUTO and rt.auto or not rt.auto and spec != AUTO and _same_policy(spec, rt.policy):
             return
-        if spec not in self._built:
-            self.rt.adapter.new_cache(spec)  # one that cannot be built (no heads for this model) fails here
+        if spec != AUTO and spec not in self._built:
+            rt.adapter.new_cache(spec)  # one that cannot be built (no heads for this model) fails here
             self._built.add(spec)
-        self.rt.set_conversation(None, [])
-        self.rt.set_policy(spec, reprefill=True)
+        rt.set_conversation(None, [])
+        rt.set_policy(spec, reprefill=True)
 
 
 def _same_policy(a: str, b: str) -> bool:
-    def norm(spec):
-        slots = parse_spec(spec)
-        if slots.get("selector") is not None and slots["selector"].name == "full":
-            del slots["selector"]
-        return slots
-    return norm(a) == norm(b)
+    """The same stack, however it is written (`canonical_spec`); `auto` is only itself."""
+    if AUTO in (a, b):
+        return a == b
+    return canonical_spec(a) == canonical_spec(b)
