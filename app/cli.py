@@ -336,16 +336,18 @@ def ui_main(args, run) -> int:
     if not args.backend:  # the config's model is a local one; a backend's is named with --model
         args.model = cfg.model or None
     args.policy = cfg.policy or "auto"
-    from app.runtime.auto import check_spec
+    from app.runtime.auto import AUTO, check_spec
     check_spec(args.policy)  # a bad spec from the config or the command line fails here, clearly
 
-    def make_runtime(status):
-        return _with_doc_cache(_load_runtime(args, status), args, cfg)
-
+    # NOTE: a local runtime is built under `auto` and the app switches it to args.policy once
+    # loaded, so a policy that cannot apply to the model (no retaining heads) costs no reload
     def make_runtime_for(model_id, status):
         import copy
         other = copy.copy(args)
         other.model = model_id
+        if not args.backend:
+            other.policy = AUTO
         return _with_doc_cache(_load_runtime(other, status), args, cfg)
-    run(make_runtime, config=cfg, doc_paths=tuple(args.doc), make_runtime_for=make_runtime_for)
+    run(lambda status: make_runtime_for(args.model, status), config=cfg, doc_paths=tuple(args.doc),
+        make_runtime_for=make_runtime_for, policy=None if args.backend else args.policy)
     return 0

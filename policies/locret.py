@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from .base import ModelInfo
 from .evict import best, max_pool as _pool
 from .files import check_digest, digest, find_file, model_key, read_meta
-from .registry import Opt, SpecError, register
+from .registry import NoHeadsError, Opt, SpecError, register
 from .slots import EvictingSelector
 
 HEADS_DIR = Path(__file__).parent / "heads"
@@ -174,7 +174,7 @@ def _shipped(info: ModelInfo) -> Path:
         return found
     want = model_key(info)
     where = ", ".join(str(Path(d) / "heads" / want) for d in info.search_dirs)
-    raise SpecError(f"policy `locret` has no retaining heads for model {info.model_id or '?'} (key {want}): "
+    raise NoHeadsError(f"policy `locret` has no retaining heads for model {info.model_id or '?'} (key {want}): "
                     f"none ship in {HEADS_DIR}{' or were trained into ' + where if where else ''}; "
                     f"{TRAIN_HINT}; or choose a policy that needs no heads (e.g. `auto`)")
 

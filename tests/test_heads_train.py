@@ -12,6 +12,7 @@ from app.runtime.engine import Runtime
 from app.runtime.types import Stopped, VramchatError
 from policies import SpecError
 from policies.locret import load_heads
+from policies.registry import NoHeadsError
 from tiny import tiny_arch, tiny_pair, tiny_tokenizer
 
 KW = dict(steps=12, docs=3, val_docs=1, doc_tokens=120, d_r=8, warmup=2)
@@ -59,7 +60,7 @@ def test_a_stopped_run_resumes_where_it_stopped(tmp_path):
 def test_heads_trained_by_default_are_found_next_time(arch):
     """No heads ship for the model: `locret` is refused; `train-heads` without --out keeps
     them in this machine's folder, and the next runtime's `locret` finds them there."""
-    with pytest.raises(SpecError, match="no retaining heads"):
+    with pytest.raises(NoHeadsError, match="no retaining heads"):
         _rt(arch).set_policy("locret")
     rt = _rt(arch)
     card = train_heads(rt, None, **KW)
@@ -87,3 +88,17 @@ def test_a_given_out_with_other_settings_is_refused(tmp_path):
     train_heads(rt, tmp_path, **KW)
     with pytest.raises(VramchatError, match="give another --out"):
         train_heads(rt, tmp_path, **{**KW, "d_r": 4})
+
+
+def test_no_heads_is_its_own_error_and_leaves_auto_on():
+    """A runtime under `auto` asked for `locret` with no heads: a NoHeadsError (a SpecError),
+    and nothing changed: still auto, the same cache."""
+    rt = Runtime.from_model(*tiny_pair(0), policy="auto", model_id="tiny-no-heads", chunk_size=32)
+    cache = rt.cache
+    with pytest.raises(NoHeadsError) as e:
+        rt.set_policy("locret:budget=32,stabilizers=8")
+    assert isinstance(e.value, SpecError) and "train-heads" in str(e.value)
+    assert rt.auto and rt.cache is cache
+    with pytest.raises(SpecError) as e:  # another refusal is not "no heads"
+        rt.set_policy("locret:heads=/no/such/heads.safetensors")
+    assert not isinstance(e.value, NoHeadsError) and rt.auto

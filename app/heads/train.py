@@ -75,15 +75,18 @@ def config_hash(model) -> str:
     return hashlib.sha256(model.config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
 
 
+PHASE_UNITS = {"documents": "docs", "features": "docs", "steps": "steps"}  # what each phase's progress counts
+
+
 def train_heads(model, out_dir=None, data_files=(), steps=600, docs=96, val_docs=8, doc_tokens=2048,
                 d_r=128, lr=2e-3, warmup=60, seed=0, threads=2, progress=None, command="",
                 label_mode="shared", distractors=0, device="auto", features_mode="auto", stop=None,
                 same_shape=0.0) -> dict:
     """Train heads for `model` (a Runtime, or a model id / path / None for the default).
 
-    Phases, each reported as progress(phase, done, total): "documents" (training documents
-    built), "features" (one frozen forward per document: labels, and with features on disk
-    the heads' inputs), "steps" (head training). The backbone's hidden states are never all
+    Phases, each reported as progress(phase, done, total) in its `PHASE_UNITS`: "documents"
+    (training documents built), "features" (one frozen forward per document: labels, and with
+    features on disk the heads' inputs), "steps" (head training). The backbone's hidden states are never all
     held: each step reads one document's, from disk ("disk") or from a fresh forward
     ("recompute": no disk, one forward per step; the default on CUDA, where a forward costs
     less than reading the hidden states back). A set `stop` event raises Stopped between

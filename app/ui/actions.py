@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,17 +23,34 @@ from app.ui.panels import fmt_bytes
 from app.ui.screens import ConversationPicker, FilePicker, HeadsDialog, PolicyPicker
 from app.ui.transcript import Answer, DocumentCard, Note, UserTurn, document_detail, last_code_block
 from app.ui.worker import Job
-from app.runtime.auto import check_spec
-from policies.registry import SpecError, parse_spec
+from app.runtime.auto import AUTO, check_spec
+from policies.registry import NoHeadsError, SpecError, parse_spec
 
 
 @dataclass(frozen=True)
 class NeedHeads:
-    """A switch to `spec` found no retaining heads: ask what to do (HeadsDialog)."""
+    """A switch to `spec` found no retaining heads: ask what to do (HeadsDialog). auto: the
+    runtime is under `auto` already (a model loaded for `spec`), so "Use auto" keeps it."""
     spec: str
     model: str
     seconds: float
     device: str
+    auto: bool = False
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A model loaded, then switched to the policy asked for: what the screen says of it.
+    need: that policy has no heads here (the model runs under auto; ask); error: why the
+    policy could not be used otherwise (the model runs under what it was loaded with)."""
+    runtime: object
+    warnings: list
+    need: NeedHeads | None = None
+    error: BaseException | None = None
+
+
+def need_heads(rt, spec: str) -> NeedHeads:
+    return NeedHeads(spec, rt.model_id, *heads_estimate(rt), auto=rt.auto)
 
 
 def heads_estimate(rt) -> tuple[float, str]:
@@ -45,13 +63,38 @@ def heads_estimate(rt) -> tuple[float, str]:
 class Actions:
     heads_recipe: dict = {}  # train_heads settings for the dialog's "Train now" (default: its own)
 
-    # ---- model ----------------------------------------------------------------------------
+    # ---- model ---------------------------------------------------------------------------
+    # NOTE: make_runtime / make_runtime_for build the runtime under `auto` (main.py chat) or as
+    # they see fit (tests, a backend); a load then switches it to `self.load_policy` where one
+    # is asked for (the start-up one, then the one chosen last), so a policy that cannot apply
+    # (no retaining heads) leaves the model loaded.
+
     def start_model(self) -> None:
+        self._load_job(self.make_runtime)
+
+    def _load_job(self, make) -> None:
+        """Load a model where none is (at start, or /model after a failed start)."""
+        policy = self.load_policy
+
         def fn(ctx):
-            ctx.runtime = self.make_runtime(ctx.status)
+            ctx.runtime = make(ctx.status)
             ctx.runtime.on_note = self._runtime_note
-            return ctx.runtime, ctx.runtime.policy_warnings()
+            return self._apply_policy(ctx, policy)
         self.submit(Job("loading model", fn, done=self._model_ready, failed=self._model_failed))
+
+    def _apply_policy(self, ctx, spec: str | None) -> Loaded:
+        """On the model thread, after a load: switch the fresh runtime to `spec` (None, or
+        `auto` on a runtime built under it: nothing to do)."""
+        rt = ctx.runtime
+        need = error = None
+        if spec is not None and not (spec == AUTO and rt.auto):
+            try:
+                rt.set_policy(spec, progress=ctx.progress("converting the cache"), stop=ctx.stop)
+            except NoHeadsError:
+                need = need_heads(rt, spec)
+            except (SpecError, VramchatError) as e:
+                error = e
+        return Loaded(rt, rt.policy_warnings(), need, error)
 
     def _runtime_note(self, text: str) -> None:
         """From the model thread, as it is made: auto's choice, a window warning (before reading)."""
@@ -63,28 +106,38 @@ class Actions:
             note.update(text)
             note.set_classes(f"note {kind}")
 
-    def _model_ready(self, result) -> None:
-        rt, warnings = result
+    def _model_ready(self, loaded: Loaded) -> None:
+        rt = loaded.runtime
         self._loading_note(
             f"Loaded {rt.model_id} on {rt.device} ({rt.weights}, window {rt.window:,} tokens), "
             f"policy {self.snapshot.policy}. Ask a question, /load a document (Ctrl+O), F1 for help.", "info")
-        self._policy_warnings(warnings)
+        self._policy_warnings(loaded.warnings)
+        if loaded.error is not None:
+            self.show_error("Policy not applied", f"{loaded.error}\n\nThe model is loaded under "
+                            f"`{self.snapshot.policy}`; /policy SPEC switches it.")
+        if loaded.need is not None:
+            self.ask_heads(loaded.need)
 
     def _policy_warnings(self, warnings) -> None:
         for w in warnings:
             self.notify(f"Policy: {w}", severity="warning", timeout=10)
 
     def _model_failed(self, error) -> None:
-        self._loading_note(f"The model did not load: {error}\nUse /model ID_OR_PATH to load one.", "error")
+        self._loading_note(f"The model did not load: {error}\nUse /model ID_OR_PATH to load one "
+                           "(/policy SPEC first changes the policy it loads under).", "error")
 
     def switch_model(self, model_id: str) -> None:
         if self.make_runtime_for is None:
             self.show_error("Cannot switch model", "This session was started without a model loader "
                             "(make_runtime_for); restart with `main.py chat --model ID`.")
             return
+        if self.runtime is None and self.busy is None:  # none loaded (a failed start): load one
+            self.call_later(self.transcript.add, Note(f"Loading {model_id}…", "loading"))
+            self._load_job(lambda status: self.make_runtime_for(model_id, status))
+            return
         if not self.needs_model():
             return
-        name = self.conv_name
+        name, policy = self.conv_name, self.load_policy
 
         def fn(ctx):
             old, ctx.runtime = ctx.runtime, None
@@ -96,22 +149,31 @@ class Actions:
                 rt = self.make_runtime_for(model_id, ctx.status)
             except BaseException as e:
                 ctx.runtime = self.make_runtime_for(old_id, ctx.status)
+                self._apply_policy(ctx, policy)
                 ctx.runtime.restore(data, progress=ctx.progress("restoring conversation"), stop=ctx.stop)
                 raise VramchatError(f"could not load `{model_id}`: {e}\n\nBack on {old_id}; "
                                     "the conversation is kept.") from e
             ctx.runtime = rt
             rt.on_note = self._runtime_note
+            loaded = self._apply_policy(ctx, policy)
             if data.get("messages") or data.get("system"):
                 rt.restore(data, progress=ctx.progress("re-reading conversation"), stop=ctx.stop)
-            return rt.system, list(rt.messages)
+            return rt.system, list(rt.messages), loaded
         if self.submit(Job("switching model", fn, done=self._model_switched, failed=self._after_restore_failed)):
             self.runtime = None  # NOTE: only the job holds the old model now, so it can free it before the load
 
     async def _model_switched(self, result) -> None:
-        await self.transcript.rebuild(*result)
+        system, messages, loaded = result
+        await self.transcript.rebuild(system, messages)
         rt = self.runtime
         await self.transcript.add(Note(f"Switched to {rt.model_id} on {rt.device} ({rt.weights}); "
                                        "the conversation was re-read."))
+        self._policy_warnings(loaded.warnings)
+        if loaded.error is not None:
+            self.show_error("Policy not applied", f"{loaded.error}\n\nThe model is loaded under "
+                            f"`{self.snapshot.policy}`; /policy SPEC switches it.")
+        if loaded.need is not None:
+            self.ask_heads(loaded.need)
 
     async def _after_restore_failed(self, error) -> None:
         if self.runtime is not None:
@@ -219,6 +281,11 @@ class Actions:
         except SpecError as e:
             self.show_error("Bad policy spec", str(e))
             return
+        if self.runtime is None and self.busy is None:  # none loaded (a failed start): the next load's
+            self.load_policy = spec
+            self.call_later(self.transcript.add, Note(f"No model is loaded: /model ID_OR_PATH loads one under "
+                                                      f"`{spec}`.", "policy"))
+            return
         if not self.needs_model():
             return
         name = self.conv_name
@@ -226,13 +293,11 @@ class Actions:
         def fn(ctx):
             try:
                 result = ctx.runtime.set_policy(spec, progress=ctx.progress("converting the cache"), stop=ctx.stop)
-            except SpecError as e:
-                if "no retaining heads" not in str(e):
-                    raise
-                return NeedHeads(spec, ctx.runtime.model_id, *heads_estimate(ctx.runtime))
+            except NoHeadsError:
+                return need_heads(ctx.runtime, spec)
             self.autosave(ctx, name)
             return result, ctx.runtime.policy_warnings()
-        self.submit(Job("switching policy", fn, done=self._policy_switched))
+        self.submit(Job("switching policy", fn, done=partial(self._policy_switched, spec)))
 
     def train_heads(self, spec: str) -> None:
         """Train retaining heads for the model (kept for it), then switch to `spec`."""
@@ -241,32 +306,47 @@ class Actions:
         name = self.conv_name
 
         def fn(ctx):
-            from app.heads.train import train_heads
+            from app.heads.train import PHASE_UNITS, train_heads
             bars = {}
 
             def progress(phase, done, total):
-                bars.setdefault(phase, ctx.progress(f"training heads: {phase}"))(done, total)
+                bars.setdefault(phase, ctx.progress(f"training heads: {phase}", PHASE_UNITS[phase]))(done, total)
             card = train_heads(ctx.runtime, None, progress=progress, stop=ctx.stop, threads=torch.get_num_threads(),
                                command=f"the app: {spec}", **self.heads_recipe)
             ctx.status(f"heads trained in {card['wall_time_s']:.0f} s, kept in {card['out']}")
             result = ctx.runtime.set_policy(spec, progress=ctx.progress("converting the cache"), stop=ctx.stop)
             self.autosave(ctx, name)
             return result, ctx.runtime.policy_warnings()
-        self.submit(Job("training heads", fn, done=self._policy_switched, failed=self._heads_failed))
+        self.submit(Job("training heads", fn, done=partial(self._policy_switched, spec), failed=self._heads_failed))
 
     async def _heads_failed(self, error) -> None:
         if isinstance(error, Stopped):  # (report_error shows every failure; this says what comes next)
             await self.transcript.add(Note(f"Training stopped; what was trained is kept: {error}", "system"))
 
-    async def _policy_switched(self, result) -> None:
+    def ask_heads(self, need: NeedHeads) -> None:
+        """HeadsDialog: train the heads then switch to need.spec, or use `auto`. While it is up,
+        documents given at start wait (a training run would find the model busy reading)."""
+        self.asking = True
+
+        def chosen(what):
+            self.asking = False
+            if what == "train":
+                self.train_heads(need.spec)
+            elif what == "auto" and not need.auto:
+                self.switch_policy(AUTO)
+            else:
+                if what == "auto":  # already under auto: it stays
+                    self.load_policy = AUTO
+                    self.call_later(self.transcript.add, Note(f"Policy: auto ({self.snapshot.policy} for now, "
+                                                              "chosen again as the conversation grows).", "policy"))
+                self.next_document()
+        self.push_screen(HeadsDialog(need.model, need.spec, need.seconds, need.device), chosen)
+
+    async def _policy_switched(self, spec: str, result) -> None:
         if isinstance(result, NeedHeads):
-            def chosen(what):
-                if what == "train":
-                    self.train_heads(result.spec)
-                elif what == "auto":
-                    self.switch_policy("auto")
-            self.push_screen(HeadsDialog(result.model, result.spec, result.seconds, result.device), chosen)
+            self.ask_heads(result)
             return
+        self.load_policy = spec  # a model loaded next comes up under it
         r, warnings = result
         how = "re-read the conversation" if r.reprefilled else "converted in place"
         lossy = ", lossy" if r.lossy else ""

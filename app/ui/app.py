@@ -51,11 +51,14 @@ class VramchatApp(Actions, App):
     ]
 
     def __init__(self, make_runtime: MakeRuntime, *, config: Config | None = None,
-                 doc_paths: Iterable[str] = (), make_runtime_for: MakeRuntimeFor | None = None) -> None:
+                 doc_paths: Iterable[str] = (), make_runtime_for: MakeRuntimeFor | None = None,
+                 policy: str | None = None) -> None:
         super().__init__()
         self.config = config or Config()
         self.make_runtime = make_runtime
         self.make_runtime_for = make_runtime_for
+        self.load_policy = policy  # switched to after each load (None: the runtime as built)
+        self.asking = False  # the heads dialog is up: documents given at start wait
         self.runtime = None  # the loaded runtime, taken from each JobDone (UI thread only)
         self.worker = ModelWorker(self)
         self.busy: Job | None = None
@@ -149,7 +152,12 @@ class VramchatApp(Actions, App):
                 await _maybe_await(msg.job.failed(msg.error))
             self.report_error(msg.job.kind, msg.error)
         self.refresh_panels()
-        if msg.error is None and self.pending_docs and self.runtime is not None:
+        if msg.error is None:
+            self.next_document()
+
+    def next_document(self) -> None:
+        """Read the next document given at start, when the model is free for it."""
+        if self.pending_docs and self.runtime is not None and self.busy is None and not self.asking:
             self.load_document(self.pending_docs.pop(0))
 
     def report_error(self, kind: str, error: BaseException) -> None:
@@ -184,8 +192,9 @@ class VramchatApp(Actions, App):
         rate = msg.done / elapsed
         eta = (msg.total - msg.done) / rate if rate > 0 else 0.0
         pct = 100 * msg.done / max(msg.total, 1)
+        per_s = f"{rate:,.0f}" if rate >= 10 else f"{rate:.1f}"
         self.main_screen.query_one("#progress-label", Static).update(
-            f"{msg.label}: {msg.done:,}/{msg.total:,} tok · {rate:,.0f} tok/s · ETA {eta:.0f} s · Esc stops")
+            f"{msg.label}: {msg.done:,}/{msg.total:,} {msg.unit} · {per_s} {msg.unit}/s · ETA {eta:.0f} s · Esc stops")
         self.status.state = f"{msg.label} {pct:.0f}%"
         rt = self.runtime
         if rt is not None:  # the cache's published state: the Context panel follows the read

@@ -27,9 +27,11 @@ class Tokens(Message):
 
 
 class Progress(Message):
-    def __init__(self, label: str, done: int, total: int, started: float) -> None:
+    """done of total units (`unit`: tok, docs, steps) of the work `label` names."""
+
+    def __init__(self, label: str, done: int, total: int, started: float, unit: str = "tok") -> None:
         super().__init__()
-        self.label, self.done, self.total, self.started = label, done, total, started
+        self.label, self.done, self.total, self.started, self.unit = label, done, total, started, unit
 
     def can_replace(self, message: Message) -> bool:
         return isinstance(message, Progress) and message.label == self.label
@@ -81,12 +83,13 @@ class JobContext:
         self.worker, self.job, self.stop, self.runtime = worker, job, job.stop, runtime
         self._warned: set[str] = set()
 
-    def progress(self, label: str) -> Callable[[int, int], None]:
+    def progress(self, label: str, unit: str = "tok") -> Callable[[int, int], None]:
+        """-> report(done, total) of the work `label` names, counted in `unit` (tokens unless said)."""
         started = time.monotonic()
         target = self.worker.target
 
         def report(done: int, total: int) -> None:
-            target.post_message(Progress(label, int(done), int(total), started))
+            target.post_message(Progress(label, int(done), int(total), started, unit))
         return report
 
     def status(self, text: str) -> None:

@@ -11,15 +11,20 @@ from app.ui.app import VramchatApp
 from tests.ui.fake import FakeRuntime
 
 
-def make_app(tmp_path, fake: FakeRuntime | None = None, *, doc_paths=(), model_for=None, **config) -> VramchatApp:
+def make_app(tmp_path, fake: FakeRuntime | None = None, *, doc_paths=(), model_for=None, policy=None,
+             **config) -> VramchatApp:
+    """`fake` (or a real Runtime) is what the start-up load returns; a `fake` that is an
+    exception is raised by it (a load that fails). policy: the app's `load_policy`."""
     fake = fake or FakeRuntime()
 
     def make_runtime(status):
         status("reading weights")
+        if isinstance(fake, BaseException):
+            raise fake
         return fake
 
     app = VramchatApp(make_runtime, config=Config(data_dir=str(tmp_path / "data"), **config),
-                      doc_paths=doc_paths, make_runtime_for=model_for)
+                      doc_paths=doc_paths, make_runtime_for=model_for, policy=policy)
     app.fake = fake
     return app
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from app.heads.train import default_out
 from app.runtime.engine import Runtime
 from app.ui.screens import ErrorDialog, HeadsDialog
+from app.ui.worker import Progress
 from tests.ui.conftest import make_app, run, settle, wait_for
 from tiny import tiny_pair
 
@@ -21,6 +22,13 @@ def test_locret_without_heads_asks_then_trains_and_switches(tmp_path):
         rt = Runtime.from_model(*tiny_pair(0), model_id="tiny-heads-dialog", chunk_size=32)
         app = make_app(tmp_path, rt)
         app.heads_recipe = dict(steps=6, docs=2, val_docs=1, doc_tokens=100, d_r=8, warmup=2)
+        units, post = {}, app.post_message
+
+        def posted(msg):  # the progress the training reports, with its units
+            if isinstance(msg, Progress):
+                units[msg.label] = msg.unit
+            return post(msg)
+        app.post_message = posted
         async with app.run_test(size=(120, 40)) as pilot:
             await settle(pilot, app, timeout=60)
             app.switch_policy(SPEC)
@@ -37,6 +45,9 @@ def test_locret_without_heads_asks_then_trains_and_switches(tmp_path):
             await settle(pilot, app, timeout=60)
             assert not isinstance(app.screen, ErrorDialog), app.screen.message
             assert (default_out(rt.adapter.info) / "heads.safetensors").is_file()
+            assert {k: v for k, v in units.items() if k.startswith("training heads")} == {
+                "training heads: documents": "docs", "training heads: features": "docs",
+                "training heads: steps": "steps"}  # documents counted as docs, never as tokens
             # the next time, the heads are there: no dialog
             app.switch_policy("full")
             await settle(pilot, app, timeout=60)
