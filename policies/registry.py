@@ -88,10 +88,10 @@ class Policy:
         changed = {k: self.opts[k] for k, o in entry.options.items() if k in self.opts and self.opts[k] != o.default}
         if not changed:
             return self.name
-        return self.name + ":" + ",".join(f"{k}={_fmt(v)}" for k, v in changed.items())
+        return self.name + ":" + ",".join(f"{k}={fmt_value(v)}" for k, v in changed.items())
 
 
-def _fmt(v: Any) -> str:
+def fmt_value(v: Any) -> str:
     """An option value as the canonical spec writes it: bools on/off (as the README does),
     floats short where that reads back the same value."""
     if isinstance(v, bool):

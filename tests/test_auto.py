@@ -131,3 +131,12 @@ def test_questions_under_auto_convert_nothing_once_it_chose(tmp_path):
         rt.ask(q, max_new_tokens=3)
         assert rt.notes == [note] and rt.cache is cache and rt.policy == policy
         assert rt.auto_choice.spec == policy
+
+
+def test_leaving_an_evicting_policy_says_what_it_dropped_only_when_it_dropped_some(tmp_path):
+    rt = Runtime.from_model(*tiny_pair(0), policy="streaming:window=64", model_id="tiny", chunk_size=32)
+    assert rt.set_policy("full").message == "converted in place"  # an empty cache lost nothing
+    rt.set_policy("streaming:window=64")
+    rt.load_document(_doc(tmp_path, "a.txt", 300))
+    assert rt.cache.length < rt.cache.seen
+    assert "keeps only the tokens the old policy retained" in rt.set_policy("full").message

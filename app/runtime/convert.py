@@ -18,7 +18,7 @@ def convert(old: KVCache, info: ModelInfo, spec: str):
     sel = new.layers[0].selector
     if sel.needs_scores and old.length and any(l.scores is None for l in old.layers):
         return None, False, f"`{new.slots['selector'].name}` needs scores that were not recorded at prefill"
-    old_evicts = old.evicts
+    old_evicts, old_seen = old.evicts, old.seen
     old_lossless = all(l.store.lossless for l in old.layers)
     new_lossless = all(l.store.lossless for l in new.layers)
     for i, (src, dst) in enumerate(zip(old.layers, new.layers)):
@@ -37,7 +37,7 @@ def convert(old: KVCache, info: ModelInfo, spec: str):
         notes.append("dequantized from a lossy cache: its quantization error stays")
     if new.length < retained0:
         notes.append(f"evicted {retained0 - new.length:,} of {retained0:,} tokens per head")
-    if old_evicts and not new.evicts:
+    if old_evicts and not new.evicts and old_seen > retained0:  # the old policy had dropped some
         notes.append("keeps only the tokens the old policy retained; re-read with --reprefill for all of them")
     return new, lossy, "; ".join(notes) or "converted in place"
 

@@ -41,9 +41,11 @@ class NeedHeads:
 @dataclass(frozen=True)
 class Loaded:
     """A model loaded, then switched to the policy asked for: what the screen says of it.
-    need: that policy has no heads here (the model runs under auto; ask); error: why the
-    policy could not be used otherwise (the model runs under what it was loaded with)."""
+    policy: the one it runs under (`auto: full` when auto chose); need: the policy asked for
+    has no heads here (ask); error: why it could not be used otherwise (the model runs under
+    what it was built with)."""
     runtime: object
+    policy: str
     warnings: list
     need: NeedHeads | None = None
     error: BaseException | None = None
@@ -94,7 +96,8 @@ class Actions:
                 need = need_heads(rt, spec)
             except (SpecError, VramchatError) as e:
                 error = e
-        return Loaded(rt, rt.policy_warnings(), need, error)
+        auto = spec == AUTO and error is None or need is not None and need.auto
+        return Loaded(rt, f"{AUTO}: {rt.policy}" if auto else rt.policy, rt.policy_warnings(), need, error)
 
     def _runtime_note(self, text: str) -> None:
         """From the model thread, as it is made: auto's choice, a window warning (before reading)."""
@@ -110,11 +113,11 @@ class Actions:
         rt = loaded.runtime
         self._loading_note(
             f"Loaded {rt.model_id} on {rt.device} ({rt.weights}, window {rt.window:,} tokens), "
-            f"policy {self.snapshot.policy}. Ask a question, /load a document (Ctrl+O), F1 for help.", "info")
+            f"policy {loaded.policy}. Ask a question, /load a document (Ctrl+O), F1 for help.", "info")
         self._policy_warnings(loaded.warnings)
         if loaded.error is not None:
             self.show_error("Policy not applied", f"{loaded.error}\n\nThe model is loaded under "
-                            f"`{self.snapshot.policy}`; /policy SPEC switches it.")
+                            f"`{loaded.policy}`; /policy SPEC switches it.")
         if loaded.need is not None:
             self.ask_heads(loaded.need)
 
@@ -171,7 +174,7 @@ class Actions:
         self._policy_warnings(loaded.warnings)
         if loaded.error is not None:
             self.show_error("Policy not applied", f"{loaded.error}\n\nThe model is loaded under "
-                            f"`{self.snapshot.policy}`; /policy SPEC switches it.")
+                            f"`{loaded.policy}`; /policy SPEC switches it.")
         if loaded.need is not None:
             self.ask_heads(loaded.need)
 
@@ -350,7 +353,8 @@ class Actions:
         r, warnings = result
         how = "re-read the conversation" if r.reprefilled else "converted in place"
         lossy = ", lossy" if r.lossy else ""
-        await self.transcript.add(Note(f"Policy {r.old_policy} → {r.new_policy}: KV {fmt_bytes(r.before_bytes)} → "
+        new = f"{AUTO}: {r.new_policy}" if spec == AUTO else r.new_policy
+        await self.transcript.add(Note(f"Policy {r.old_policy} → {new}: KV {fmt_bytes(r.before_bytes)} → "
                                        f"{fmt_bytes(r.after_bytes)} ({r.message or how}{lossy})", "policy"))
         self._policy_warnings(warnings)
 

@@ -11,7 +11,7 @@ from textual.widgets import Static
 
 from app.runtime.remote import RemoteMemory
 from app.runtime.types import ContextInfo, MemoryReport
-from policies.registry import REGISTRY, SpecError, parse_policy
+from policies.registry import REGISTRY, SpecError, fmt_value, parse_policy
 
 # (label, colour) per segment, in bar order.
 KV_FULL, KV_QUANT, KV_META = "KV fp", "KV quant", "KV labels"
@@ -192,7 +192,7 @@ class PolicyPanel(Static):
             text.append(f" ({pol.slot})\n", style="dim")
             for key, value in pol.opts.items():
                 default = value == entry.options[key].default
-                text.append(f"  {key} = {value}\n", style="dim" if default else "")
+                text.append(f"  {key} = {fmt_value(value)}\n", style="dim" if default else "")
         if self.layers and max(self.layers) > min(self.layers):  # layers differ: show how
             top = max(self.layers)
             text.append("KV per layer ", style="bold")

@@ -490,3 +490,13 @@ def test_policy_panel_shows_kv_per_layer_when_layers_differ(tmp_path, doc):
             shown = str(app.query_one(PolicyPanel).render())
             assert "KV per layer ██▂▂" in shown, shown
     run(main())
+
+
+def test_policy_panel_shows_options_as_a_spec_writes_them(tmp_path):
+    async def main():
+        app = make_app(tmp_path, FakeRuntime(policy="locret:share=off"))
+        async with app.run_test(size=(120, 40)) as pilot:
+            await settle(pilot, app)
+            shown = str(app.query_one(PolicyPanel).render())
+            assert "share = off" in shown and "False" not in shown, shown
+    run(main())

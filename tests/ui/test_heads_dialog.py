@@ -4,6 +4,7 @@ from __future__ import annotations
 from app.heads.train import default_out
 from app.runtime.engine import Runtime
 from app.ui.screens import ErrorDialog, HeadsDialog
+from app.ui.transcript import Note
 from app.ui.worker import Progress
 from tests.ui.conftest import make_app, run, settle, wait_for
 from tiny import tiny_pair
@@ -69,4 +70,6 @@ def test_use_auto_instead(tmp_path):
             await wait_for(pilot, lambda: rt.auto, timeout=60)
             await settle(pilot, app, timeout=60)
             assert rt.policy == "full" and rt.auto_choice is not None
+            shown = [str(n.render()) for n in app.query(Note)]
+            assert any(n.startswith("Policy full → auto: full: KV") and "retained" not in n for n in shown), shown
     run(main())

@@ -59,7 +59,8 @@ def test_locret_at_start_without_heads_loads_under_auto_and_asks(tmp_path, doc):
         app = make_app(tmp_path, rt, doc_paths=[str(doc)], policy=SPEC)
         async with app.run_test(size=(120, 40)) as pilot:
             await wait_for(pilot, lambda: dialog_ready(app), timeout=60)
-            assert app.runtime is rt and rt.auto and any("Loaded tiny-start-heads" in n for n in notes(app))
+            assert app.runtime is rt and rt.auto
+            assert any("Loaded tiny-start-heads" in n and "policy auto: full." in n for n in notes(app)), notes(app)
             assert f"`{SPEC}` needs retaining heads" in str(app.screen.query_one("#heads-message").render())
             assert app.busy is None and rt.messages == []  # the document waits for the answer
             await pilot.click("#heads-auto", offset=(3, 1))
