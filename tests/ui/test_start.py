@@ -84,3 +84,27 @@ def test_progress_says_its_units(tmp_path):
             await wait_for(pilot, lambda: "notes.md" in str(label.render()))
             assert re.search(r"4,096/8,192 tok · [\d,]+ tok/s", str(label.render())), str(label.render())
     run(main())
+
+
+def test_chat_loads_a_local_model_under_auto_and_hands_the_app_its_policy(tmp_path, monkeypatch):
+    """main.py chat: the local runtime is built under `auto` (the start-up model and /model's),
+    and the app is given the policy to switch it to; a backend's policy is the server's."""
+    from app import cli, config
+    monkeypatch.setattr(config, "load_config", lambda: config.Config(data_dir=str(tmp_path)))
+    built = []
+
+    def load(args, status=None):
+        built.append((args.model, args.policy))
+        return FakeRuntime()
+    monkeypatch.setattr(cli, "_load_runtime", load)
+    got = {}
+
+    def run(make_runtime, **kw):
+        got.update(kw, make_runtime=make_runtime)
+    assert cli.ui_main(cli.parser().parse_args(["chat", "--policy", "locret", "--model", "m"]), run) == 0
+    assert got["policy"] == "locret"
+    got["make_runtime"](print)
+    got["make_runtime_for"]("other", print)
+    assert built == [("m", "auto"), ("other", "auto")]
+    assert cli.ui_main(cli.parser().parse_args(["chat", "--backend", "http://127.0.0.1:1/v1"]), run) == 0
+    assert got["policy"] is None
