@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import sysconfig
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -62,10 +63,13 @@ def test_every_lock_line_has_hashes():
 def test_this_environment_runs_the_lock():
     kind = "cpu" if "+cpu" in metadata.version("torch") else "cuda"
     pins = _pins(ROOT / "requirements" / f"{kind}.lock", here=True)
+    # NOTE: only what is installed in the environment: setuptools puts its vendored copies (with
+    # their own dist-info) on sys.path once something imports it.
+    dists = list(metadata.distributions(path=sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")})))
     off = {}
-    for dist in metadata.distributions():
+    for dist in dists:
         name = canonicalize_name(dist.metadata["Name"])
         if name in pins and dist.version != pins[name]:
             off[name] = (pins[name], dist.version)
-    missing = [n for n in pins if n not in {canonicalize_name(d.metadata["Name"]) for d in metadata.distributions()}]
+    missing = [n for n in pins if n not in {canonicalize_name(d.metadata["Name"]) for d in dists}]
     assert not off and not missing, f"{sys.prefix} differs from {kind}.lock (lock, installed): {off}; missing {missing}"
