@@ -123,9 +123,9 @@ def test_after_a_real_question_the_numbers_agree_with_what_the_spills_recalled(f
     rt.load_document(str(path))
     spans = precision.fact_spans(rt, doc.facts)
     for f in doc.facts:  # the positions are the value's tokens in the conversation
-        assert rt.tok.decode([rt._ids[i] for i in sorted(spans[f.name])]) == f.value
+        assert rt.tok.decode([rt.held.ids[i] for i in sorted(spans[f.name])]) == f.value
     log = rt.cache.layers[0].spill.quotes  # the spills' own token log, by conversation index
-    assert log.ids[:log.n].tolist() == rt._ids
+    assert log.ids[:log.n].tolist() == rt.held.ids
     turn = doc.turns[0]
     (asked,) = [f.name for f in doc.facts if f.value in turn.want]
     others = [s for name, s in spans.items() if name != asked]

@@ -305,7 +305,7 @@ def test_runtime_log_matches_the_conversation_and_survives_a_conversion(tmp_path
     assert log.ids[: log.n].tolist() == rt.tokens(rt.cached_text)
     words = doc.read_text().split()
     question = "Repeat: " + " ".join(words[100:112])
-    rt._sync(rt.conv.render(rt.tok, pending=[{"role": "user", "content": question}]))  # the prefill alone
+    rt.sync(rt.conv.render(rt.tok, pending=[{"role": "user", "content": question}]))  # the prefill alone
     turn = rt.tokens(question)
     runs = {tuple(turn[i:i + Q.NGRAM]) for i in range(len(turn) - Q.NGRAM + 1)}
     assert log.spans  # each span opens 16 tokens before a run of the question found in the document

@@ -140,7 +140,7 @@ def test_file_is_private_whole_and_described(files, tmp_path):
     assert meta["format"] == "vramchat-kv-1" and meta["spec"] == live.policy and meta["model_id"] == "tiny"
     assert int(meta["tokens"]) == live.cache.seen
     from app.runtime.snapshot import ids_hash
-    assert meta["tokens_sha256"] == ids_hash(live._ids) and len(live._ids) == live.cache.seen
+    assert meta["tokens_sha256"] == ids_hash(live.held.ids) and len(live.held.ids) == live.cache.seen
 
 
 def _refused(live: Runtime, path, spec: str, seed: int = 0, check: bool = False) -> str:
@@ -150,7 +150,7 @@ def _refused(live: Runtime, path, spec: str, seed: int = 0, check: bool = False)
     data = live.to_json()
     how = rt.restore(data, cache_file=path)
     assert how.startswith("re-read the conversation (") and "\n" not in how, how
-    assert rt.messages == live.messages and rt.cache.seen == len(rt._ids) == len(rt.tokens(rt.cached_text)) > 0
+    assert rt.messages == live.messages and rt.cache.seen == len(rt.held.ids) == len(rt.tokens(rt.cached_text)) > 0
     if check:
         ref = _rt(spec, seed)
         ref.restore(data)

@@ -9,9 +9,9 @@ first token with no text of its own, half a UTF-8 character or a special token, 
 before it is called.)
 
 Positions. A spill's `hpos` holds conversation indices: index i is the i-th token the cache
-ever read, and `Runtime._ids[i]` is that token (the runtime appends every prefilled id and
+ever read, and `Runtime.held.ids[i]` is that token (the runtime appends every prefilled id and
 every decoded one that reached the cache, and cuts both back together); `fact_spans` finds
-each value in `_ids`, so its positions are directly comparable with `hpos`, `recalled` and
+each value in `held.ids`, so its positions are directly comparable with `hpos`, `recalled` and
 the kept tokens' `LayerCache.positions()`.
 
 Per (layer, KV head), with A the asked fact's value tokens and F the tokens of every fact's
@@ -84,10 +84,10 @@ def fact_spans(rt, facts, end: int | None = None) -> dict[str, set[int]]:
     """Conversation positions of each fact's value tokens: facts have `.name` and `.value`
     (a digit string, found as a whole digit run in the first `end` tokens, exactly once);
     facts of one name (a multi-value key) share one set. -> {name: positions}."""
-    if len(rt._ids) != rt.cache.seen:
-        raise ValueError(f"recall precision: the runtime holds {len(rt._ids):,} token ids but its cache read "
+    if len(rt.held.ids) != rt.cache.seen:
+        raise ValueError(f"recall precision: the runtime holds {len(rt.held.ids):,} token ids but its cache read "
                          f"{rt.cache.seen:,} tokens (read outside the conversation?): positions would not match")
-    pieces = _pieces(rt.tok, rt._ids[:end])
+    pieces = _pieces(rt.tok, rt.held.ids[:end])
     starts, at = [], 0
     for p in pieces:
         starts.append(at)

@@ -224,7 +224,7 @@ def copy_fidelity(rt, spec: str, doc_tokens: int = 16384, depth: float = 0.3, pa
         path.write_text(body)
         rt.load_document(str(path))
     target = rt.conv.render(rt.tok, pending=[{"role": "user", "content": q}])
-    logits, _ = rt._sync(target)
+    logits, _ = rt.sync(target)
     answer = rt.tokens(passage)
     if stepwise or not _plain(rt.cache):
         steps = [logits]

@@ -135,6 +135,28 @@ class DocCache:
         return n, size
 
 
+def read_document(cache: DocCache | None, reader, path, target: str, spec: str, save, progress=None,
+                  stop=None) -> tuple[int, bool, str]:
+    """Make `reader` (a Reader) hold `target`, the conversation with the document at `path`
+    read: restored from `cache` where that file was read before under `spec` into the same
+    conversation start, else read, then kept there (`save(path, extra) -> bytes`: the
+    runtime's `save_cache`). -> (the document's tokens, restored, one line about the cache or "")."""
+    if cache is None:
+        return reader.sync(target, progress, stop)[1], False, ""
+    sha = file_hash(path)
+    key = cache.key(snapshot.identity(reader.adapter), spec, sha, target)
+    found = cache.find(key)
+    snap, why = reader.open(found) if found is not None else (None, "")
+    note = f"document cache: {why}; read it again" if why else ""
+    _, n_new = reader.sync(target, progress, stop)
+    if snap is not None:
+        return int(snap.extra.get("doc_tokens", 0)), True, note
+    if n_new:
+        extra = {"name": Path(path).name, "doc_tokens": n_new, "file_sha256": sha}
+        note = cache.put(key, lambda p: save(p, extra)) or note
+    return n_new, False, note
+
+
 def describe(entry: Entry, now: float | None = None) -> str:
     """One line for `main.py cache list`."""
     age = (now or time.time()) - entry.used

@@ -1,9 +1,10 @@
 """The Runtime: one model, one tokenizer, one KV cache, one conversation.
 
-A turn renders the conversation, prefills what the cache does not hold yet (`prefill.py`)
-and decodes the answer (`decode.py`). Work that fails (stop, out of memory) leaves the
-conversation as it was before that work began. Every change holds the lock and publishes
-a `CacheState` as it goes, so the gauge reads memory from any thread without waiting.
+A turn renders the conversation and has the `Reader` make the cache hold it (reading only
+what is new, `reader.py`), then decodes the answer (`decode.py`). Work that fails (stop,
+out of memory) leaves the conversation as it was before that work began. Every change holds
+the lock and publishes a `CacheState` as it goes, so the gauge reads memory from any thread
+without waiting. `protocol.ChatRuntime` states what the app needs of it.
 """
 from __future__ import annotations
 
@@ -15,16 +16,17 @@ from pathlib import Path
 import torch
 
 import offload  # noqa: F401  (registers offload's policies)
-from policies import SpecError, parse_spec
+from policies import parse_spec
 
-from . import doc_cache, documents, loader, memory, snapshot
+from . import auto, doc_cache, documents, loader, memory
 from .adapter import Adapter
-from .decode import free_cached, generate, is_oom
-from .prefill import prefill
-from .sampling import stop_token_ids
-from . import auto, fit
 from .auto import AUTO, Choice
-from .session import Conversation, common_prefix
+from .decode import generate
+from .fit import Fit
+from .held import Held
+from .reader import Reader
+from .sampling import stop_token_ids
+from .session import Conversation
 from .types import (CacheState, ContextInfo, ConversionResult, DocumentInfo, MemoryReport, Progress, Sampling,
                     TurnResult, VramchatError)
 
@@ -45,21 +47,17 @@ class Runtime:
             raise VramchatError(f"--chunk-size {self.chunk_size}: must be at least 1")
         self.stop_ids = stop_token_ids(tokenizer, model)
         self.conv = Conversation()
-        self.auto = policy == AUTO  # choose the stack as the conversation grows (app/runtime/auto.py)
-        self.auto_choice: Choice | None = None  # the last choice and its reason
         self.notes: list[str] = []  # what a person should know, in order (auto's switches, window warnings)
         self.on_note = None  # callable(str): called with each note as it is made (from the model thread)
-        self._choosing = False
-        self.cache = self.adapter.new_cache("full" if self.auto else policy)
-        self.cached_text = ""  # the rendering of the conversation the cache holds
-        self._answer_start = None  # index in cached_text where the last answer began
-        self._marks: list[tuple[int, int]] = []  # (len(cached_text), cache.seen) where a message ends
-        self._ids: list[int] = []  # the token ids the cache encodes (cache files keep them)
         self.doc_cache = None  # a doc_cache.DocCache: documents read before are restored, not read
         self._weights_bytes = self.adapter.weights_bytes()
         self._lock = threading.RLock()
-        self._state: CacheState = memory.cache_state(self.cache, self.context())
         self._published = 0.0
+        self.kv = Reader(self.adapter, policy, fit=Fit(self.window, self.chunk_size, self.device),
+                         tokens=self.tokens, conversation=self._rendered,
+                         choose=lambda n, answer: auto.choose(self, n, answer),
+                         publish=self._publish, note=self._note)
+        self._state: CacheState = memory.cache_state(self.cache, self.context())
 
     # ---- construction -------------------------------------------------------------
     @classmethod
@@ -76,6 +74,28 @@ class Runtime:
         return cls(model, tokenizer, policy=policy, **kw)
 
     # ---- public state -------------------------------------------------------------
+    @property
+    def cache(self):
+        """The KV cache (policies.KVCache); read it on the model thread, between turns."""
+        return self.kv.cache
+
+    @property
+    def held(self) -> Held:
+        """What the cache encodes: text, token ids, read ends (read it, never change it)."""
+        return self.kv.held
+
+    @property
+    def cached_text(self) -> str:
+        return self.kv.held.text
+
+    @property
+    def auto(self) -> bool:
+        return self.kv.auto
+
+    @property
+    def auto_choice(self) -> Choice | None:
+        return self.kv.auto_choice
+
     @property
     def policy(self) -> str:
         return self.cache.spec
@@ -132,116 +152,39 @@ class Runtime:
         self._state = memory.cache_state(cache, self.context())
         self._published = time.monotonic()
 
-    def reset_cache(self, spec: str | None = None) -> None:
-        """An empty cache under `spec` (default: the current policy). The conversation is
-        kept; its next turn reads it again."""
-        with self._changing():
-            spec = spec or self.cache.spec
-            self.cache = None  # NOTE: the old cache's memory goes before the new one's is taken
-            self._set_cached("")
-            self._marks, self._ids = [], []
-            free_cached(self.device)
-            self.cache = self.adapter.new_cache(spec)
-
-    def _set_cached(self, text: str, answer_start: int | None = None) -> None:
-        """The cache now holds the rendering `text`; the last answer begins at answer_start."""
-        self.cached_text, self._answer_start = text, answer_start
-
-    # ---- prefill ------------------------------------------------------------------
-    def prefill(self, ids, progress: Progress | None = None, stop: threading.Event | None = None) -> torch.Tensor:
-        """Read token ids (list or tensor [T]) into the cache, outside the conversation (the
-        conversation does not know of them: benchmarks and tests). -> last logits [V]."""
-        with self._changing():
-            def chunk_done(done: int, total: int) -> None:
-                self._publish()
-                if progress is not None:
-                    progress(done, total)
-            return prefill(self.adapter, self.cache, ids, self.chunk_size, progress=chunk_done, stop=stop)
-
-    def _sync(self, target: str, progress=None, stop=None) -> tuple[torch.Tensor | None, int]:
-        """Make the cache hold `target`; prefill only what is new. -> (logits, n_new)."""
-        keep = common_prefix(self.cached_text, target)
-        if keep < len(self.cached_text):
-            # The history differs. Inside the last answer the template may render it
-            # differently (whitespace it strips, reasoning it drops): tolerated. Else the cache
-            # is cut back to the last message end both share (a chat edited or regenerated),
-            # or rebuilt when it cannot be cut.
-            if self._answer_start is None or keep < self._answer_start or keep == len(target):
-                if not self._cut_back(keep, len(target)):
-                    return self._rebuild(target, progress, stop)
-                keep = len(self.cached_text)
-        new = target[keep:]
-        if not new:
-            return None, 0
-        ids = self.tokens(new)
-        self._before_reading(len(ids), progress, stop)
-        return self._atomic(ids, target, progress, stop), len(ids)
+    def _publish_now_and_then(self) -> None:
+        if time.monotonic() - self._published >= PUBLISH_S:
+            self._publish()
 
     def _note(self, text: str) -> None:
         self.notes.append(text)
         if self.on_note is not None:
             self.on_note(text)
 
-    def window_warning(self, n_new: int, answer: int | None = None) -> str:
-        return fit.window_warning(self, n_new, answer)
+    def _rendered(self) -> str:
+        """The conversation so far as the cache should hold it (a document leaves the user turn open)."""
+        msgs = self.conv.messages
+        return self.conv.render(self.tok, open_user=bool(msgs) and msgs[-1]["role"] == "document")
 
-    def _before_reading(self, n_new: int, progress=None, stop=None) -> None:
-        """Before n_new tokens are read: `auto` re-chooses, the window and memory are checked."""
-        fit.before_reading(self, n_new, progress, stop)
+    def reset_cache(self, spec: str | None = None) -> None:
+        """An empty cache under `spec` (default: the current policy). The conversation is
+        kept; its next turn reads it again."""
+        with self._changing():
+            self.kv.reset(spec)
 
-    @property
-    def answer_room(self) -> int:
-        return fit.answer_room(self)
+    def prefill(self, ids, progress: Progress | None = None, stop: threading.Event | None = None) -> torch.Tensor:
+        """Read token ids (list or tensor [T]) into the cache, outside the conversation (the
+        conversation does not know of them: benchmarks and tests). -> last logits [V]."""
+        with self._changing():
+            return self.kv.prefill(ids, progress, stop)
 
-    def _cut_back(self, keep: int, end: int) -> bool:
-        """Forget what the cache holds past the last message end at or before `keep` and
-        before `end` (the new text's last token must be read for its logits)."""
-        marks = [m for m in self._marks if m[0] <= keep and m[0] < end]
-        if not marks or not self.cache.truncate(marks[-1][1]):
-            return False
-        self._marks = marks
-        del self._ids[marks[-1][1]:]
-        self._set_cached(self.cached_text[:marks[-1][0]])
-        return True
-
-    def _atomic(self, ids, target, progress, stop):
-        """Prefill ids; on stop or out-of-memory put the cache back as it was."""
-        seen0, text0, ans0 = self.cache.seen, self.cached_text, self._answer_start
-        try:
-            logits = self.prefill(ids, progress, stop)
-        except BaseException as e:
-            if not self.cache.truncate(seen0):
-                self.reset_cache()
-            else:
-                self._set_cached(text0, ans0)
-            if is_oom(e):
-                free_cached(self.device)
-                raise VramchatError(
-                    f"out of memory while reading {len(ids):,} new tokens with policy `{self.policy}`; "
-                    "the conversation is intact (that input was not added). Try a smaller --chunk-size, "
-                    "`locret` or `kivi`.") from e
-            raise
-        self._set_cached(target)
-        self._marks.append((len(target), self.cache.seen))
-        self._ids.extend(int(i) for i in ids)
-        return logits
-
-    def _rebuild(self, target, progress=None, stop=None):
-        self.reset_cache()
-        ids = self.tokens(target)
-        self._before_reading(len(ids), progress, stop)
-        return self._atomic(ids, target, progress, stop), len(ids)
+    def sync(self, target: str, progress=None, stop=None) -> tuple[torch.Tensor | None, int]:
+        """Make the cache hold the rendering `target` (benchmarks: a turn's prompt alone).
+        -> (last logits or None, tokens read)."""
+        with self._changing():
+            return self.kv.sync(target, progress, stop)
 
     # ---- conversation -------------------------------------------------------------
-    def load_estimate(self, path: str) -> str:
-        """One line before a document is read: its tokens and what the policy will hold (the
-        estimate of `main.py plan`); "" where the file cannot be read (loading says why)."""
-        from app.plan import before_load
-        try:
-            return before_load(self, path)
-        except (VramchatError, SpecError):
-            return ""
-
     def load_document(self, path: str, progress=None, stop=None) -> DocumentInfo:
         with self._changing():
             text = documents.read_document(path)
@@ -249,25 +192,15 @@ class Runtime:
             msg = {"role": "document", "name": name, "content": text, "path": str(Path(path).resolve())}
             target = self.conv.render(self.tok, pending=[msg], open_user=True)
             t0 = time.perf_counter()
-            key, snap, note = None, None, ""
-            if self.doc_cache is not None:
-                sha = doc_cache.file_hash(path)
-                key = self.doc_cache.key(snapshot.identity(self.adapter), AUTO if self.auto else self.policy, sha,
-                                         target)
-                found = self.doc_cache.find(key)
-                snap, why = self._open_cache(found) if found is not None else (None, "")
-                note = f"document cache: {why}; read it again" if why else ""
-            _, n_new = self._sync(target, progress, stop)
-            n_new = int(snap.extra.get("doc_tokens", 0)) if snap is not None else n_new
+            n_new, restored, note = doc_cache.read_document(
+                self.doc_cache, self.kv, path, target, AUTO if self.auto else self.policy, self.save_cache,
+                progress, stop)
             if n_new == 0:
                 raise VramchatError(f"{path} adds no tokens to the conversation")
-            took = time.perf_counter() - t0
-            if key is not None and snap is None:
-                extra = {"name": name, "doc_tokens": n_new, "file_sha256": sha}
-                note = self.doc_cache.put(key, lambda p: self.save_cache(p, extra)) or note
             msg["tokens"] = n_new
             self.conv.messages.append(msg)
-            return DocumentInfo(name, str(path), len(text), n_new, took, from_cache=snap is not None, note=note)
+            return DocumentInfo(name, str(path), len(text), n_new, time.perf_counter() - t0, from_cache=restored,
+                                note=note)
 
     def ask(self, question: str, *, max_new_tokens: int = 1024, sampling: Sampling | None = None,
             on_token=None, progress=None, stop: threading.Event | None = None,
@@ -290,7 +223,7 @@ class Runtime:
     def complete(self, prompt: str, *, max_new_tokens: int = 1024, sampling: Sampling | None = None,
                  on_token=None, progress=None, stop: threading.Event | None = None) -> TurnResult:
         """Continue raw text, no chat template (a text-completions API). The conversation
-        becomes empty; the cache keeps what it shares with `prompt` up to a message end.
+        becomes empty; the cache keeps what it shares with `prompt` up to a read end.
         A tokenizer that begins every text with BOS gets it here too."""
         if not prompt:
             raise VramchatError("empty prompt")
@@ -298,8 +231,9 @@ class Runtime:
         if bos and not prompt.startswith(bos) and self.tok("a")["input_ids"][:1] == [self.tok.bos_token_id]:
             prompt = bos + prompt
         with self._changing():
-            # NOTE: no tolerance inside the last answer (`_sync`): raw text is read exactly as sent
-            self.conv, self._answer_start = Conversation(), None
+            # NOTE: no tolerance inside the last answer (`Held.keeps`): raw text is read exactly as sent
+            self.conv = Conversation()
+            self.kv.held.no_answer()
             res, g = self._answer(prompt, prompt, max_new_tokens, sampling, on_token, progress, stop,
                                   on_read=lambda: None)
             return self._checked(res, g)
@@ -312,30 +246,23 @@ class Runtime:
             raise VramchatError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
         sampling = sampling or Sampling()
         t0 = time.perf_counter()
-        logits, n_prompt = self._sync(target, progress, stop)
+        logits, n_prompt = self.kv.sync(target, progress, stop)
         if logits is None:
             raise VramchatError("nothing new to answer")
         t_prefill = time.perf_counter() - t0
         on_read()
-        self._answer_start = len(self.cached_text)
+        held = self.kv.held
+        held.begin_answer()
         gen = torch.Generator(device="cpu")
         if sampling.seed is not None:
             gen.manual_seed(sampling.seed)
         g = generate(self.adapter, self.cache, logits, self.tok, stop_ids=self.stop_ids,
                      max_new_tokens=max_new_tokens, sampling=sampling, gen=gen, on_token=on_token, stop=stop,
                      on_step=self._publish_now_and_then)
-        self.cached_text += self.tok.decode(g.ids, skip_special_tokens=False)
-        self._ids.extend(g.ids)
-        self._marks.append((len(self.cached_text), self.cache.seen))
-        n, t_end = len(g.ids), g.end_s
-        decode_s = (t_end - g.first_s) if g.first_s else 0.0
-        res = TurnResult(
-            question=question, answer=g.text, prompt_tokens=n_prompt, new_tokens=n,
-            ttft_s=(g.first_s or t_end) - t0, prefill_tok_s=n_prompt / t_prefill if t_prefill > 0 else 0.0,
-            decode_tok_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0, policy=self.policy,
-            stopped=g.finish in ("stopped", "oom"), finish=g.finish,
-            ffn_skip_ratio=self.cache.ffn.ratio() if self.cache.ffn is not None else None,
-            decode_mode=g.mode)
+        held.answered(self.tok.decode(g.ids, skip_special_tokens=False), g.ids, self.cache.seen)
+        ffn = self.cache.ffn.ratio() if self.cache.ffn is not None else None
+        res = TurnResult.from_generation(g, question=question, prompt_tokens=n_prompt, t0=t0, prefill_s=t_prefill,
+                                         policy=self.policy, ffn_skip_ratio=ffn)
         return res, g
 
     @staticmethod
@@ -345,10 +272,6 @@ class Runtime:
                                 "kept. Try `kivi` or a smaller budget.")
         return res
 
-    def _publish_now_and_then(self) -> None:
-        if time.monotonic() - self._published >= PUBLISH_S:
-            self._publish()
-
     def set_system(self, text: str | None) -> None:
         with self._changing():
             self.conv.system = text or None  # the next turn re-prefills if the prefix changed
@@ -356,7 +279,7 @@ class Runtime:
     def clear(self) -> None:
         with self._changing():
             self.conv = Conversation(system=self.conv.system)
-            self.reset_cache()
+            self.kv.reset()
 
     def set_conversation(self, system: str | None, messages: list[dict]) -> None:
         """Replace the conversation (user / assistant / document messages) but keep the
@@ -366,33 +289,14 @@ class Runtime:
             last = self.conv.messages[-1] if self.conv.messages else None
             given = messages[-1] if messages else None
             if last is None or last["role"] != "assistant" or given is None or given["content"] != last["content"]:
-                self._answer_start = None  # not our last answer as we gave it: no tolerance inside it
+                self.kv.held.no_answer()  # not our last answer as we gave it: no tolerance inside it
             self.conv = Conversation(system=system or None, messages=[dict(m) for m in messages])
 
     # ---- policies -----------------------------------------------------------------
     def set_policy(self, spec: str, progress=None, stop=None, reprefill: bool = False) -> ConversionResult:
         """Switch the KV policy (`auto`: let the runtime choose, now and as the conversation grows)."""
         with self._changing():
-            was, old = self.auto, self.policy
-            self.auto = spec == AUTO
-            try:
-                if self.auto:
-                    choice = auto.choose(self, self.cache.seen, self.answer_room)
-                    self.auto_choice, spec = choice, choice.spec
-                return self._convert(spec, progress, stop, reprefill)
-            except BaseException:
-                if self.cache is not None and self.cache.spec == old:  # nothing switched (no heads): as it was
-                    self.auto = was
-                raise
-
-    def _convert(self, spec: str, progress=None, stop=None, reprefill: bool = False) -> ConversionResult:
-        from .convert import switch
-        with self._changing():
-            return switch(self, spec, progress, stop, reprefill)
-
-    def _open_user(self) -> bool:
-        msgs = self.conv.messages
-        return bool(msgs) and msgs[-1]["role"] == "document"
+            return self.kv.set_policy(spec, progress, stop, reprefill)
 
     # ---- save / restore -----------------------------------------------------------
     def to_json(self) -> dict:
@@ -404,25 +308,23 @@ class Runtime:
         -> one line saying which, and why."""
         with self._changing():
             self.conv = Conversation.from_saved(data)
-            self.reset_cache()
-            target = self.conv.render(self.tok, open_user=self._open_user())
+            self.kv.reset()
+            target = self._rendered()
             if not target:
                 return "nothing to read"
             t0 = time.perf_counter()
-            snap, why = self._open_cache(cache_file) if cache_file is not None else (None, "")
+            snap, why = self.kv.open(cache_file, self.conv.messages) if cache_file is not None else (None, "")
             if snap is None:
-                self._sync(target, progress, stop)
+                self.kv.sync(target, progress, stop)
                 return f"re-read the conversation ({why})" if why else "re-read the conversation"
             # NOTE: what the cache lacks or holds otherwise (a chat template's end of the last
             # answer; an edited chat) is synced by the next turn, as the saved runtime would
             # have done it: the same chunks, the same evictions
-            self._answer_start = snapshot.answer_start(snap.held, self.conv.messages)
-            changed = "" if snapshot.covers(self.cached_text, self._answer_start, target) else (
+            changed = "" if self.kv.held.covers(target) else (
                 "; the conversation changed after it was saved: the next turn reads it from the change")
             return (f"restored its cache from {snap.path.name} ({snap.bytes / 2**20:,.1f} MiB, "
                     f"{self.cache.seen:,} tokens) in {time.perf_counter() - t0:.2f} s{changed}")
 
-    # ---- cache files (snapshot.py) ------------------------------------------------
     def save_cache(self, path, extra: dict | None = None) -> int:
         """Write the cache and the tokens it encodes to `path` (atomic, 0600), for `restore`
         and the document cache. -> bytes on disk. Raises snapshot.SnapshotError where the
@@ -430,21 +332,4 @@ class Runtime:
         with self._lock:
             last = self.conv.messages[-1] if self.conv.messages else None
             answer = last["content"] if last is not None and last["role"] == "assistant" else None
-            held = snapshot.Held(self.cached_text, self._answer_start, list(self._marks), list(self._ids), answer)
-            return snapshot.write(path, self.cache, held, self.adapter, extra)
-
-    def _open_cache(self, path):
-        """Hold the cache saved at `path` and the text it encodes (the next sync reads what
-        differs). -> (the snapshot, "") or (None, one line why not); a file that fails after
-        the old cache was dropped leaves an empty cache (the caller reads)."""
-        try:
-            snap = snapshot.read(path, self.adapter, None if self.auto else self.policy)
-            self.reset_cache()
-            self.cache = snap.build(self.adapter)
-        except snapshot.SnapshotError as e:
-            return None, str(e)
-        h = snap.held
-        self._set_cached(h.text, h.answer_start)
-        self._marks, self._ids = [tuple(m) for m in h.marks], list(h.ids)
-        return snap, ""
-
+            return self.kv.save(path, answer, extra)

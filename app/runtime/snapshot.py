@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +26,9 @@ import torch
 from policies import state as cache_state
 from policies.files import digest, model_key
 
-from .session import common_prefix
+from .files import atomic_write
+
+from .held import Held
 
 FORMAT = "vramchat-kv-1"
 SUFFIX = ".cache.safetensors"
@@ -36,17 +36,6 @@ SUFFIX = ".cache.safetensors"
 
 class SnapshotError(Exception):
     """A cache file that cannot be used; the message is one line: the file and why."""
-
-
-@dataclass
-class Held:
-    """What the runtime knows of the tokens in its cache."""
-
-    text: str  # the conversation's rendering the cache encodes
-    answer_start: int | None  # index in text where the last answer began
-    marks: list  # [(len(text), tokens)] where a message ended
-    ids: list  # the token ids the cache encodes, in order
-    answer: str | None = None  # the last answer as the conversation records it, if it ends with one
 
 
 @dataclass
@@ -117,19 +106,7 @@ def write(path, cache, held: Held, adapter, extra: dict | None = None) -> int:
           "held": json.dumps({"answer_start": held.answer_start, "marks": held.marks, "answer": held.answer}),
           "extra": json.dumps(extra or {})}
     path = Path(path)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=md)
-        os.chmod(tmp, 0o600)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=md))
     return path.stat().st_size
 
 
@@ -189,24 +166,6 @@ def read(path, adapter, spec: str | None) -> Snapshot:
     if ids_hash(ids) != meta.get("tokens_sha256") or str(len(ids)) != meta.get("tokens"):
         raise SnapshotError(f"{path.name}: its token log does not match its hash")
     return Snapshot(path, path.stat().st_size, meta, tensors, held)
-
-
-def answer_start(held: Held, messages: list) -> int | None:
-    """Where the last answer begins in held.text, if `messages` still end with that answer as
-    it was saved (the runtime then tolerates the template rendering it differently), else
-    None: an edited answer is cut back like any other edit."""
-    last = messages[-1] if messages else None
-    if last is None or last.get("role") != "assistant" or last.get("content") != held.answer:
-        return None
-    return held.answer_start
-
-
-def covers(text: str, start: int | None, target: str) -> bool:
-    """Whether a cache holding the rendering `text` (its last answer from `start`) continues
-    into `target` without cutting back, by the rule of the runtime's sync: text is a prefix
-    of target, or they part inside the last answer."""
-    n = common_prefix(text, target)
-    return n == len(text) or (start is not None and start <= n < len(target))
 
 
 def first_line(e: BaseException) -> str:

@@ -54,6 +54,19 @@ class TurnResult:
     def to_json(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_generation(cls, g, *, question: str, prompt_tokens: int, t0: float, prefill_s: float, policy: str,
+                        ffn_skip_ratio: Optional[float]) -> "TurnResult":
+        """The turn whose prompt was read from t0 (perf_counter) for prefill_s, then decoded
+        as `g` (decode.Generation): times to the first token, prefill and decode speeds."""
+        n, t_end = len(g.ids), g.end_s
+        decode_s = (t_end - g.first_s) if g.first_s else 0.0
+        return cls(question=question, answer=g.text, prompt_tokens=prompt_tokens, new_tokens=n,
+                   ttft_s=(g.first_s or t_end) - t0, prefill_tok_s=prompt_tokens / prefill_s if prefill_s > 0 else 0.0,
+                   decode_tok_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0, policy=policy,
+                   stopped=g.finish in ("stopped", "oom"), finish=g.finish, ffn_skip_ratio=ffn_skip_ratio,
+                   decode_mode=g.mode)
+
 
 @dataclass
 class ConversionResult:

@@ -6,12 +6,11 @@ written atomically (temp file + os.replace) so a crash mid-save never leaves hal
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import time
 from pathlib import Path
 
+from app.runtime.files import atomic_write_text
 from app.runtime.types import VramchatError
 
 
@@ -24,21 +23,6 @@ def safe_name(name: str) -> str:
     if name.endswith(".json"):
         name = name[:-5]
     return name or new_name()
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def to_markdown(data: dict) -> str:
@@ -80,8 +64,8 @@ def stats_line(stats: dict) -> str:
 def save(directory: Path, name: str, data: dict) -> Path:
     """Write NAME.json and NAME.md; returns the JSON path."""
     path = directory / f"{safe_name(name)}.json"
-    atomic_write(path, json.dumps(data, ensure_ascii=False, indent=1))
-    atomic_write(path.with_suffix(".md"), to_markdown(data))
+    atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=1))
+    atomic_write_text(path.with_suffix(".md"), to_markdown(data))
     return path
 
 
