@@ -16,13 +16,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from platformdirs import user_cache_dir, user_config_dir, user_data_dir
 
-APP = "vramchat"
-
-
-def trained_dir() -> Path:
-    """Where files made on this machine for a model live (retaining heads from `train-heads`,
-    under heads/MODEL_KEY/): the user data dir, or $VRAMCHAT_DATA_DIR (tests set it)."""
-    return Path(os.environ.get("VRAMCHAT_DATA_DIR") or user_data_dir(APP))
+from app.runtime.paths import APP
 
 
 class ConfigError(ValueError):

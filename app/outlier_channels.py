@@ -102,7 +102,7 @@ def run(args) -> int:
     command = "python main.py calibrate " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["calibrate"] else sys.argv[1:])
     out = args.out
     if out is None:
-        from app.config import trained_dir
+        from app.runtime.paths import trained_dir
         from policies.files import user_folder
         out = user_folder(trained_dir(), "channels", rt.adapter.info) / "channels.safetensors"
     path = save(out, stats.mean(), args.channels, model_key(rt.adapter.info), names, n_tok,

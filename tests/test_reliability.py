@@ -100,7 +100,7 @@ def test_oom_in_conversion_and_in_the_reread_keeps_the_conversation(tmp_path, mo
 
     def no_memory(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory")
-    monkeypatch.setattr(rt, "prefill", no_memory)
+    monkeypatch.setattr(rt.kv, "prefill", no_memory)  # the Reader reads for the runtime
     with pytest.raises(VramchatError) as e:
         rt.set_policy(KIVI)
     msg = str(e.value)

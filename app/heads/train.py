@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from app.config import trained_dir
+from app.runtime.paths import trained_dir
 from app.runtime.types import Stopped, VramchatError
 from policies.files import user_folder
 from policies.locret import RetainingHeads, model_key, save_heads

@@ -16,7 +16,7 @@ from contextvars import ContextVar
 import torch
 from transformers import AttentionInterface
 
-from app.config import trained_dir
+from .paths import trained_dir
 from policies import Chunk, KVCache, ModelInfo, SpecError, attention, parse_spec
 from policies.kernels import fused
 from policies.kernels.switch import Kernels
@@ -272,7 +272,7 @@ class Adapter:
         if capture_hidden is None:
             capture_hidden = cache.needs_hidden
         self._capture = chunk.hidden if capture_hidden else None
-        self._ffn = getattr(cache, "ffn", None)
+        self._ffn = cache.ffn
         if self._ffn is not None:
             if not self._ffn_ok:
                 raise SpecError(f"`{cache.slots['ffn'].name}` needs decoder layers with `mlp` and "

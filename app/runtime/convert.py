@@ -1,5 +1,5 @@
-"""Live conversion of one policy stack's cache into another's, without re-reading (`convert`),
-and the runtime's policy switch around it (`switch`: convert, else re-read the conversation).
+"""Live conversion of one policy stack's cache into another's, without re-reading (`convert`;
+the runtime's switch around it, which re-reads where this cannot convert: `Reader.switch`).
 
 Generic path, layer by layer: the old store's kept tokens come out at full precision
 (`dense`), go into the new store (`load`), and the bookkeeping (positions, scores,
@@ -45,43 +45,3 @@ def convert(old: KVCache, info: ModelInfo, spec: str):
 def _empty(info):
     import torch
     return torch.empty(0, dtype=torch.long, device=info.device)
-
-
-def switch(rt, spec: str, progress=None, stop=None, reprefill: bool = False):
-    """Switch `rt` (a Runtime, its lock held) to `spec`: convert its cache in place, or re-read
-    the conversation under `spec` where converting is impossible, ran out of memory or
-    `reprefill` asks for it. -> ConversionResult."""
-    from .decode import free_cached, is_oom
-    from .types import ConversionResult, Stopped, VramchatError
-    rt.adapter.check(spec)  # a live switch is refused where a fresh cache would be
-    old = rt.cache
-    before = sum(old.bytes_by_tier().values())
-    old_spec = old.spec
-    try:
-        new, lossy, note = (None, False, "") if reprefill else convert(old, rt.adapter.info, spec)
-    except BaseException as e:
-        if not is_oom(e):
-            if any(l is None for l in old.layers):  # convert freed some old layers: re-read next turn
-                rt.reset_cache(old_spec)
-            raise
-        new, note = None, "out of memory while converting"
-    if new is None:
-        target = rt.conv.render(rt.tok, open_user=rt._open_user())
-        rt.reset_cache(spec)
-        if target:
-            try:
-                rt._rebuild(target, progress, stop)
-            except (Stopped, VramchatError) as e:
-                raise VramchatError(f"switched to `{rt.policy}` but re-reading the conversation "
-                                    f"failed: {e}. It is re-read on the next question.") from e
-        after = sum(rt.cache.bytes_by_tier().values())
-        why = note or "this conversion needs the original tokens"
-        return ConversionResult(old_spec, rt.policy, before, after, True, False,
-                                f"re-read the conversation under `{rt.policy}` ({why})")
-    rt.cache = new
-    rt.cache.give_tokens(lambda: rt.tokens(rt.cached_text))
-    rt.cache.track_peak()
-    del old
-    free_cached(rt.device)
-    after = sum(rt.cache.bytes_by_tier().values())
-    return ConversionResult(old_spec, rt.policy, before, after, False, lossy, note)

