@@ -95,4 +95,4 @@ def test_document_then_questions_share_one_prefill():
     # The cache holds exactly the rendering of the conversation: doc + question merged
     # into one user message, as the template renders it from scratch.
     full = rt.conv.render(tok, pending=None)
-    assert rt.cached_text.startswith(full[: full.index("first?") + len("first?")])
+    assert rt.held.text.startswith(full[: full.index("first?") + len("first?")])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import offload  # noqa: F401  (registers offload)
 from app.runtime.adapter import Adapter
 from app.runtime.decode import Decoder
 from offload import labels, quotes as Q
@@ -302,7 +301,7 @@ def test_runtime_log_matches_the_conversation_and_survives_a_conversion(tmp_path
     assert not res.reprefilled and rt.cache.layers[0].spill.n > 0  # evicted into the host tier
     log = rt.cache.layers[0].spill.quotes
     assert log is not None and log.n == rt.cache.seen  # taken from the conversation's text
-    assert log.ids[: log.n].tolist() == rt.tokens(rt.cached_text)
+    assert log.ids[: log.n].tolist() == rt.tokens(rt.held.text)
     words = doc.read_text().split()
     question = "Repeat: " + " ".join(words[100:112])
     rt.sync(rt.conv.render(rt.tok, pending=[{"role": "user", "content": question}]))  # the prefill alone
@@ -311,7 +310,7 @@ def test_runtime_log_matches_the_conversation_and_survives_a_conversion(tmp_path
     assert log.spans  # each span opens 16 tokens before a run of the question found in the document
     assert all(tuple(log.ids[a + 16:a + 16 + Q.NGRAM].tolist()) in runs and b - a == 32 for a, b in log.spans)
     n0 = log.n
-    assert n0 == rt.cache.seen and log.ids[:n0].tolist() == rt.tokens(rt.cached_text)  # the question's turn too
+    assert n0 == rt.cache.seen and log.ids[:n0].tolist() == rt.tokens(rt.held.text)  # the question's turn too
     with Decoder(rt.adapter, rt.cache) as dec:
         for t in (41, 42, 43):
             dec.step(t)

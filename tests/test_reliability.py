@@ -88,7 +88,7 @@ def test_oom_midway_through_conversion_rereads_under_the_new_policy(tmp_path, mo
     # the cache now holds exactly what a fresh runtime under the new policy reads from the file
     other = _runtime(KIVI)
     other.restore({"messages": msgs})
-    assert rt.cached_text == other.cached_text
+    assert rt.held.text == other.held.text
     a, b = rt.ask("and then?", max_new_tokens=6), other.ask("and then?", max_new_tokens=6)
     assert a.answer == b.answer and a.policy == KIVI and a.prompt_tokens == b.prompt_tokens
 
@@ -107,7 +107,7 @@ def test_oom_in_conversion_and_in_the_reread_keeps_the_conversation(tmp_path, mo
     assert msg.startswith(f"switched to `{KIVI}` but re-reading the conversation failed: out of memory")
     assert msg.endswith("It is re-read on the next question.")
     assert rt.policy == KIVI and rt.messages == msgs
-    assert rt.cache.seen == 0 and rt.cached_text == ""
+    assert rt.cache.seen == 0 and rt.held.text == ""
     monkeypatch.undo()
     res = rt.ask("still there?", max_new_tokens=3)  # usable: the whole conversation is re-read
     assert res.policy == KIVI

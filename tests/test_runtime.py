@@ -26,7 +26,7 @@ def doc(tmp_path):
 
 
 def _state(rt):
-    return rt.cached_text, rt.cache.seen, rt.cache.length, [dict(m) for m in rt.messages]
+    return rt.held.text, rt.cache.seen, rt.cache.length, [dict(m) for m in rt.messages]
 
 
 def test_stop_mid_prefill_rolls_back(rt, doc):
@@ -133,9 +133,9 @@ def test_system_change_rebuilds_from_scratch(rt):
     rt.set_system("Be brief.")
     res = rt.ask("two", max_new_tokens=2)
     # history is re-read once because the prefix changed; the cache holds the new rendering
-    assert fed[: res.prompt_tokens] == rt.tokens(rt.conv.render(rt.tok)[: len(rt.cached_text)])[: res.prompt_tokens]
+    assert fed[: res.prompt_tokens] == rt.tokens(rt.conv.render(rt.tok)[: len(rt.held.text)])[: res.prompt_tokens]
     assert rt.cache.seen == res.prompt_tokens + res.new_tokens
-    assert rt.cached_text.startswith("<|im_start|>system\nBe brief.")
+    assert rt.held.text.startswith("<|im_start|>system\nBe brief.")
 
 
 def test_clear_frees_cache(rt, doc):
@@ -149,12 +149,12 @@ def test_save_and_restore_round_trip(rt, doc, tmp_path):
     rt.load_document(doc)
     rt.ask("q1", max_new_tokens=4)
     data = json.loads(json.dumps(rt.to_json()))
-    text, seen = rt.cached_text, rt.cache.seen
+    text, seen = rt.held.text, rt.cache.seen
     model, tok = tiny_pair(7)
     other = Runtime.from_model(model, tok, chunk_size=64)
     other.restore(data)
     assert other.messages == rt.messages
-    assert other.cached_text == rt.conv.render(tok) and other.cached_text.startswith(text)
+    assert other.held.text == rt.conv.render(tok) and other.held.text.startswith(text)
     # both now hold the same tokens once the next question is read: same greedy answer
     assert other.ask("q2", max_new_tokens=6).answer == rt.ask("q2", max_new_tokens=6).answer
     assert other.cache.seen == rt.cache.seen > seen

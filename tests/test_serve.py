@@ -96,7 +96,7 @@ def test_an_answer_the_client_changed_is_read_as_sent(served, rt):
     edited = HELLO + [{"role": "assistant", "content": "Foxes are red."}, {"role": "user", "content": "More?"}]
     r2 = c.chat.completions.create(model="tiny", messages=edited, max_tokens=4, temperature=0)
     assert r2.usage.prompt_tokens_details.cached_tokens == r1.usage.prompt_tokens  # cut back before the answer
-    assert "Foxes are red.<|im_end|>" in rt.cached_text and r1.choices[0].message.content not in rt.cached_text
+    assert "Foxes are red.<|im_end|>" in rt.held.text and r1.choices[0].message.content not in rt.held.text
 
 
 BAD = [

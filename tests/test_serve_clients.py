@@ -125,7 +125,7 @@ def test_final_assistant_message_is_continued(served):
     r = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0)
     text = r.choices[0].message.content
     opened = rt.tok.apply_chat_template(HELLO, tokenize=False, add_generation_prompt=True) + "Foxes are"
-    assert rt.cached_text.startswith(opened + text) and text == serving.last.result.answer
+    assert rt.held.text.startswith(opened + text) and text == serving.last.result.answer
     assert r.usage.prompt_tokens == len(rt.tokens(opened))  # the trailing space dropped, as transformers does
     # the same text as a raw completion: the same tokens read, so the same greedy answer
     raw = c.completions.create(model="tiny", prompt=opened, max_tokens=8, temperature=0)
@@ -144,7 +144,7 @@ def test_text_completions(served):
     assert r.object == "text_completion" and r.id.startswith("cmpl-")
     assert r.choices[0].text == serving.last.result.answer and r.choices[0].finish_reason in ("stop", "length")
     assert r.usage.prompt_tokens == len(serving.rt.tokens("Once upon a time"))  # read as-is, no template
-    assert serving.rt.cached_text.startswith("Once upon a time") and serving.rt.messages == []
+    assert serving.rt.held.text.startswith("Once upon a time") and serving.rt.messages == []
     chunks = list(c.completions.create(model="tiny", prompt=["Once upon a time"], max_tokens=6, temperature=0,
                                        stream=True, stream_options={"include_usage": True}))
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == r.choices[0].text

@@ -150,7 +150,7 @@ def _refused(live: Runtime, path, spec: str, seed: int = 0, check: bool = False)
     data = live.to_json()
     how = rt.restore(data, cache_file=path)
     assert how.startswith("re-read the conversation (") and "\n" not in how, how
-    assert rt.messages == live.messages and rt.cache.seen == len(rt.held.ids) == len(rt.tokens(rt.cached_text)) > 0
+    assert rt.messages == live.messages and rt.cache.seen == len(rt.held.ids) == len(rt.tokens(rt.held.text)) > 0
     if check:
         ref = _rt(spec, seed)
         ref.restore(data)

@@ -26,7 +26,7 @@ from .fit import Fit
 from .held import Held
 from .reader import Reader
 from .sampling import stop_token_ids
-from .session import Conversation
+from .session import Conversation, with_bos
 from .types import (CacheState, ContextInfo, ConversionResult, DocumentInfo, MemoryReport, Progress, Sampling,
                     TurnResult, VramchatError)
 
@@ -83,10 +83,6 @@ class Runtime:
     def held(self) -> Held:
         """What the cache encodes: text, token ids, read ends (read it, never change it)."""
         return self.kv.held
-
-    @property
-    def cached_text(self) -> str:
-        return self.kv.held.text
 
     @property
     def auto(self) -> bool:
@@ -227,9 +223,7 @@ class Runtime:
         A tokenizer that begins every text with BOS gets it here too."""
         if not prompt:
             raise VramchatError("empty prompt")
-        bos = self.tok.bos_token
-        if bos and not prompt.startswith(bos) and self.tok("a")["input_ids"][:1] == [self.tok.bos_token_id]:
-            prompt = bos + prompt
+        prompt = with_bos(self.tok, prompt)
         with self._changing():
             # NOTE: no tolerance inside the last answer (`Held.keeps`): raw text is read exactly as sent
             self.conv = Conversation()
@@ -312,18 +306,7 @@ class Runtime:
             target = self._rendered()
             if not target:
                 return "nothing to read"
-            t0 = time.perf_counter()
-            snap, why = self.kv.open(cache_file, self.conv.messages) if cache_file is not None else (None, "")
-            if snap is None:
-                self.kv.sync(target, progress, stop)
-                return f"re-read the conversation ({why})" if why else "re-read the conversation"
-            # NOTE: what the cache lacks or holds otherwise (a chat template's end of the last
-            # answer; an edited chat) is synced by the next turn, as the saved runtime would
-            # have done it: the same chunks, the same evictions
-            changed = "" if self.kv.held.covers(target) else (
-                "; the conversation changed after it was saved: the next turn reads it from the change")
-            return (f"restored its cache from {snap.path.name} ({snap.bytes / 2**20:,.1f} MiB, "
-                    f"{self.cache.seen:,} tokens) in {time.perf_counter() - t0:.2f} s{changed}")
+            return self.kv.restore(target, cache_file, self.conv.messages, progress, stop)
 
     def save_cache(self, path, extra: dict | None = None) -> int:
         """Write the cache and the tokens it encodes to `path` (atomic, 0600), for `restore`

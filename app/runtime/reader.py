@@ -16,6 +16,7 @@ down through `_prepare` -> `switch` -> `_read_anew(choose=False)`.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Callable
 
 import torch
@@ -187,6 +188,22 @@ class Reader:
             return None, str(e)
         self.held.replace(snap.held, messages)
         return snap, ""
+
+    def restore(self, target: str, cache_file, messages: list, progress=None, stop=None) -> str:
+        """Hold `target` (a saved conversation's rendering; the cache is empty): from `cache_file`
+        where it fits, else read. -> one line saying which, and why."""
+        t0 = time.perf_counter()
+        snap, why = self.open(cache_file, messages) if cache_file is not None else (None, "")
+        if snap is None:
+            self.sync(target, progress, stop)
+            return f"re-read the conversation ({why})" if why else "re-read the conversation"
+        # NOTE: what the cache lacks or holds otherwise (a chat template's end of the last
+        # answer; an edited chat) is synced by the next turn, as the saved runtime would
+        # have done it: the same chunks, the same evictions
+        changed = "" if self.held.covers(target) else (
+            "; the conversation changed after it was saved: the next turn reads it from the change")
+        return (f"restored its cache from {snap.path.name} ({snap.bytes / 2**20:,.1f} MiB, "
+                f"{self.cache.seen:,} tokens) in {time.perf_counter() - t0:.2f} s{changed}")
 
     def save(self, path, answer: str | None, extra: dict | None = None) -> int:
         """Write the cache and its record to `path` (snapshot.py). -> bytes on disk."""

@@ -1,6 +1,6 @@
 """The conversation as the model's chat template renders it, incrementally.
 
-The cache holds the rendering of the conversation so far (`cached_text`). Each new
+The cache holds the rendering of the conversation so far (`Held.text`, held.py). Each new
 message is rendered as part of the whole conversation and only the part past the
 longest common prefix is prefilled, so history is never re-read. Documents are user
 content: consecutive documents and the question after them merge into one user
@@ -97,3 +97,11 @@ def common_prefix(a: str, b: str) -> int:
         else:
             hi = mid - 1
     return lo
+
+
+def with_bos(tok, prompt: str) -> str:
+    """Raw text as a tokenizer that begins every text with BOS would read it: BOS first."""
+    bos = tok.bos_token
+    if bos and not prompt.startswith(bos) and tok("a")["input_ids"][:1] == [tok.bos_token_id]:
+        return bos + prompt
+    return prompt
