@@ -5,25 +5,24 @@ metadata alone (config.json, a GGUF header, a hub-cache entry): no weights are r
   at each `--weights` choice (4/8-bit: the decoder's Linear weights quantized as
   bitsandbytes stores them, everything else in bf16).
 - KV: the policy's own cache built on `meta` (the runtime's ModelInfo, from an Adapter over
-  the meta model) and replayed through a prefill of the context and an answer: tokens held
-  follow the selector's own chunk plan (`plan`), `budget` and final-chunk rule; bytes are
-  the store's own growing buffers (`reserve` on meta tensors: exact, no memory) or its
-  declared `token_bytes()`, plus the selector's per-token index and scores.
+  the meta model) through a prefill of the context and an answer: tokens held follow the
+  runtime's own rule (`policies.capacity`: the selector's chunk plan, `budget` and
+  final-chunk rule); bytes are the buffers that rule grows (full precision, host), an
+  explicit store's own code replayed on the CPU, plus the selector's per-token index and
+  scores.
 - Peak: weights + KV at its peak + one prefill chunk's activations (+ attention scores on a
   CPU, which has no flash attention).
 """
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import math
 from pathlib import Path
 
 import torch
 
 import offload  # noqa: F401  (registers its policies)
 from app.runtime.types import VramchatError
-from policies import KVCache
+from policies import KVCache, capacity
 
 CHOICES = ("fp32", "bf16", "fp16", "8bit", "4bit")
 _ELT = {"fp32": 4, "bf16": 2, "fp16": 2, "8bit": 2, "4bit": 2}  # bytes of what is not quantized
@@ -123,6 +122,12 @@ def describe(model: str | None = None, trust_remote_code: bool = False) -> Model
     return _model(hf, ad.info, model_id, ad.refused)
 
 
+def model_of(rt) -> Model:
+    """The Model of a loaded runtime `rt` (its own ModelInfo and refusals), as `describe`
+    makes one from metadata."""
+    return _model(rt.adapter.model, rt.adapter.info, rt.model_id, rt.adapter.refused)
+
+
 def _model(hf, info, model_id: str, refused: dict) -> Model:
     """Parameter counts of `hf` (on meta, or loaded) and its ModelInfo moved to meta."""
     linear = sum(m.weight.numel() for name, m in hf.named_modules()
@@ -155,7 +160,7 @@ _RATES: dict = {}
 
 def _replay(pol, info, plan: list[int], budget: int | None, answer: int) -> tuple[int, int]:
     """(peak, end) bytes of one layer's store of `pol` through a prefill in `plan`'s chunks
-    (kept to `budget` after each non-final one), then `answer` decode tokens: the store's own
+    (evicted to what `capacity.read` keeps of `budget`), then `answer` decode tokens: the store's own
     code on random K/V on the CPU with one KV head (its bytes scale with the heads), so a
     quantized store's groups, full-precision window, pending chunk and buffer growth all
     count as they will."""
@@ -174,11 +179,11 @@ def _replay(pol, info, plan: list[int], budget: int | None, answer: int) -> tupl
 
     peak = 0
     with torch.inference_mode():
-        for i, t in enumerate(plan):
+        for t, (_, kept) in zip(plan, capacity.read(budget, plan)):
             store.append(*kv(t))
             peak = max(peak, size())
-            if budget is not None and i < len(plan) - 1 and store.length > budget:
-                idx = torch.arange(store.length - budget, store.length)[None]
+            if store.length > kept:
+                idx = torch.arange(store.length - kept, store.length)[None]
                 store.compact(idx, torch.zeros_like(idx))
         for _ in range(answer):
             store.append(*kv(1))
@@ -190,14 +195,9 @@ def _steady(plan: list[int], budget: int | None) -> list[int]:
     """`plan` less the chunks that repeat a state: once a selector evicts, every further
     non-final chunk takes the store from `budget` tokens to `budget + chunk` and back, so
     two such cycles stand for all of them (a 128K prefill replays in seconds, not minutes)."""
-    if budget is None:
-        return plan
-    held = 0
-    for i, t in enumerate(plan[:-1]):
-        held += t
-        if held > budget:
-            return plan[: i + 3] + plan[-1:] if i + 3 < len(plan) - 1 else plan
-    return plan
+    steps = capacity.read(budget, plan)
+    first = next((i for i, (appended, kept) in enumerate(steps[:-1]) if kept < appended), None)
+    return plan[: first + 3] + plan[-1:] if first is not None and first + 3 < len(plan) - 1 else plan
 
 
 def _rates(pol, info) -> tuple[float, float, float]:
@@ -217,23 +217,18 @@ def _layer_bytes(layer, info, n: int, chunk: int, answer: int, spill_opts: dict,
                  exact: bool = True, device: str = "cuda") -> dict:
     """One layer's KV at its peak while reading n tokens then answering `answer`, and after
     the answer. -> {"gpu", "host", "gpu_end", "host_end", "held"} (held: tokens per KV head
-    at the end). The default store's buffers grow on meta tensors through its own `reserve`
-    (exact, no memory); an explicit store (a spec's `store` slot) is replayed (`_replay`)."""
+    at the end). Tokens held follow `policies.capacity`; the default and host stores' buffers
+    grow by its rule; an explicit store (a spec's `store` slot) is replayed (`_replay`)."""
     sel, store = layer.selector, layer.store
-    size = sel.chunk or chunk
-    plan = sel.plan(n, size) if n else []
-    budget = sel.budget if sel.evicts else None
-    held = peak = 0
+    plan = capacity.chunks(sel, n, chunk)
+    budget = sel.budget
+    trace = capacity.lengths(sel, n, chunk, 0, answer)  # tokens per KV head at every step
+    peak, end = max(trace), trace[-1]
     spilled = [0]  # tokens evicted so far, after each eviction
-    for i, t in enumerate(plan):  # the EvictingSelector contract (policies/slots.py)
-        held += t
-        peak = max(peak, held)
-        if budget is not None and i < len(plan) - 1 and held > budget:
-            spilled.append(spilled[-1] + held - budget)
-            held = budget
+    for before, after in zip(trace, trace[1:]):
+        if after < before:
+            spilled.append(spilled[-1] + before - after)
     evicted = spilled[-1] > 0
-    end = held + answer
-    peak = max(peak, end)
     # per token and KV head: its conversation index once anything was evicted, and its score
     meta_bytes = info.n_kv_heads * ((8 if evicted else 0) + (4 if sel.needs_scores or sel.reads_attention else 0))
     per_token = store.token_bytes()
@@ -248,21 +243,11 @@ def _layer_bytes(layer, info, n: int, chunk: int, answer: int, spill_opts: dict,
             kv = peak * rate + fixed + transient * max(plan, default=0)
             kv_end = end * rate + fixed
     else:
-        # NOTE: a host-tier store pins real host memory in reserve(): its growth (the same
-        # rule and block, offload/host.py) is replayed on a default store over meta tensors
-        from policies.full import FullStore
-        buf = store if store.tier == "gpu" else FullStore(dataclasses.replace(info, n_layers=1, resources={}))
-        if store.reserve_ahead:  # KVCache.expect reserves the projected length plus an answer up front
-            ahead = inspect.signature(KVCache.expect).parameters["answer"].default
-            buf.reserve(min(n + ahead, budget + size + sel.local) if budget is not None else n + ahead)
-        cap, at = sum(buf.nbytes().values()), 0
-        for i, t in enumerate([*plan, *([1] * answer)]):
-            at += t
-            buf.reserve(at)
-            cap = max(cap, sum(buf.nbytes().values()))
-            if budget is not None and i < len(plan) - 1:
-                at = min(at, budget)
-        kv = kv_end = max(cap, math.ceil(peak * per_token))  # buffers keep their room
+        # NOTE: the default store (policies/full.py) and the host store (offload/host.py) grow
+        # buffers of `BLOCK` rows by `capacity.grown` and keep the room they took; one that
+        # reserves ahead first takes what KVCache.expect projects
+        ahead = [max(capacity.lengths(sel, n, chunk, 0, capacity.ANSWER))] if store.reserve_ahead else []
+        kv = kv_end = capacity.reserved([*ahead, *trace], store.BLOCK) * per_token
     kv += peak * meta_bytes
     kv_end += end * meta_bytes
     out = {"gpu": 0, "host": 0, "gpu_end": 0, "host_end": 0, "held": end}
@@ -279,16 +264,10 @@ def _layer_bytes(layer, info, n: int, chunk: int, answer: int, spill_opts: dict,
 def _spill(opts: dict, info, spilled: list[int], out: dict) -> None:
     """offload behind a selector: the evicted tokens' K/V and conversation index on the host,
     their labels (`channels` per KV head, as the spill's LabelCache stores them; none with
-    rank=off) and the recall buffer on the device.
-    NOTE: the spill's host rows grow by the rule and block of the default store's buffers
-    (offload/spill.py `_reserve`), replayed here through FullStore.reserve on meta tensors;
-    the spill itself copies to the host, so it cannot be replayed on meta."""
-    from policies.full import FullStore
-    elt = torch.empty(0, dtype=info.dtype).element_size()
-    probe = FullStore(dataclasses.replace(info, n_kv_heads=1, head_dim=1, n_layers=1, resources={}))
-    for n in spilled:
-        probe.reserve(n)
-    cap = sum(probe.nbytes().values()) // (2 * elt)
+    rank=off) and the recall buffer on the device. The spill's host rows grow by
+    `capacity.grown` as each eviction arrives (offload/spill.py `_reserve`)."""
+    from offload.spill import OffloadSpill
+    cap = capacity.reserved(spilled, OffloadSpill.BLOCK)
     host = cap * (info.kv_bytes_per_token() + 8 * info.n_kv_heads)
     gpu = opts["recall"] * info.kv_bytes_per_token() if cap else 0
     if opts["rank"]:  # rank=off keeps no labels

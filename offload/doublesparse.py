@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from policies import capacity
 from policies.attention import attend
 from policies.slots import Reader
 
@@ -52,7 +53,7 @@ class DoubleSparseReader(Reader):
         """lab [Hkv, T, r] for the tokens the store appends next."""
         end = self.n + lab.shape[1]
         if end > self.labels.capacity:
-            cap = -(-max(end, self.labels.capacity * 9 // 8) // self.BLOCK) * self.BLOCK
+            cap = capacity.grown(self.labels.capacity, end, self.BLOCK)
             self.labels.grow(cap, self.n)
         self.labels.write(self.n, lab)
         self.n = end

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from policies import capacity
 from policies.attention import attend
 from policies.base import FullStore
 
@@ -84,7 +85,7 @@ class Streamer:
         n, slot = st.length, layer % 2
         buf = self.bufs[slot]
         if buf is None or buf[0].shape[1] < n:
-            cap = -(-max(n, 1) // FullStore.BLOCK) * FullStore.BLOCK
+            cap = capacity.blocks(max(n, 1), FullStore.BLOCK)
             shape = (st.k.shape[0], cap, st.k.shape[2])
             buf = tuple(torch.empty(shape, dtype=st.k.dtype, device=self.info.device) for _ in range(2))
             self.bufs[slot] = buf
@@ -140,7 +141,7 @@ class HostStore(FullStore):
             return
         if self.cuda:
             torch.cuda.current_stream(self.info.device).synchronize()  # host rows still in flight
-        cap = -(-max(n, self.k.shape[1] + self.k.shape[1] // 8) // self.BLOCK) * self.BLOCK
+        cap = capacity.grown(self.k.shape[1], n, self.BLOCK)
         for name in ("k", "v"):
             old = getattr(self, name)
             new = host_empty((old.shape[0], cap, old.shape[2]), old.dtype, self.cuda)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from policies import rope
+from policies import capacity, rope
 from policies.evict import max_pool
 from policies.slots import Spill
 
@@ -126,7 +126,7 @@ class OffloadSpill(Spill):
     def _reserve(self, n: int) -> None:
         if n <= self.hk.shape[1]:
             return
-        cap = -(-max(n, self.hk.shape[1] + self.hk.shape[1] // 8) // self.BLOCK) * self.BLOCK
+        cap = capacity.grown(self.hk.shape[1], n, self.BLOCK)
         for name in ("hk", "hv"):
             old = getattr(self, name)
             new = host_empty((old.shape[0], cap, old.shape[2]), old.dtype, self.cuda)

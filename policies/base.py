@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from . import static
+from . import capacity, static
 from .full import FullStore, KeepAll  # noqa: F401  (the default store and selector)
 from .kernels.switch import Kernels
 from .registry import Policy, REGISTRY, SpecError, parse_spec, spec_of
@@ -335,19 +335,17 @@ class KVCache:
             out[tier] += n
         return out
 
-    def projected_length(self, n_new: int, chunk: int) -> int:
-        """Largest retained length (tokens per KV head) while reading n_new more tokens."""
-        sel = self.layers[0].selector
-        if sel.budget is None:
-            return self.length + n_new
-        return min(self.length + n_new, sel.budget + chunk + sel.local)
+    def projected_length(self, n_new: int, chunk: int, answer: int = 0) -> int:
+        """Largest retained length (tokens per KV head) while reading n_new more tokens in
+        chunks of `chunk` (a selector's own chunk size wins), then decoding `answer`."""
+        return max(capacity.lengths(self.layers[0].selector, n_new, chunk, self.length, answer))
 
-    def expect(self, n_new: int, chunk: int, answer: int = 1024) -> None:
+    def expect(self, n_new: int, chunk: int, answer: int = capacity.ANSWER) -> None:
         """Reading n_new more tokens, then an answer: stores that grow expensively
         (`reserve_ahead`: pinned host memory, where growing by an eighth at a time re-pins
         and re-copies ~9x the final size, and one growth at 128K stalls a token for
-        seconds) take the projected length plus `answer` tokens at once."""
-        need = self.projected_length(n_new + answer, chunk)
+        seconds) take the projected length with `answer` tokens at once."""
+        need = self.projected_length(n_new, chunk, answer)
         for l in self.layers:
             if l.store.reserve_ahead:
                 l.store.reserve(need)

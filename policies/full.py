@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from . import rope
+from . import capacity, rope
 from .attention import attend
 from .kernels import window_attn
 from .registry import register
@@ -33,7 +33,7 @@ class FullStore(Store):
     def reserve(self, n: int) -> None:
         if n <= self.k.shape[1]:
             return
-        cap = -(-max(n, self.k.shape[1] + self.k.shape[1] // 8) // self.BLOCK) * self.BLOCK
+        cap = capacity.grown(self.k.shape[1], n, self.BLOCK)
         for name in ("k", "v"):
             old = getattr(self, name)
             new = old.new_empty(old.shape[0], cap, old.shape[2])
@@ -98,7 +98,7 @@ class FullStore(Store):
         if self.k.shape[1] > 2 * b + self.BLOCK:
             # Give memory back when eviction leaves the buffer mostly empty (a layer that
             # just became a streaming layer); steady eviction (budget + chunk) keeps its buffer.
-            cap = -(-(b + b // 8 + 1) // self.BLOCK) * self.BLOCK
+            cap = capacity.blocks(capacity.padded(b) + 1, self.BLOCK)
             self.k, self.v = self.k.new_empty(self.k.shape[0], cap, self.k.shape[2]), self.v.new_empty(
                 self.v.shape[0], cap, self.v.shape[2])
         self.k[:, :b] = rope.rotate(k, delta, self.info.inv_freq)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from . import rope
+from . import capacity, rope
 from .base import ModelInfo
 from .kernels import kivi_attn, kivi_cpu
 from .kernels.pack import dequantize_keys, dequantize_values, per_word, quantize_keys, quantize_values
@@ -46,11 +46,11 @@ from .slots import Store
 
 
 def _grow(t: torch.Tensor, rows: int, keep: int, block: int, limit: int | None = None) -> torch.Tensor:
-    """t [H, cap, X] with capacity >= rows on dim 1, first `keep` rows kept. Grows by at
-    least 1/8 in whole blocks (so appends amortize), never past `limit` (>= rows)."""
+    """t [H, cap, X] with capacity >= rows on dim 1, first `keep` rows kept. Grows as every
+    buffer does (`capacity.grown`), never past `limit` (>= rows)."""
     if rows <= t.shape[1]:
         return t
-    cap = -(-max(rows, t.shape[1] + t.shape[1] // 8) // block) * block
+    cap = capacity.grown(t.shape[1], rows, block)
     cap = cap if limit is None else max(rows, min(cap, limit))
     new = t.new_empty(t.shape[0], cap, t.shape[2])
     new[:, :keep] = t[:, :keep]

@@ -90,7 +90,7 @@ def choose(rt, tokens: int, answer: int = 1024, heads: bool | None = None,
     (default: what this process could use now, `room`)."""
     from app import estimate
     heads = has_heads(rt.adapter.info) if heads is None else heads
-    m = estimate._model(rt.adapter.model, rt.adapter.info, rt.model_id, rt.adapter.refused)
+    m = estimate.model_of(rt)
     weights = rt.weights if rt.weights in estimate.CHOICES else "fp32"
     return choose_for(m, tokens, answer, heads=heads, memory=memory if memory is not None else room(rt),
                       weights=weights, device=rt.device.type, chunk=rt.chunk_size)
