@@ -248,6 +248,8 @@ def cmd_ask(args) -> int:
             "weights": rt.weights,
             "documents": docs, "resumed": resumed, "context_tokens": rt.context().read,
             "retained_tokens": rt.context().retained,
+            # where every token read sits: [{document, start, end, tier, kept_share, shares}] (app/runtime/cache_map.py)
+            "cache_map": cmap.to_json() if (cmap := rt.snapshot().cache_map) is not None else None,
             "answers": [{k: v for k, v in a.to_json().items()} for a in answers],
             "memory": {"kv_bytes": {"gpu": mem.kv_total("gpu"), "host": mem.kv_total("host")},
                        "kv_bytes_by_kind": mem.kv, "kv_peak_bytes": mem.kv_peak_bytes,

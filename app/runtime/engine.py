@@ -145,7 +145,7 @@ class Runtime:
         cache = self.cache
         if cache is None or any(layer is None for layer in cache.layers):
             return
-        self._state = memory.cache_state(cache, self.context())
+        self._state = memory.cache_state(cache, self.context(), self.held, self.conv.messages, self.tok, self._state)
         self._published = time.monotonic()
 
     def _publish_now_and_then(self) -> None:

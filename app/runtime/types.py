@@ -50,6 +50,9 @@ class TurnResult:
     finish: str = "stop"  # "stop" (EOS / stop token), "length", "stopped"
     ffn_skip_ratio: Optional[float] = None
     decode_mode: str = "eager"  # "cuda graph", "fixed shapes" or "eager (why)": app/runtime/decode.py
+    sources: list = field(default_factory=list)  # [{document, page, line, text, weight, tier}] (evidence.py)
+    sources_note: str = ""  # where what answers it may have been evicted
+    sources_s: float = 0.0  # seconds spent finding the sources, after decoding
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -97,6 +100,8 @@ class CacheState:
     peak: int = 0  # the cache's peak bytes, all tiers
     layers: tuple = ()  # KV bytes per decoder layer, all tiers
     context: ContextInfo = ContextInfo(0, 0, 0)
+    cache_map: object = None  # a cache_map.CacheMap: where each token read sits now (None: not known)
+    timeline: object = None  # a memory.Timeline: KV bytes by tier since the runtime started (None: none kept)
 
     def kv_by_tier(self) -> dict:
         """{"gpu": {kind: bytes}, "host": {kind: bytes}} (a fresh dict)."""

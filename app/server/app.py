@@ -116,8 +116,10 @@ def make_app(serving: Serving, api_key: str | None = None, max_body: int = MAX_B
         rt = serving.rt
 
         def snapshot():
+            cmap = rt.snapshot().cache_map
             return {"object": "vramchat.memory", "model": rt.model_id, "policy": rt.policy, "auto": rt.auto,
                     "memory": asdict(rt.memory()), "context": asdict(rt.context()),
+                    "cache_map": cmap.to_json() if cmap is not None else [],
                     "queue": {"running": serving.running is not None, "waiting": serving.waiting(),
                               "max": serving.max_queue}}
         try:
