@@ -31,6 +31,9 @@ def _vramchat_attention(module, query, key, value, attention_mask, scaling=None,
         raise RuntimeError("vramchat attention called without a cache (use Adapter.forward)")
     chunk: Chunk = kwargs["vram_chunk"]
     layer = cache.layers[module.layer_idx]
+    rec = RECORDER.get()
+    if rec is not None:  # the queries an answer's sources are computed from (evidence.py)
+        rec.see(layer, query[0], chunk)
     # a sliding window (Mistral, Phi-3, Gemma's local layers) and logit soft-capping (Gemma 2)
     # come as the layer's own arguments; query pre-scaling comes as `scaling`
     window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
@@ -104,6 +107,19 @@ AttentionInterface.register(ATTN_NAME, _vramchat_attention)
 # switchboard of the forward in progress says (`ModelInfo.kernels.fused`); outside one of
 # our forwards (a transformers baseline, a direct call) the model's own code runs.
 _ACTIVE: ContextVar[Kernels | None] = ContextVar("vramchat_kernels", default=None)
+RECORDER: ContextVar = ContextVar("vramchat_recorder", default=None)  # an evidence.Recorder, or None
+
+
+@contextmanager
+def recording(rec):
+    """Forwards in this block show their queries to `rec` (an evidence.Recorder; None: nothing)."""
+    token = RECORDER.set(rec)
+    try:
+        yield
+    finally:
+        RECORDER.reset(token)
+
+
 # norm classes whose forward is exactly `fused.rmsnorm_reference` (checked in transformers 5.23)
 _NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"}
 # architectures whose module-level apply_rotary_pos_emb is `fused.rope_reference` (Phi-3's

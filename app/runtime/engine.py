@@ -18,8 +18,8 @@ import torch
 import offload  # noqa: F401  (registers offload's policies)
 from policies import parse_spec
 
-from . import auto, doc_cache, documents, loader, memory
-from .adapter import Adapter
+from . import auto, doc_cache, documents, evidence, loader, memory
+from .adapter import Adapter, recording
 from .auto import AUTO, Choice
 from .decode import generate
 from .fit import Fit
@@ -50,6 +50,8 @@ class Runtime:
         self.notes: list[str] = []  # what a person should know, in order (auto's switches, window warnings)
         self.on_note = None  # callable(str): called with each note as it is made (from the model thread)
         self.doc_cache = None  # a doc_cache.DocCache: documents read before are restored, not read
+        self.sources = True  # each answer says which passages it read (evidence.py); False: off
+        self._passages = evidence.Passages(tokenizer)
         self._weights_bytes = self.adapter.weights_bytes()
         self._lock = threading.RLock()
         self._published = 0.0
@@ -239,24 +241,31 @@ class Runtime:
         if max_new_tokens < 1:
             raise VramchatError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
         sampling = sampling or Sampling()
+        rec = evidence.Recorder(evidence.layers_for(self.adapter.info.n_layers)) if self.sources else None
         t0 = time.perf_counter()
-        logits, n_prompt = self.kv.sync(target, progress, stop)
-        if logits is None:
-            raise VramchatError("nothing new to answer")
-        t_prefill = time.perf_counter() - t0
-        on_read()
-        held = self.kv.held
-        held.begin_answer()
-        gen = torch.Generator(device="cpu")
-        if sampling.seed is not None:
-            gen.manual_seed(sampling.seed)
-        g = generate(self.adapter, self.cache, logits, self.tok, stop_ids=self.stop_ids,
-                     max_new_tokens=max_new_tokens, sampling=sampling, gen=gen, on_token=on_token, stop=stop,
-                     on_step=self._publish_now_and_then)
+        with recording(rec):
+            logits, n_prompt = self.kv.sync(target, progress, stop)
+            if logits is None:
+                raise VramchatError("nothing new to answer")
+            t_prefill = time.perf_counter() - t0
+            on_read()
+            held = self.kv.held
+            held.begin_answer()
+            gen = torch.Generator(device="cpu")
+            if sampling.seed is not None:
+                gen.manual_seed(sampling.seed)
+            g = generate(self.adapter, self.cache, logits, self.tok, stop_ids=self.stop_ids,
+                         max_new_tokens=max_new_tokens, sampling=sampling, gen=gen, on_token=on_token, stop=stop,
+                         on_step=self._publish_now_and_then)
         held.answered(self.tok.decode(g.ids, skip_special_tokens=False), g.ids, self.cache.seen)
         ffn = self.cache.ffn.ratio() if self.cache.ffn is not None else None
         res = TurnResult.from_generation(g, question=question, prompt_tokens=n_prompt, t0=t0, prefill_s=t_prefill,
                                          policy=self.policy, ffn_skip_ratio=ffn)
+        if rec is not None:
+            t1 = time.perf_counter()
+            res.sources, res.sources_note = evidence.explain(self.cache, held, self.conv.messages, self._passages,
+                                                             rec, self.adapter.attn_scale, question)
+            res.sources_s = time.perf_counter() - t1
         return res, g
 
     @staticmethod

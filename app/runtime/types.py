@@ -50,6 +50,9 @@ class TurnResult:
     finish: str = "stop"  # "stop" (EOS / stop token), "length", "stopped"
     ffn_skip_ratio: Optional[float] = None
     decode_mode: str = "eager"  # "cuda graph", "fixed shapes" or "eager (why)": app/runtime/decode.py
+    sources: list = field(default_factory=list)  # [{document, page, line, text, weight, tier}] (evidence.py)
+    sources_note: str = ""  # where what answers it may have been evicted
+    sources_s: float = 0.0  # seconds spent finding the sources, after decoding
 
     def to_json(self) -> dict:
         return asdict(self)
