@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-import offload  # noqa: F401  (registers its policies)
 from app.runtime.types import VramchatError
 from policies import KVCache, capacity
 

@@ -1,5 +1,6 @@
 """Host tier and label-cache policies: `offload` (spill with recall, or a host store) and
-`doublesparse` (sparse decode). Importing this package registers them with `policies`.
+`doublesparse` (sparse decode). `policies.registry.MODULES` lists this package: importing
+`policies` imports it, and it registers them.
 
 `offload` has one name and two roles. It registers in the spill slot with a `place`
 rule (policies/registry.py): behind an evicting selector (any selector but `full`) it is

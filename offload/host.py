@@ -129,10 +129,10 @@ class HostStore(FullStore):
         self.streamer: Streamer | None = None  # one per cache (link), CUDA only
 
     @staticmethod
-    def link(stores: list["HostStore"]) -> None:
-        if stores[0].cuda:
-            streamer = Streamer(stores[0].info)
-            for st in stores:
+    def link(parts: list["HostStore"]) -> None:
+        if parts[0].cuda:
+            streamer = Streamer(parts[0].info)
+            for st in parts:
                 st.streamer = streamer
                 streamer.stores[st.layer] = st
 

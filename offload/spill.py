@@ -94,29 +94,29 @@ class OffloadSpill(Spill):
         self._copied = None  # CUDA event after the last device->host copy
 
     @staticmethod
-    def link(spills: list["OffloadSpill"]) -> None:
+    def link(parts: list["OffloadSpill"]) -> None:
         """Called once by the cache with every layer's spill: one token log and one set of
         quote spans for them all (offload/quotes.py)."""
-        if spills[0].quote >= 16:
-            tok = spills[0].info.tokenizer
+        if parts[0].quote >= 16:
+            tok = parts[0].info.tokenizer
             words = {} if tok is None else dict(special=tok.all_special_ids, **breaks(tok))
-            q = Quotes(spills[0].quote, spills[0].n_recall, spills[0].terms, **words)
-            for sp in spills:
+            q = Quotes(parts[0].quote, parts[0].n_recall, parts[0].terms, **words)
+            for sp in parts:
                 sp.quotes = q
-            spills[0]._owns_log = True
+            parts[0]._owns_log = True
 
     @property
     def token_log(self) -> Quotes | None:
         return self.quotes
 
     @staticmethod
-    def linked_state(spills: list["OffloadSpill"]) -> tuple[dict, dict]:
-        q = spills[0].quotes
+    def linked_state(parts: list["OffloadSpill"]) -> tuple[dict, dict]:
+        q = parts[0].quotes
         return q.state() if q is not None else ({}, {})
 
     @staticmethod
-    def restore_linked(spills: list["OffloadSpill"], tensors: dict, meta: dict) -> None:
-        q = spills[0].quotes
+    def restore_linked(parts: list["OffloadSpill"], tensors: dict, meta: dict) -> None:
+        q = parts[0].quotes
         if (q is None) != (not meta):
             raise ValueError("offload: the saved quote log does not match this spec's `quote` option")
         if q is not None:

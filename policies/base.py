@@ -29,6 +29,7 @@ from . import capacity, static
 from .full import FullStore, KeepAll  # noqa: F401  (the default store and selector)
 from .kernels.switch import Kernels
 from .registry import Policy, REGISTRY, SpecError, parse_spec, spec_of
+from .slots import Ffn
 
 
 @dataclass
@@ -208,6 +209,8 @@ def _complement(idx: torch.Tensor, n: int) -> torch.Tensor:
 
 class KVCache:
     """The whole model's cache: one LayerCache per decoder layer, built from a spec."""
+
+    ffn: Ffn | None = None  # the spec's model-level part (`ffnskip`): the adapter routes the FFN blocks through it
 
     def __init__(self, spec: str | dict, info: ModelInfo):
         self.slots = parse_spec(spec) if isinstance(spec, str) else dict(spec)

@@ -4,15 +4,21 @@ A spec is `name[:key=val,key=val][+name[:...]]...`, e.g. `locret:budget=2048+kiv
 Each policy fills one slot of a layer's cache (see `policies.base`); two policies that
 claim the same slot, an unknown name, an unknown option or a bad value is a `SpecError`
 naming the offending part.
+
+Every module that registers policies is listed in `MODULES` and imported by `load` when
+`policies` is imported, so a spec parses in any process that imports `policies`.
 """
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Callable
 
 SLOTS = ("selector", "store", "spill", "reader", "ffn")
+MODULES = ("policies.full", "policies.kivi", "policies.locret", "policies.streaming", "policies.h2o",
+           "policies.snapkv", "policies.anchor", "policies.lighttransfer", "policies.ffnskip", "offload")
 
 
 class SpecError(ValueError):
@@ -107,7 +113,7 @@ class Entry:
     name: str
     slot: str
     options: dict[str, Opt]
-    build: Callable  # (policy: Policy, info: LayerInfo) -> component for the slot
+    build: Callable  # (policy: Policy, info: ModelInfo, layer: int | None) -> the slot's part (layer None: ffn)
     summary: str
     check: Callable | None = None  # (opts) -> None, raises SpecError for cross-option rules
     place: Callable | None = None  # (slots) -> slot, for a policy whose slot depends on the others
@@ -118,7 +124,9 @@ REGISTRY: dict[str, Entry] = {}
 
 def register(name: str, slot: str, options: dict[str, Opt], summary: str, check: Callable | None = None,
              place: Callable | None = None):
-    """Decorator for a builder `(policy, info) -> component`; registers policy `name`.
+    """Decorator for a builder `(policy, info, layer) -> part`; registers policy `name`.
+    `info` is the model's `policies.base.ModelInfo`, `layer` the decoder layer's index
+    (None for the one model-level `ffn` part, which `KVCache` builds once).
 
     `place(slots) -> slot`, if given, picks the slot once the whole spec is parsed (`offload`
     is the spill behind an evicting selector, the store otherwise); `slot` is its default."""
@@ -130,6 +138,15 @@ def register(name: str, slot: str, options: dict[str, Opt], summary: str, check:
         return build
 
     return deco
+
+
+def load() -> None:
+    """Import every module in `MODULES`; each registers its policies as it is imported.
+    NOTE: `offload` imports `policies` (whose `__init__` calls this): whichever is imported
+    first, the other finds it half-imported in sys.modules, and `offload` registers once
+    the outer import ends, before any spec is parsed."""
+    for name in MODULES:
+        importlib.import_module(name)
 
 
 def _show(s: str) -> str:

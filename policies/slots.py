@@ -182,8 +182,10 @@ class Store(Part):
         """Room for indices start..end-1, and that tail cleared (it is read with weight 0)."""
         raise NotImplementedError
 
-    def write_step(self, k, v, at: torch.Tensor, kernel: bool) -> None:
-        """Write one token's k/v [Hkv, 1, D] at index `at` ([1] int64 on the device)."""
+    def write_step(self, k, v, step: torch.Tensor, start: int, kernel: bool) -> None:
+        """Write one token's k/v [Hkv, 1, D] at index `start + step` (step: [1] int64 on the
+        device, the window's steps so far; start: the length when the window opened); `kernel`:
+        through the Triton window kernel."""
         raise NotImplementedError
 
     def window(self, end: int):

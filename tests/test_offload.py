@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import offload  # noqa: F401  (registers offload, doublesparse)
 from app.outlier_channels import collect
 from app.runtime.adapter import Adapter
 from app.runtime.prefill import prefill

@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 import torch
 
-from app.runtime.engine import Runtime  # noqa: F401  (imports offload: its policies register)
+from app.runtime.engine import Runtime
 from app.runtime.prefill import chunk_plan, prefill
 from policies import REGISTRY, SpecError
 from policies.base import FullStore

@@ -2,7 +2,6 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import offload  # noqa: F401  (registers its policies)
 from policies import REGISTRY, SpecError, parse_spec
 from policies.registry import Opt
 

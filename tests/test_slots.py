@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.runtime.engine import Runtime  # noqa: F401  (imports offload: its policies register)
+from app.runtime.engine import Runtime
 from app.runtime.prefill import prefill
 from policies import REGISTRY, KVCache
 from policies.slots import Ffn, Reader, Selector, Spill, Store
