@@ -24,6 +24,12 @@ def max_bytes() -> int:
 
 def read_document(path: str | os.PathLike) -> str:
     """Return the text of `path`, or raise VramchatError naming the problem."""
+    return read_pages(path)[0]
+
+
+def read_pages(path: str | os.PathLike) -> tuple[str, list | None]:
+    """-> (the text of `path`, [(char offset, page number)] where each PDF page with text
+    begins; None for other files). Raises VramchatError naming the problem."""
     p = Path(path).expanduser()
     try:
         st = p.stat()  # follows symlinks; a loop raises OSError(ELOOP)
@@ -40,13 +46,14 @@ def read_document(path: str | os.PathLike) -> str:
         raise VramchatError(
             f"{p} is {fmt_bytes(st.st_size)}; this machine can take at most {fmt_bytes(limit)} "
             "(a quarter of the available memory). Split the document or free memory.")
+    pages = None
     if p.suffix.lower() == ".pdf":
-        text = _read_pdf(p, limit)
+        text, pages = _read_pdf(p, limit)
     else:
         text = _read_text(p, st.st_size, limit)
     if not text.strip():
         raise VramchatError(f"{p} is empty (no text to read)")
-    return text
+    return text, pages
 
 
 def _read_text(p: Path, size: int, limit: int) -> str:
@@ -70,7 +77,7 @@ def _read_text(p: Path, size: int, limit: int) -> str:
     return text.replace("\r\n", "\n")
 
 
-def _read_pdf(p: Path, limit: int) -> str:
+def _read_pdf(p: Path, limit: int) -> tuple[str, list]:
     from pypdf import PdfReader
     from pypdf.errors import PdfReadError
 
@@ -88,10 +95,16 @@ def _read_pdf(p: Path, limit: int) -> str:
         raise
     except (PdfReadError, ValueError, KeyError, TypeError, OSError) as e:
         raise VramchatError(f"{p} is not a readable PDF ({e})") from None
-    text = "\n\n".join(t.strip() for t in pages if t.strip())
+    kept = [(i + 1, t.strip()) for i, t in enumerate(pages) if t.strip()]
+    text, starts = "", []
+    for number, t in kept:
+        if text:
+            text += "\n\n"
+        starts.append((len(text), number))
+        text += t
     if not text:
         raise VramchatError(
             f"{p} has {len(pages)} page(s) but no text layer (a scanned PDF?); run OCR on it first")
     if len(text.encode()) > limit:
         raise VramchatError(f"{p}: its text is larger than {fmt_bytes(limit)}; refused")
-    return text
+    return text, starts

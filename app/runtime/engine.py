@@ -185,9 +185,11 @@ class Runtime:
     # ---- conversation -------------------------------------------------------------
     def load_document(self, path: str, progress=None, stop=None) -> DocumentInfo:
         with self._changing():
-            text = documents.read_document(path)
+            text, pages = documents.read_pages(path)
             name = Path(path).name
             msg = {"role": "document", "name": name, "content": text, "path": str(Path(path).resolve())}
+            if pages:
+                msg["pages"] = pages  # where each page begins: a source names its page
             target = self.conv.render(self.tok, pending=[msg], open_user=True)
             t0 = time.perf_counter()
             n_new, restored, note = doc_cache.read_document(

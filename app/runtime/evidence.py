@@ -211,14 +211,15 @@ class Passages:
             offs = self._offsets(held, c0, c1, t1 - t0)
             if offs is None:
                 continue
-            lead = msg["content"][:len(msg["content"]) - len(msg["content"].lstrip())].count("\n")
+            skipped = msg["content"][:len(msg["content"]) - len(msg["content"].lstrip())]
+            lead = skipped.count("\n")
             pages = msg.get("pages")  # [(char offset in content, page number)]
             for a, b in split_passages(content):
                 s = t0 + bisect.bisect_right(offs, c_doc + a) - 1
                 e = t0 + bisect.bisect_left(offs, c_doc + b)
                 page = None
                 if pages:
-                    k = bisect.bisect_right([p[0] for p in pages], a) - 1
+                    k = bisect.bisect_right([p[0] for p in pages], len(skipped) + a) - 1
                     page = pages[max(k, 0)][1]
                 out.append(Passage(msg["name"], page, lead + content.count("\n", 0, a) + 1, content[a:b],
                                    max(s, t0), max(e, s + 1)))
