@@ -82,7 +82,8 @@ def _config(model: str | None, trust_remote_code: bool):
     """-> (transformers config, the id to show, its folder or GGUF, vocabulary size) without
     reading weights."""
     from transformers import AutoConfig
-    from app.runtime import loader, stores
+    from app.runtime import loader
+    from app.runtime.resolve import resolve
     from app.runtime.facts import gguf_config
     from app.runtime.facts import read_gguf_header
     if model in (None, "", "default", loader.DEFAULT_MODEL):
@@ -91,7 +92,7 @@ def _config(model: str | None, trust_remote_code: bool):
         path = cached if loader.check_cached(cached) else gguf
         return gguf_config(gguf), loader.DEFAULT_MODEL, path, gguf_config(gguf).vocab_size
     path = Path(model).expanduser()
-    found = None if path.exists() else stores.resolve(model)
+    found = None if path.exists() else resolve(model)
     if found:
         path, model = found
     if path.is_file():

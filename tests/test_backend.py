@@ -12,7 +12,8 @@ from starlette.routing import Route
 
 from app.cli import main
 from app.runtime.engine import Runtime
-from app.runtime.remote import NOT_REPORTED, RemoteMemory, RemoteRuntime, kv_usage_line, prometheus, split_url
+from app.runtime.metrics import NOT_REPORTED, RemoteMemory, kv_usage_line, prometheus
+from app.runtime.remote import RemoteRuntime, split_url
 from app.runtime.types import Sampling, VramchatError
 from app.server import Background, Serving, bind, url_of
 from tiny import tiny_pair

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from app.runtime import stores
+from app.runtime.resolve import resolve
 from app.runtime.types import VramchatError
 from stores_fixture import hub_add, ollama_add, write_gguf
 from tiny import tiny_pair
@@ -115,28 +116,28 @@ def test_missing_blob_is_named(tmp_path):
     e = _by_name(stores.scan((), {"HOME": str(tmp_path), "OLLAMA_MODELS": str(tmp_path / "ol")})[0])
     assert "missing" in e["ollama:tiny:latest"].error and "ollama pull" in e["ollama:tiny:latest"].error
     with pytest.raises(VramchatError, match="missing"):
-        stores.resolve("ollama:tiny", {"HOME": str(tmp_path), "OLLAMA_MODELS": str(tmp_path / "ol")})
+        resolve("ollama:tiny", {"HOME": str(tmp_path), "OLLAMA_MODELS": str(tmp_path / "ol")})
 
 
 def test_resolve_names(world):
     env, _, facts = world
-    assert stores.resolve("ollama:tiny", env) == (facts["blob"], "ollama:tiny")
-    assert stores.resolve("ollama:tiny:f16", env)[0].stat().st_size != facts["gguf_size"]
-    assert stores.resolve("ollama:someone/tiny:v1", env)[0] == facts["blob"]
-    assert stores.resolve("ollama:registry.ollama.ai/someone/tiny:v1", env)[0] == facts["blob"]
-    p, shown = stores.resolve("lmstudio:pub/tiny-GGUF", env)  # the only GGUF besides mmproj
+    assert resolve("ollama:tiny", env) == (facts["blob"], "ollama:tiny")
+    assert resolve("ollama:tiny:f16", env)[0].stat().st_size != facts["gguf_size"]
+    assert resolve("ollama:someone/tiny:v1", env)[0] == facts["blob"]
+    assert resolve("ollama:registry.ollama.ai/someone/tiny:v1", env)[0] == facts["blob"]
+    p, shown = resolve("lmstudio:pub/tiny-GGUF", env)  # the only GGUF besides mmproj
     assert p.name == "tiny.Q8_0.gguf" and shown == "lmstudio:pub/tiny-GGUF"
-    p, shown = stores.resolve("acme/tiny-llama", env)
+    p, shown = resolve("acme/tiny-llama", env)
     assert (p / "config.json").is_file() and "snapshots" in str(p) and shown == "acme/tiny-llama"
-    assert stores.resolve("acme/not-cached", env) is None  # left to transformers (and its hint)
-    assert stores.resolve("./some/path", env) is None
+    assert resolve("acme/not-cached", env) is None  # left to transformers (and its hint)
+    assert resolve("./some/path", env) is None
     for name, words in [("ollama:nope", "no such model in Ollama's store"), ("ollama:broken", "malformed"),
                         ("ollama:f64", "F64"), ("ollama:", "not an Ollama name"),
                         ("lmstudio:pub/none", "not found in LM Studio"),
                         ("lmstudio:pub/big-GGUF/big-00001-of-00002.gguf", "split GGUF"),
                         ("hf:acme/absent", "not in the Hugging Face cache")]:
         with pytest.raises(VramchatError, match=words):
-            stores.resolve(name, env)
+            resolve(name, env)
 
 
 def test_model_loads_by_store_name(world, tmp_path, monkeypatch):

@@ -16,10 +16,12 @@ from contextvars import ContextVar
 import torch
 from transformers import AttentionInterface
 
-from .paths import trained_dir
 from policies import Chunk, KVCache, ModelInfo, SpecError, attention, parse_spec
-from policies.kernels import fused
 from policies.kernels.switch import Kernels
+
+from . import fusion
+from .fusion import use_kernels
+from .paths import trained_dir
 
 ATTN_NAME = "vramchat"
 
@@ -103,10 +105,6 @@ def check_spec(spec: str, refused: dict[str, str], arch: str) -> None:
 # host-device sync (`.all()` on a GPU tensor) on every forward, which stalls eager decode.
 AttentionInterface.register(ATTN_NAME, _vramchat_attention)
 
-# Fused kernels for the decoder layer's small steps (policies/kernels/fused.py) run as the
-# switchboard of the forward in progress says (`ModelInfo.kernels.fused`); outside one of
-# our forwards (a transformers baseline, a direct call) the model's own code runs.
-_ACTIVE: ContextVar[Kernels | None] = ContextVar("vramchat_kernels", default=None)
 RECORDER: ContextVar = ContextVar("vramchat_recorder", default=None)  # an evidence.Recorder, or None
 
 
@@ -118,57 +116,6 @@ def recording(rec):
         yield
     finally:
         RECORDER.reset(token)
-
-
-# norm classes whose forward is exactly `fused.rmsnorm_reference` (checked in transformers 5.23)
-_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"}
-# architectures whose module-level apply_rotary_pos_emb is `fused.rope_reference` (Phi-3's
-# handles partial rotary and keeps its own)
-_ROPE_ARCHS = {"llama", "mistral", "qwen2", "qwen3"}
-
-
-@contextmanager
-def use_kernels(kernels: Kernels):
-    """The fused norm/RoPE routing follows `kernels` inside this block (our forward sets it)."""
-    token = _ACTIVE.set(kernels)
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)
-
-
-def _fuse_on(x: torch.Tensor) -> bool:
-    """The kernels have no backward: never where autograd records."""
-    kernels = _ACTIVE.get()
-    return kernels is not None and not torch.is_grad_enabled() and kernels.on("fused", x.device)
-
-
-def _fused_rope(run):
-    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        plain = not args and set(kwargs) <= {"unsqueeze_dim"} and kwargs.get("unsqueeze_dim", 1) == 1
-        if plain and _fuse_on(q) and fused.rope_fits(q, k, cos, sin):
-            return fused.rope(q, k, cos, sin)
-        return run(q, k, cos, sin, *args, **kwargs)
-    apply_rotary_pos_emb.vramchat_fused = True
-    return apply_rotary_pos_emb
-
-
-def _fused_norm(mod):
-    run = mod.forward
-
-    def forward(h):
-        w = mod.weight  # read per call: the module may have moved since
-        if h.dtype == w.dtype and _fuse_on(h):
-            return fused.rmsnorm(h, w, mod.variance_epsilon)
-        return run(h)
-    forward.vramchat_fused = True
-    return forward
-
-
-def _ours(obj) -> bool:
-    """Whether obj's code is transformers' own (a model's remote code may share its class
-    and function names with different arithmetic or signatures: never patched)."""
-    return getattr(obj, "__module__", "").startswith("transformers.models.")
 
 
 class Adapter:
@@ -186,31 +133,12 @@ class Adapter:
         self._capture: dict | None = None
         for i, layer in enumerate(self.layers):
             layer.self_attn.register_forward_pre_hook(self._make_capture(i), with_kwargs=True)
-        self.fused = self._fuse()
+        self.fused = fusion.route(self.model, self.arch, self.layers)
         self._ffn = None  # the active cache's `ffn` component (ffnskip), during a forward
         self._ffn_in: dict = {}
         self._ffn_ok = all(self._wrap_mlp(i, layer) for i, layer in enumerate(self.layers))
         self.info = self._model_info()
         self.refused = refusals(self.info, self.layers)  # policy -> why this architecture rules it out
-
-    def _fuse(self) -> dict:
-        """Route the model's RMSNorms and RoPE through one-kernel versions where the active
-        switchboard allows at call time (else the module's own code runs). -> what was routed."""
-        norms = 0
-        for mod in self.model.modules():
-            if type(mod).__name__ in _NORMS and _ours(type(mod)) and hasattr(mod, "variance_epsilon"):
-                if not getattr(mod.forward, "vramchat_fused", False):  # (a second Adapter on the model)
-                    mod.forward = _fused_norm(mod)
-                norms += 1
-        rope = ""
-        if self.arch in _ROPE_ARCHS and len(self.layers):
-            mod = sys.modules[type(self.layers[0].self_attn).__module__]
-            fn = getattr(mod, "apply_rotary_pos_emb", None)
-            if fn is not None and (getattr(fn, "vramchat_fused", False) or _ours(fn)):
-                if not getattr(fn, "vramchat_fused", False):
-                    mod.apply_rotary_pos_emb = _fused_rope(fn)
-                rope = mod.__name__
-        return {"rmsnorm": norms, "rope": rope}
 
     def _wrap_mlp(self, i, layer) -> bool:
         """Route layer i's MLP through the ffn component while one is active. The hidden

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from .paths import DEFAULT_MODEL, cache_root, default_gguf  # noqa: F401  (loader.DEFAULT_MODEL: callers')
-from .stores import resolve
+from .resolve import resolve
 from .types import VramchatError
 
 WEIGHTS = ("auto", "bf16", "fp16", "fp32", "8bit", "4bit")
