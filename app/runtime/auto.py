@@ -16,8 +16,8 @@ model's native window and whether retaining heads exist for this model:
 
 The recall is `offload:terms=on,rank=off` (`RECALLS`): the spans around what the question
 quotes and the rare word pairs it names a fact by, no per-head label picks, so no channels
-are needed (BENCHMARKS.md: the label picks made answers loop on number-dense text, 4/8
-against 6/8 behind `locret`; they found one needle of three the spans alone missed).
+are needed: on number-dense text the label picks made answers loop, and the spans alone lose
+little (BENCHMARKS.md, auto's recall).
 
 A stack that passes the window must compact positions (every evicting selector here
 does): a model never sees a RoPE position past what it was trained on. Under an 8K window
@@ -37,8 +37,8 @@ from policies.registry import canonical_spec
 AUTO = "auto"
 SUMMARY = "choose for the conversation: full inside the window, else locret or a heads-free budget (+kivi/+offload)"
 # the question brings back whole passages around the words that name what it asks; no label
-# ranking, so no channels either (BENCHMARKS.md, the heads-free choice: `snapkv` held none of
-# three needles, label-ranked rows made the model loop; part `dense`: the same behind `locret`)
+# ranking, so no channels either (BENCHMARKS.md, the heads-free choice: a scored budget alone
+# held no needle, label-ranked rows made the model loop; part `dense`: the same behind `locret`)
 RECALLS = "offload:terms=on,rank=off"
 # heads-free: the start and the newest 2K tokens stay, the rest goes to the host
 RECALL = f"streaming:window=2048+{RECALLS}"
