@@ -33,6 +33,7 @@ class Config:
     top_p: float = 1.0
     data_dir: str = ""  # where conversations are saved; "" = the user data dir
     doc_cache_gib: float = 4.0  # caches of read documents kept (least recently used go first); 0 = off
+    sources: bool = True  # each answer names the passages it read most (app/runtime/evidence.py); false = off
     model_dirs: list[str] = field(default_factory=list)  # folders `main.py models` and /model also search
     keymap: dict[str, str] = field(default_factory=dict)  # binding id -> keys, e.g. {"policy": "f3"}
 
@@ -57,6 +58,8 @@ _COMMENTS = {
     "data_dir": 'saved conversations go under DATA_DIR/conversations; "" = the user data dir',
     "doc_cache_gib": "GiB of caches of read documents kept (a re-read document restores instead; least "
                      "recently used go first; `main.py cache list|clear`); 0 = off",
+    "sources": "each answer names the passages of the documents it attended to most (folded under it in the "
+               "app; Enter opens one); false = off, and no time spent finding them",
     "model_dirs": 'folders of models (model folders, .gguf files) for `main.py models` and /model, e.g. ["~/models"]',
 }
 

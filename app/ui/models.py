@@ -28,8 +28,16 @@ class Models:
         def fn(ctx):
             ctx.runtime = make(ctx.status)
             ctx.runtime.on_note = self._runtime_note
+            self._configure(ctx.runtime)
             return self._apply_policy(ctx, policy)
         self.submit(Job("loading model", fn, done=self._model_ready, failed=self._model_failed))
+
+    def _configure(self, rt) -> None:
+        """On the model thread, as a runtime is made: the config's settings a local runtime
+        takes (a backend's runtime and the tests' fake declare none)."""
+        from app.runtime.engine import Runtime
+        if isinstance(rt, Runtime):
+            rt.sources = self.config.sources
 
     def _apply_policy(self, ctx, spec: str | None) -> jobs.Loaded:
         """On the model thread, after a load: switch the fresh runtime to `spec`."""
@@ -88,12 +96,14 @@ class Models:
                 rt = self.make_runtime_for(model_id, ctx.status)
             except BaseException as e:
                 ctx.runtime = self.make_runtime_for(old_id, ctx.status)
+                self._configure(ctx.runtime)
                 self._apply_policy(ctx, policy)
                 ctx.runtime.restore(data, progress=ctx.progress("restoring conversation"), stop=ctx.stop)
                 raise VramchatError(f"could not load `{model_id}`: {e}\n\nBack on {old_id}; "
                                     "the conversation is kept.") from e
             ctx.runtime = rt
             rt.on_note = self._runtime_note
+            self._configure(rt)
             loaded = self._apply_policy(ctx, policy)
             if data.get("messages") or data.get("system"):
                 rt.restore(data, progress=ctx.progress("re-reading conversation"), stop=ctx.stop)

@@ -1,4 +1,5 @@
-"""Modal screens: policy picker, document picker, saved-conversation picker, error dialog, help."""
+"""Modal screens: policy picker, document picker, saved-conversation picker, error dialog, help,
+the viewer of an answer's source."""
 from __future__ import annotations
 
 import time
@@ -8,6 +9,7 @@ from typing import Iterable
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.content import Content
 from textual.screen import ModalScreen
 from textual.widgets import Button, DirectoryTree, Input, Label, Markdown, OptionList, Static
 from textual.widgets.option_list import Option
@@ -208,3 +210,30 @@ class HelpScreen(ModalScreen[None]):
         with VerticalScroll(classes="dialog", id="help") as box:
             box.border_title = "vramchat help (Esc closes)"
             yield Markdown(help_markdown(self.keys))
+
+
+class SourceViewer(ModalScreen[None]):
+    """One source of an answer in its document: its line marked, with the lines around it.
+    lines: [(line number, text, is the source's)] (sources.excerpt); missing: why the
+    document's text is not shown, or ""."""
+
+    BINDINGS = [Binding("escape,enter,q", "dismiss(None)", "Close")]
+
+    def __init__(self, title: str, lines: list[tuple[int, str, bool]], source: dict, missing: str = "") -> None:
+        super().__init__(classes="dialog-screen")
+        self.title_text, self.lines, self.source, self.missing = title, lines, source, missing
+
+    def compose(self) -> ComposeResult:
+        width = len(str(max((n for n, _, _ in self.lines), default=0)))
+        text = Content("\n").join(
+            Content.assemble((f"{n:>{width}} ", "dim"), (line, "bold reverse") if mine else line)
+            for n, line, mine in self.lines)
+        s = self.source
+        with VerticalScroll(classes="dialog", id="source-viewer") as box:
+            box.border_title = f"Source: {self.title_text}"
+            box.border_subtitle = (f"{s.get('weight', 0.0):.0%} of the answer's attention on documents · "
+                                   f"{s.get('tier', '?')}")
+            if self.missing:
+                yield Static(self.missing, markup=False, classes="dialog-help")
+            yield Static(text, id="source-text")
+            yield Static("Esc closes.", classes="dialog-help")

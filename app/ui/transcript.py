@@ -1,4 +1,4 @@
-"""The transcript: user turns, streamed Markdown answers with stats, document cards, notes."""
+"""The transcript: user turns, streamed Markdown answers with stats and sources, document cards, notes."""
 from __future__ import annotations
 
 import re
@@ -7,6 +7,7 @@ from textual.containers import Vertical, VerticalScroll
 from textual.content import Content
 from textual.widgets import Collapsible, Markdown, Static
 
+from app.ui.sources import SourcesBox
 from app.ui.store import stats_line
 
 _FENCE = re.compile(r"^(```|~~~)[^\n]*\n(.*?)^\1\s*$", re.M | re.S)
@@ -40,7 +41,8 @@ class DocumentCard(Collapsible):
 
 
 class Answer(Vertical):
-    """An assistant answer: Markdown that streams in batches, then re-renders once at the end."""
+    """An assistant answer: Markdown that streams in batches, then re-renders once at the end;
+    under it its stats and its sources (folded; from the stats, a TurnResult as a dict)."""
 
     def __init__(self, text: str = "", stats: dict | None = None) -> None:
         super().__init__(classes="turn assistant")
@@ -51,8 +53,9 @@ class Answer(Vertical):
 
     def compose(self):
         yield Markdown(self.text)
-        yield Static(stats_line(self._initial_stats) if self._initial_stats else "generating…",
-                     markup=False, classes="stats")
+        stats = self._initial_stats or {}
+        yield Static(stats_line(stats) if stats else "generating…", markup=False, classes="stats")
+        yield SourcesBox(stats.get("sources"), stats.get("sources_note", ""))
 
     @property
     def markdown(self) -> Markdown:
@@ -76,6 +79,8 @@ class Answer(Vertical):
         await self.markdown.update(self.text)
         line = stats_line(stats) if stats else ""
         self.query_one(".stats", Static).update(" · ".join(p for p in (line, note) if p))
+        stats = stats or {}
+        await self.query_one(SourcesBox).show(stats.get("sources"), stats.get("sources_note", ""))
 
 
 class Transcript(VerticalScroll):

@@ -6,6 +6,7 @@ many tokens until `release` is set (for the mid-stream snapshot and the stop tes
 """
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 
@@ -14,6 +15,12 @@ from app.runtime.types import (CacheState, ContextInfo, ConversionResult, Docume
 from policies.registry import parse_spec
 
 GiB, MiB = 1 << 30, 1 << 20
+CITED_NOTE = ("the part of the document that answers this may have been evicted: “harbour” occurs only in "
+              "notes.md line 40, which the policy did not keep or recall for this question")
+
+
+def _words(text: str) -> set[str]:
+    return {w.lower() for w in re.findall(r"[A-Za-z0-9]{4,}", text)}
 
 
 def answer_for(question: str) -> str:
@@ -39,6 +46,7 @@ class FakeRuntime:
         self.calls: list[str] = []
         self.chunk = 16
         self.hold_prefill = False  # pause prefill half-way until `release` (or stop) is set
+        self.cite = False  # answers carry sources (`cited`: the second one recalled) and a note
 
     # -- helpers --
     def policy_warnings(self) -> list[str]:
@@ -79,6 +87,19 @@ class FakeRuntime:
             if stop is not None and stop.is_set():
                 break
 
+    def cited(self, question: str) -> list[dict]:
+        """Sources as the runtime gives them: the last document's three lines that share the
+        most words of 4+ letters with the question (ties: the earlier), the second one recalled."""
+        docs = [m for m in self.messages if m.get("role") == "document"]
+        if not docs:
+            return []
+        asked = _words(question)
+        lines = [(n, line) for n, line in enumerate(docs[-1]["content"].split("\n"), 1) if line.strip()]
+        best = sorted(lines, key=lambda nl: (-len(asked & _words(nl[1])), nl[0]))[:3]
+        return [{"document": docs[-1]["name"], "page": None, "line": n, "text": line.strip(), "weight": w,
+                 "tier": "recalled" if i == 1 else "device"}
+                for i, ((n, line), w) in enumerate(zip(best, (0.5625, 0.25, 0.125)))]
+
     # -- contract (app.runtime.protocol.ChatRuntime) --
     def load_document(self, path: str, progress=None, stop=None) -> DocumentInfo:
         self.calls.append(f"load_document {path}")
@@ -114,6 +135,9 @@ class FakeRuntime:
         result = TurnResult(question, answer, prompt_tokens=self.read, new_tokens=len(out), ttft_s=0.12,
                             prefill_tok_s=1000.0, decode_tok_s=42.0, policy=self.policy, stopped=stopped,
                             finish="stopped" if stopped else "stop")
+        if self.cite:
+            result.sources = self.cited(question)
+            result.sources_note = CITED_NOTE if result.sources else ""
         self.messages.append({"role": "user", "content": question})
         self.messages.append({"role": "assistant", "content": answer, "stats": result.to_json(),
                               "partial": stopped})
