@@ -69,10 +69,12 @@ def _usage(o: Outcome) -> dict:
 
 
 def _extension(o: Outcome) -> dict:
+    """The answer's `vramchat` field: how it was served, and its sources (the passages of the
+    conversation's documents it attended to most, best first; app/runtime/evidence.py)."""
     r = o.result
     return {"policy": r.policy, "auto": o.auto, "prefilled_tokens": r.prompt_tokens, "ttft_s": round(r.ttft_s, 4),
             "prefill_tok_s": round(r.prefill_tok_s, 1), "decode_tok_s": round(r.decode_tok_s, 2),
-            "decode_mode": r.decode_mode, "notes": o.notes}
+            "decode_mode": r.decode_mode, "notes": o.notes, "sources": r.sources, "sources_note": r.sources_note}
 
 
 def _choice(chat: bool, text: str, finish: str | None, delta: bool = False) -> dict:
