@@ -24,7 +24,7 @@ import torch
 from policies import Chunk, KVCache, static
 
 from .sampling import sample
-from .types import OnToken, Sampling
+from .types import OnToken, Sampling, VramchatError
 
 ROOM = 256  # decode steps per window: the span attention reads grows by at most this
 
@@ -152,6 +152,13 @@ class Generated:
     first_s: float | None  # perf_counter when the first token was sampled
     end_s: float  # perf_counter when decoding ended
     mode: str  # Decoder.mode
+
+    def checked(self, res):
+        """-> res (the TurnResult of this generation), unless decoding ran out of memory."""
+        if self.finish == "oom":
+            raise VramchatError(f"out of memory after {res.new_tokens} generated tokens; the partial answer is "
+                                "kept. Try `kivi` or a smaller budget.")
+        return res
 
 
 def generate(adapter, cache: KVCache, logits: torch.Tensor, tok, *, stop_ids: set[int], max_new_tokens: int,

@@ -27,6 +27,16 @@ def read_document(path: str | os.PathLike) -> str:
     return read_pages(path)[0]
 
 
+def message(path: str | os.PathLike) -> dict:
+    """The conversation's message for the document at `path`: its name, text and absolute
+    path; a PDF's `pages` too ([(char offset, page number)]: a source names its page)."""
+    text, pages = read_pages(path)
+    msg = {"role": "document", "name": Path(path).name, "content": text, "path": str(Path(path).resolve())}
+    if pages:
+        msg["pages"] = pages
+    return msg
+
+
 def read_pages(path: str | os.PathLike) -> tuple[str, list | None]:
     """-> (the text of `path`, [(char offset, page number)] where each PDF page with text
     begins; None for other files). Raises VramchatError naming the problem."""

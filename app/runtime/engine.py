@@ -11,11 +11,9 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
-import offload  # noqa: F401  (registers offload's policies)
 from policies import parse_spec
 
 from . import auto, doc_cache, documents, evidence, loader, memory
@@ -24,13 +22,12 @@ from .auto import AUTO, Choice
 from .decode import generate
 from .fit import Fit
 from .held import Held
+from .published import Published
 from .reader import Reader
-from .sampling import stop_token_ids
+from .sampling import generator, stop_token_ids
 from .session import Conversation, with_bos
 from .types import (CacheState, ContextInfo, ConversionResult, DocumentInfo, MemoryReport, Progress, Sampling,
                     TurnResult, VramchatError)
-
-PUBLISH_S = 0.1  # while decoding, publish the cache's state at most this often (it walks every layer)
 
 
 class Runtime:
@@ -54,12 +51,11 @@ class Runtime:
         self._passages = evidence.Passages(tokenizer)
         self._weights_bytes = self.adapter.weights_bytes()
         self._lock = threading.RLock()
-        self._published = 0.0
         self.kv = Reader(self.adapter, policy, fit=Fit(self.window, self.chunk_size, self.device),
-                         tokens=self.tokens, conversation=self._rendered,
+                         tokens=self.tokens, conversation=lambda: self.conv.rendered(self.tok),
                          choose=lambda n, answer: auto.choose(self, n, answer),
                          publish=self._publish, note=self._note)
-        self._state: CacheState = memory.cache_state(self.cache, self.context())
+        self.published = Published(self._cache_state)
 
     # ---- construction -------------------------------------------------------------
     @classmethod
@@ -115,17 +111,15 @@ class Runtime:
         return ContextInfo(read=self.cache.seen, retained=self.cache.length, window=self.window)
 
     def memory(self) -> MemoryReport:
-        """Device and host memory now, the cache as of its last published state: never
-        blocks, from any thread."""
-        return memory.report(self.device, self._state, self._weights_bytes)
+        """Device and host memory now, the cache as last published: from any thread, never blocks."""
+        return memory.report(self.device, self.published.state, self._weights_bytes)
 
     def snapshot(self) -> CacheState:
         """The cache's last published state (policy, bytes, context): from any thread."""
-        return self._state
+        return self.published.state
 
     def policy_warnings(self) -> list[str]:
-        """What the current policy says a person should know (e.g. `anchor` on a model
-        not trained for it)."""
+        """What the current policy says a person should know (`anchor` on a model not trained for it)."""
         return self.cache.warnings()
 
     def tokens(self, text: str) -> list[int]:
@@ -142,31 +136,23 @@ class Runtime:
                 self._publish()
 
     def _publish(self) -> None:
-        """Replace the state the gauge reads by the cache's now (on the thread that changes it).
-        A cache mid-replacement (None, or layers freed by a failed conversion) keeps the last."""
+        self.published.now()
+
+    def _cache_state(self, last: CacheState | None) -> CacheState | None:
+        """The state to publish now (None: a cache mid-replacement, or layers freed by a failed
+        conversion: the last one stays)."""
         cache = self.cache
         if cache is None or any(layer is None for layer in cache.layers):
-            return
-        self._state = memory.cache_state(cache, self.context(), self.held, self.conv.messages, self.tok, self._state)
-        self._published = time.monotonic()
-
-    def _publish_now_and_then(self) -> None:
-        if time.monotonic() - self._published >= PUBLISH_S:
-            self._publish()
+            return None
+        return memory.cache_state(cache, self.context(), self.held, self.conv.messages, self.tok, last)
 
     def _note(self, text: str) -> None:
         self.notes.append(text)
         if self.on_note is not None:
             self.on_note(text)
 
-    def _rendered(self) -> str:
-        """The conversation so far as the cache should hold it (a document leaves the user turn open)."""
-        msgs = self.conv.messages
-        return self.conv.render(self.tok, open_user=bool(msgs) and msgs[-1]["role"] == "document")
-
     def reset_cache(self, spec: str | None = None) -> None:
-        """An empty cache under `spec` (default: the current policy). The conversation is
-        kept; its next turn reads it again."""
+        """An empty cache under `spec` (default: the current one); the next turn reads the conversation again."""
         with self._changing():
             self.kv.reset(spec)
 
@@ -177,19 +163,14 @@ class Runtime:
             return self.kv.prefill(ids, progress, stop)
 
     def sync(self, target: str, progress=None, stop=None) -> tuple[torch.Tensor | None, int]:
-        """Make the cache hold the rendering `target` (benchmarks: a turn's prompt alone).
-        -> (last logits or None, tokens read)."""
+        """Make the cache hold the rendering `target` (benchmarks: a prompt alone). -> (logits or None, tokens read)."""
         with self._changing():
             return self.kv.sync(target, progress, stop)
 
     # ---- conversation -------------------------------------------------------------
     def load_document(self, path: str, progress=None, stop=None) -> DocumentInfo:
         with self._changing():
-            text, pages = documents.read_pages(path)
-            name = Path(path).name
-            msg = {"role": "document", "name": name, "content": text, "path": str(Path(path).resolve())}
-            if pages:
-                msg["pages"] = pages  # where each page begins: a source names its page
+            msg = documents.message(path)
             target = self.conv.render(self.tok, pending=[msg], open_user=True)
             t0 = time.perf_counter()
             n_new, restored, note = doc_cache.read_document(
@@ -199,8 +180,8 @@ class Runtime:
                 raise VramchatError(f"{path} adds no tokens to the conversation")
             msg["tokens"] = n_new
             self.conv.messages.append(msg)
-            return DocumentInfo(name, str(path), len(text), n_new, time.perf_counter() - t0, from_cache=restored,
-                                note=note)
+            return DocumentInfo(msg["name"], str(path), len(msg["content"]), n_new, time.perf_counter() - t0,
+                                from_cache=restored, note=note)
 
     def ask(self, question: str, *, max_new_tokens: int = 1024, sampling: Sampling | None = None,
             on_token=None, progress=None, stop: threading.Event | None = None,
@@ -218,7 +199,7 @@ class Runtime:
                                   on_read=lambda: self.conv.messages.append(msg))
             self.conv.messages.append({"role": "assistant", "content": (prefix or "") + g.text,
                                        "partial": res.stopped, "stats": res.to_json()})
-            return self._checked(res, g)
+            return g.checked(res)
 
     def complete(self, prompt: str, *, max_new_tokens: int = 1024, sampling: Sampling | None = None,
                  on_token=None, progress=None, stop: threading.Event | None = None) -> TurnResult:
@@ -234,12 +215,12 @@ class Runtime:
             self.kv.held.no_answer()
             res, g = self._answer(prompt, prompt, max_new_tokens, sampling, on_token, progress, stop,
                                   on_read=lambda: None)
-            return self._checked(res, g)
+            return g.checked(res)
 
     def _answer(self, target: str, question: str, max_new_tokens: int, sampling: Sampling | None, on_token,
                 progress, stop, on_read):
         """Read what the cache lacks of `target` (then on_read()), decode after it.
-        -> (TurnResult, the generation); the caller records the answer, then `_checked`."""
+        -> (TurnResult, the generation); the caller records the answer, then `g.checked`."""
         if max_new_tokens < 1:
             raise VramchatError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
         sampling = sampling or Sampling()
@@ -253,12 +234,10 @@ class Runtime:
             on_read()
             held = self.kv.held
             held.begin_answer()
-            gen = torch.Generator(device="cpu")
-            if sampling.seed is not None:
-                gen.manual_seed(sampling.seed)
             g = generate(self.adapter, self.cache, logits, self.tok, stop_ids=self.stop_ids,
-                         max_new_tokens=max_new_tokens, sampling=sampling, gen=gen, on_token=on_token, stop=stop,
-                         on_step=self._publish_now_and_then)
+                         max_new_tokens=max_new_tokens, sampling=sampling, gen=generator(sampling),
+                         on_token=on_token, stop=stop,
+                         on_step=self.published.now_and_then)
         held.answered(self.tok.decode(g.ids, skip_special_tokens=False), g.ids, self.cache.seen)
         ffn = self.cache.ffn.ratio() if self.cache.ffn is not None else None
         res = TurnResult.from_generation(g, question=question, prompt_tokens=n_prompt, t0=t0, prefill_s=t_prefill,
@@ -269,13 +248,6 @@ class Runtime:
                                                              rec, self.adapter.attn_scale, question)
             res.sources_s = time.perf_counter() - t1
         return res, g
-
-    @staticmethod
-    def _checked(res: TurnResult, g) -> TurnResult:
-        if g.finish == "oom":
-            raise VramchatError(f"out of memory after {res.new_tokens} generated tokens; the partial answer is "
-                                "kept. Try `kivi` or a smaller budget.")
-        return res
 
     def set_system(self, text: str | None) -> None:
         with self._changing():
@@ -297,13 +269,12 @@ class Runtime:
                 self.kv.held.no_answer()  # not our last answer as we gave it: no tolerance inside it
             self.conv = Conversation(system=system or None, messages=[dict(m) for m in messages])
 
-    # ---- policies -----------------------------------------------------------------
+    # ---- policies, save / restore -------------------------------------------------
     def set_policy(self, spec: str, progress=None, stop=None, reprefill: bool = False) -> ConversionResult:
         """Switch the KV policy (`auto`: let the runtime choose, now and as the conversation grows)."""
         with self._changing():
             return self.kv.set_policy(spec, progress, stop, reprefill)
 
-    # ---- save / restore -----------------------------------------------------------
     def to_json(self) -> dict:
         return {"model": self.model_id, "policy": self.policy, **self.conv.to_json()}
 
@@ -314,7 +285,7 @@ class Runtime:
         with self._changing():
             self.conv = Conversation.from_saved(data)
             self.kv.reset()
-            target = self._rendered()
+            target = self.conv.rendered(self.tok)
             if not target:
                 return "nothing to read"
             return self.kv.restore(target, cache_file, self.conv.messages, progress, stop)

@@ -8,6 +8,14 @@ from .types import Sampling
 _END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "<|end_of_text|>", "</s>", "<end_of_turn>")
 
 
+def generator(s: Sampling) -> torch.Generator:
+    """The random source of one answer: seeded where the sampling asks for it."""
+    gen = torch.Generator(device="cpu")
+    if s.seed is not None:
+        gen.manual_seed(s.seed)
+    return gen
+
+
 def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator) -> int:
     """logits [V] float32 -> token id."""
     if s.temperature <= 0:

@@ -73,6 +73,11 @@ class Conversation:
         return tokenizer.apply_chat_template(msgs, tokenize=False,
                                              add_generation_prompt=msgs[-1]["role"] == "user")
 
+    def rendered(self, tokenizer) -> str:
+        """The conversation so far as the cache holds it between turns (after a document the
+        user turn stays open for the question)."""
+        return self.render(tokenizer, open_user=bool(self.messages) and self.messages[-1]["role"] == "document")
+
     def to_json(self) -> dict:
         return {"system": self.system, "messages": [dict(m) for m in self.messages]}
 
