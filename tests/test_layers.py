@@ -57,3 +57,23 @@ def test_runtime_modules_have_no_cycles():
     for m in sorted(graph):
         visit(m)
     assert not cycles, cycles
+
+
+def test_nothing_outside_the_runtime_reaches_into_it():
+    """The app, the benches and the server use the runtime's public API: no `rt._x`."""
+    import re
+    bad = []
+    pattern = re.compile(r"\b(rt|runtime|self\.runtime|ctx\.runtime)\._[a-z]")
+    for f in sorted((ROOT / "app").rglob("*.py")):
+        if f.parent.name == "runtime" and f.parent.parent.name == "app":
+            continue
+        for n, line in enumerate(f.read_text().splitlines(), 1):
+            if pattern.search(line):
+                bad.append(f"{f.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert not bad, bad
+
+
+def test_runtime_and_ui_modules_stay_short():
+    long = [f"{f.relative_to(ROOT)}: {n}" for d in ("app/runtime", "app/ui") for f in sorted((ROOT / d).glob("*.py"))
+            if (n := len(f.read_text().splitlines())) > 300]
+    assert not long, long
