@@ -80,12 +80,12 @@ def test_sources_fold_under_the_answer_and_enter_opens_the_passage(tmp_path, har
             first = str(rows.get_option_at_index(0).prompt)
             assert first.startswith(" 56%  harbour.txt, line 23 · device") and "48213" in first
             assert "recalled" in str(rows.get_option_at_index(1).prompt)
-            fold.query_one("CollapsibleTitle").focus()
+            await pilot.press("shift+tab")  # from the input, back to the last answer's fold
+            assert app.focused is fold.query_one("CollapsibleTitle")
             await pilot.press("enter")  # unfold
             await wait_for(pilot, lambda: not fold.collapsed)
-            rows.focus()
-            await pilot.pause()
-            rows.highlighted = 0
+            await pilot.press("tab")
+            assert app.focused is rows and rows.highlighted == 0
             await pilot.press("enter")
             await wait_for(pilot, lambda: isinstance(app.screen, SourceViewer))
             viewer = app.screen
