@@ -2,7 +2,10 @@
 
 It streams word-sized tokens, reports prefill progress in chunks, honours the stop event, and
 reports fixed memory numbers so snapshots are stable. `hold_after` pauses an answer after that
-many tokens until `release` is set (for the mid-stream snapshot and the stop test).
+many tokens until `release` is set (for the mid-stream snapshot and the stop test). Like the
+runtime it publishes its state after every change (`snapshot()`, `memory()` read the last one):
+a cache map and a timeline by the fixed rule of fake_map.py. Under `auto` it chooses `full`
+up to AUTO_FULL tokens, else AUTO_LONG.
 """
 from __future__ import annotations
 
@@ -13,8 +16,10 @@ from pathlib import Path
 from app.runtime.types import (CacheState, ContextInfo, ConversionResult, DocumentInfo, MemoryReport, Sampling,
                                Stopped, TurnResult, VramchatError)
 from policies.registry import parse_spec
+from tests.ui.fake_map import FakeCache
 
 GiB, MiB = 1 << 30, 1 << 20
+AUTO_FULL, AUTO_FULL_SPEC, AUTO_LONG = 2048, "full", "locret+offload"
 CITED_NOTE = ("the part of the document that answers this may have been evicted: “harbour” occurs only in "
               "notes.md line 40, which the policy did not keep or recall for this question")
 
@@ -47,22 +52,42 @@ class FakeRuntime:
         self.chunk = 16
         self.hold_prefill = False  # pause prefill half-way until `release` (or stop) is set
         self.cite = False  # answers carry sources (`cited`: the second one recalled) and a note
+        self.cache = FakeCache()
+        self._publish()
 
     # -- helpers --
     def policy_warnings(self) -> list[str]:
         from policies.anchor import WARNING
         return [WARNING] if self.policy.startswith("anchor") else []
 
-    def _kv_bytes(self) -> int:
+    def _kv_bytes(self, read: int | None = None, policy: str | None = None) -> int:
         per_token = 64 * 1024
-        if "kivi" in self.policy:
+        if "kivi" in (policy or self.policy):
             per_token //= 8
-        return self._retained() * per_token
+        return self._retained(read, policy) * per_token
 
-    def _retained(self) -> int:
-        slots = parse_spec(self.policy)
+    def _retained(self, read: int | None = None, policy: str | None = None) -> int:
+        read = self.read if read is None else read
+        slots = parse_spec(policy or self.policy)
         budget = slots["selector"].opts.get("budget") if "selector" in slots else None
-        return min(self.read, budget) if budget else self.read
+        return min(read, budget) if budget else read
+
+    def _host_bytes(self, read: int, policy: str) -> int:
+        """offload keeps on the host what the selector evicts (alone: everything)."""
+        if "offload" not in policy:
+            return 0
+        return (read - (self._retained(read, policy) if "+" in policy else 0)) * 64 * 1024
+
+    def _publish(self) -> None:
+        """Replace the published state by the one of now (a timeline sample first, as the runtime's)."""
+        read, policy = self.read, self.policy
+        gpu = self._kv_bytes(read, policy) if "+offload" in policy or "offload" not in policy else 0
+        cmap = self.cache.map(read, policy)
+        self.cache.timeline.add(gpu, self._host_bytes(read, policy), policy, cmap.documents)
+        per = gpu // 4
+        layers = [per, per, per // 4, per // 4] if policy.startswith("lighttransfer") else [per] * 4
+        self._state = CacheState(policy=policy, layers=tuple(layers), context=self.context(), cache_map=cmap,
+                                 timeline=self.cache.timeline)
 
     def _prefill(self, n: int, progress, stop) -> None:
         """Reads chunk by chunk; `read` (context()) grows as the chunks go in, as the runtime's
@@ -71,13 +96,16 @@ class FakeRuntime:
         for done in range(0, n, self.chunk):
             if stop is not None and stop.is_set():
                 self.read = base
+                self._publish()
                 raise Stopped("stopped while reading")
             self.read = base + done
+            self._publish()
             if progress:
                 progress(done, n)
             if self.hold_prefill and done >= n // 2:
                 self._hold(stop)
         self.read = base + n
+        self._publish()
         if progress:
             progress(n, n)
 
@@ -110,15 +138,24 @@ class FakeRuntime:
             raise VramchatError(f"no such file: {path}")
         text = p.read_text(encoding="utf-8")
         tokens = max(1, len(text) // 4)
+        base = self.read
+        if self.auto:
+            self._choose(base + tokens)
         self._prefill(tokens, progress, stop)
         self.messages.append({"role": "document", "name": p.name, "path": str(p), "content": text,
                               "tokens": tokens})
+        self.cache.read(p.name, "document", base, text, tokens)
+        self._publish()
         return DocumentInfo(p.name, str(p), len(text), tokens, prefill_s=0.5)
 
     def ask(self, question: str, *, max_new_tokens: int = 1024, sampling: Sampling | None = None,
             on_token=None, progress=None, stop=None) -> TurnResult:
         self.calls.append(f"ask {question}")
+        base = self.read
         self._prefill(len(question) // 4 + 1, progress, stop)
+        self.cache.read("chat", "chat", base, question, self.read - base)
+        self.cache.recall(self.policy)
+        self._publish()
         pieces = [w + " " for w in answer_for(question).split(" ")][:max_new_tokens]
         out, stopped = [], False
         for i, piece in enumerate(pieces):
@@ -131,7 +168,9 @@ class FakeRuntime:
             if on_token:
                 on_token(piece)
         answer = "".join(out).rstrip()
+        self.cache.read("chat", "chat", self.read, answer, len(out))
         self.read += len(out)
+        self._publish()
         result = TurnResult(question, answer, prompt_tokens=self.read, new_tokens=len(out), ttft_s=0.12,
                             prefill_tok_s=1000.0, decode_tok_s=42.0, policy=self.policy, stopped=stopped,
                             finish="stopped" if stopped else "stop")
@@ -145,6 +184,10 @@ class FakeRuntime:
 
     def set_policy(self, spec: str, progress=None, stop=None, reprefill: bool = False) -> ConversionResult:
         self.calls.append(f"set_policy {spec}")
+        self.auto = spec == "auto"
+        if self.auto:
+            import offload  # noqa: F401  (registers offload, which AUTO_LONG names)
+            spec = AUTO_FULL_SPEC if self.read <= AUTO_FULL else AUTO_LONG
         parse_spec(spec)  # raises SpecError
         before, old = self._kv_bytes(), self.policy
         reprefill = reprefill or "streaming" in spec
@@ -152,8 +195,16 @@ class FakeRuntime:
             read, self.read = self.read, 0
             self._prefill(read, progress, stop)
         self.policy = spec
+        self._publish()
         return ConversionResult(old, spec, before, self._kv_bytes(), reprefill, lossy=spec != "full",
                                 message="")
+
+    def _choose(self, tokens: int) -> None:
+        """auto, before a read: the stack for the longer text (a live switch, published)."""
+        want = AUTO_FULL_SPEC if tokens <= AUTO_FULL else AUTO_LONG
+        if want != self.policy:
+            self.policy = want
+            self._publish()
 
     def set_system(self, text: str | None) -> None:
         self.calls.append(f"set_system {text}")
@@ -162,12 +213,22 @@ class FakeRuntime:
     def clear(self) -> None:
         self.calls.append("clear")
         self.messages, self.read = [], 0
+        self.cache.clear()
+        self._publish()
 
     def memory(self) -> MemoryReport:
-        kv = self._kv_bytes()
-        common = dict(kv={"gpu" if self.has_gpu else "host": {"keys": kv // 2, "values": kv // 2}},
-                      kv_peak_bytes=kv, weights_bytes=3 * GiB, rss=(2 * GiB if self.has_gpu else 4 * GiB) + kv,
-                      rss_peak=5 * GiB, host_total=32 * GiB, host_available=20 * GiB)
+        state = self._state  # the published state, as the runtime's gauge reads it
+        read, policy = state.context.read, state.policy
+        kv = self._kv_bytes(read, policy)
+        kvs = {"gpu" if self.has_gpu else "host": {"keys": kv // 2, "values": kv // 2}}
+        host = self._host_bytes(read, policy)
+        if host:
+            kvs["host"] = {"keys": host // 2, "values": host // 2}
+            if "+" not in policy:  # offload alone: nothing on the device
+                kvs.pop("gpu", None)
+        common = dict(kv=kvs, kv_peak_bytes=sum(sum(d.values()) for d in kvs.values()), weights_bytes=3 * GiB,
+                      rss=(2 * GiB if self.has_gpu else 4 * GiB) + kv, rss_peak=5 * GiB, host_total=32 * GiB,
+                      host_available=20 * GiB)
         if not self.has_gpu:
             return MemoryReport(device="cpu", has_gpu=False, **common)
         return MemoryReport(device=self.device, has_gpu=True, gpu_total=24 * GiB, gpu_used=6 * GiB + kv,
@@ -178,7 +239,7 @@ class FakeRuntime:
         return ContextInfo(read=self.read, retained=self._retained(), window=self.window)
 
     def snapshot(self) -> CacheState:
-        return CacheState(policy=self.policy, layers=tuple(self.layer_bytes()), context=self.context())
+        return self._state
 
     def layer_bytes(self) -> list[int]:
         """Four layers; under `lighttransfer` the last two are lazy (a quarter the bytes)."""
@@ -196,9 +257,17 @@ class FakeRuntime:
     def restore(self, data: dict, progress=None, stop=None, cache_file=None) -> str:
         self.calls.append("restore")
         self.messages, self.read = [], 0
+        self.cache.clear()
         self.system = data.get("system")
         self.policy = data.get("policy", self.policy)
-        total = sum(int(m.get("tokens", len(str(m.get("content", ""))) // 4 + 1)) for m in data["messages"])
-        self._prefill(total, progress, stop)
+        sizes = [int(m.get("tokens", len(str(m.get("content", ""))) // 4 + 1)) for m in data["messages"]]
+        self._prefill(sum(sizes), progress, stop)
+        at = 0
+        for m, n in zip(data["messages"], sizes):
+            doc = m.get("role") == "document"
+            self.cache.read(m.get("name", "document") if doc else "chat", "document" if doc else "chat", at,
+                            str(m.get("content", "")), n)
+            at += n
         self.messages = [dict(m) for m in data["messages"]]
+        self._publish()
         return "re-read the conversation"
