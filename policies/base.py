@@ -210,7 +210,7 @@ def _complement(idx: torch.Tensor, n: int) -> torch.Tensor:
 class KVCache:
     """The whole model's cache: one LayerCache per decoder layer, built from a spec."""
 
-    ffn: Ffn | None = None  # the spec's model-level part (`ffnskip`): the adapter routes the FFN blocks through it
+    ffn: Ffn | None = None  # the spec's model-level part (`ffnskip`); the adapter routes FFN blocks through it
 
     def __init__(self, spec: str | dict, info: ModelInfo):
         self.slots = parse_spec(spec) if isinstance(spec, str) else dict(spec)
