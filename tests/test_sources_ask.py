@@ -24,9 +24,11 @@ def _pdf(path, pages: list[list[str]]) -> None:
                                            NameObject("/BaseFont"): NameObject("/Helvetica")}))
     for lines in pages:
         page = w.add_blank_page(420, 600)
-        page[NameObject("/Resources")] = DictionaryObject({NameObject("/Font"): DictionaryObject({NameObject("/F1"): font})})
+        fonts = DictionaryObject({NameObject("/F1"): font})
+        page[NameObject("/Resources")] = DictionaryObject({NameObject("/Font"): fonts})
         stream = DecodedStreamObject()
-        stream.set_data(("BT /F1 10 Tf 12 TL 20 580 Td " + " T* ".join(f"({line}) Tj" for line in lines) + " ET").encode())
+        text = " T* ".join(f"({line}) Tj" for line in lines)
+        stream.set_data(f"BT /F1 10 Tf 12 TL 20 580 Td {text} ET".encode())
         page[NameObject("/Contents")] = w._add_object(stream)
     with open(path, "wb") as fh:
         w.write(fh)

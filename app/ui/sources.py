@@ -50,7 +50,8 @@ def excerpt(content: str | None, source: dict, around: int = AROUND) -> list[tup
     lines = content.split("\n") if content is not None else []
     if not 0 < line <= len(lines):
         return [(line, text, True)]
-    span = max(1, text.count("\n") + 1)  # NOTE: evidence.py's passages lie within one line; a longer one still shows whole
+    # NOTE: evidence.py's passages lie within one line; one that spans more still shows whole
+    span = max(1, text.count("\n") + 1)
     a, b = max(1, line - around), min(len(lines), line + span - 1 + around)
     return [(n, lines[n - 1], line <= n < line + span) for n in range(a, b + 1)]
 
@@ -95,5 +96,6 @@ class SourcesBox(Vertical):
         from app.ui.screens import SourceViewer
         rt = self.app.runtime
         content = document_text(list(rt.messages), source) if rt is not None else None
-        missing = "" if content is not None else "The document's text is not in this conversation now; the passage alone:"
+        missing = "" if content is not None else \
+            "The document's text is not in this conversation now; the passage alone:"
         self.app.push_screen(SourceViewer(where(source), excerpt(content, source), source, missing))
