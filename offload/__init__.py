@@ -14,7 +14,7 @@ from .doublesparse import DoubleSparseReader
 from .host import HostStore
 from .spill import OffloadSpill
 
-_RECALL_OPTS = ("recall", "channels", "every", "pool", "quote", "terms", "rank", "channels_file")
+_RECALL_OPTS = ("recall", "channels", "every", "pool", "quote", "terms", "rank", "channels_file", "kbits", "vbits")
 
 
 def _place(slots) -> str:
@@ -52,6 +52,10 @@ def _check_offload(opts) -> None:
                  "that name a fact; needs quote)"),
     "rank": Opt(bool, True, "on: the label ranking fills the recall buffer beside the spans; off: spans only"),
     "channels_file": Opt("path", "", "calibration file (default: the one shipped for this model)"),
+    "kbits": Opt(int, 16, "bits per evicted key on the host: 2, 4 or 8 (KIVI codes, per channel), 16 the "
+                 "cache's own precision", choices=(2, 4, 8, 16)),
+    "vbits": Opt(int, 16, "bits per evicted value on the host: 2, 4 or 8 (KIVI codes, per token), 16 the "
+                 "cache's own precision", choices=(2, 4, 8, 16)),
 }, "host tier: alone, the whole cache in host memory streamed per layer; behind an evicting "
    "selector, evicted tokens go to the host and the best ones are recalled per question", place=_place,
    check=_check_offload)
@@ -60,7 +64,7 @@ def build_offload(policy, info, layer):
         return HostStore(info, layer)
     o = policy.opts
     return OffloadSpill(info, layer, o["recall"], o["channels"], o["every"], o["channels_file"], o["pool"],
-                        o["quote"], o["terms"], o["rank"])
+                        o["quote"], o["terms"], o["rank"], o["kbits"], o["vbits"])
 
 
 def _check_ds(opts) -> None:

@@ -2,9 +2,12 @@
 question needs come back into a small recall buffer that attention also reads.
 
 Per layer (batch 1):
-- host: keys de-rotated to position 0 `hk` [Hkv, N, D], values `hv` [Hkv, N, D] and the
+- host: keys de-rotated to position 0 [Hkv, N, D], values [Hkv, N, D] and the
   conversation index of each token `hpos` [Hkv, N] (pinned, filled by non_blocking copies
-  on CUDA; plain tensors on CPU — the same code);
+  on CUDA; plain tensors on CPU — the same code). Keys and values are kept at the cache's
+  precision (`kbits`/`vbits` 16, the default: `hk`, `hv`), or as KIVI codes at 2, 4 or 8
+  bits (offload/rows.py `CodedRows`: keys per channel, values per token, kivi's own
+  quantizers), dequantized only for the rows a recall brings back;
 - GPU: labels [Hkv, N, r], each evicted key's r calibrated channels, post-RoPE at the
   position it held when it was evicted (the frame it was last attended in, at distances
   like the ones a recalled token gets), int8 with a scale per row (labels.LabelCache),
@@ -37,8 +40,15 @@ from policies.slots import Spill
 
 from . import labels
 from .calibrate import find_channels
-from .host import copy_rows, host_bytes, host_empty
+from .rows import make_rows, row_bytes, rows_bytes
 from .quotes import Quotes, breaks
+
+
+def host_rows_bytes(info, kbits: int, vbits: int, cap: int) -> int:
+    """Exact host bytes of one layer's spill rows (keys, values, conversation index) grown to
+    `cap` rows, recall staging and the token log aside (`main.py plan`, the read's host check)."""
+    h, d, dt = info.n_kv_heads, info.head_dim, info.dtype
+    return rows_bytes("k", kbits, h, d, dt, cap) + rows_bytes("v", vbits, h, d, dt, cap) + cap * 8 * h
 
 
 def pool_along_text(s: torch.Tensor, text_order: torch.Tensor, pool: int) -> torch.Tensor:
@@ -57,7 +67,8 @@ class OffloadSpill(Spill):
     BLOCK = 256
 
     def __init__(self, info, layer: int, recall: int, channels: int, every: int, channels_file: str = "",
-                 pool: int = 1, quote: int = 0, terms: bool = False, rank: bool = True):
+                 pool: int = 1, quote: int = 0, terms: bool = False, rank: bool = True, kbits: int = 16,
+                 vbits: int = 16):
         self.info, self.layer, self.n_recall, self.every, self.pool = info, layer, recall, every, pool
         self.quote = min(quote, recall // 2)  # span length; spans take at most half the buffer
         self.terms = terms  # spans around the question's rare word pairs too (offload/quotes.py)
@@ -77,15 +88,15 @@ class OffloadSpill(Spill):
         self.ch = find_channels(info, channels, channels_file, "offload")[layer] if rank else None
         self.cuda = info.device.type == "cuda"
         h, d, dt = info.n_kv_heads, info.head_dim, info.dtype
+        self.kbits, self.vbits = kbits, vbits
         self.n = 0  # host tokens per KV head
-        self.hk = host_empty((h, 0, d), dt, self.cuda)  # [Hkv, cap, D] keys at position 0
-        self.hv = host_empty((h, 0, d), dt, self.cuda)  # [Hkv, cap, D]
+        # [Hkv, cap, D] keys at position 0 / values, at the cache's precision or as KIVI codes
+        self.keys = make_rows("k", kbits, h, d, dt, info.device)
+        self.vals = make_rows("v", vbits, h, d, dt, info.device)
         self.hpos = torch.empty(h, 0, dtype=torch.long)  # [Hkv, cap] conversation index
         self.labels = labels.LabelCache(h, self.ch.shape[1], dt, info.device) if rank else None  # [Hkv, cap, r]
         self.buf_k = torch.empty(h, 0, d, dtype=dt, device=info.device)  # [Hkv, <=k, D]
         self.buf_v = torch.empty_like(self.buf_k)
-        self._staged = None  # CUDA event: the copies out of `stage` were issued before it
-        self.stage = None  # pinned (k, v) [Hkv, <=k, D] where host rows are gathered (CUDA)
         self.m = 0  # tokens in the buffer
         self.buf_base = 0  # layer.base the buffer was rotated for
         self.recalled = torch.empty(h, 0, dtype=torch.long)  # [Hkv, m] conversation indices
@@ -123,15 +134,22 @@ class OffloadSpill(Spill):
             q.restore(tensors, meta)
 
     # ---- host tier ----------------------------------------------------------------------
+    @property
+    def hk(self) -> torch.Tensor:
+        """Host keys [Hkv, cap, D] at the cache's precision (kbits=16)."""
+        return self.keys.t
+
+    @property
+    def hv(self) -> torch.Tensor:
+        return self.vals.t
+
     def _reserve(self, n: int) -> None:
-        if n <= self.hk.shape[1]:
+        cap = self.hpos.shape[1]
+        if n <= cap:
             return
-        cap = capacity.grown(self.hk.shape[1], n, self.BLOCK)
-        for name in ("hk", "hv"):
-            old = getattr(self, name)
-            new = host_empty((old.shape[0], cap, old.shape[2]), old.dtype, self.cuda)
-            new[:, : self.n] = old[:, : self.n]
-            setattr(self, name, new)
+        cap = capacity.grown(cap, n, self.BLOCK)
+        self.keys.grow(cap, self.n)
+        self.vals.grow(cap, self.n)
         pos = torch.empty(self.hpos.shape[0], cap, dtype=torch.long)
         pos[:, : self.n] = self.hpos[:, : self.n]
         self.hpos = pos
@@ -146,8 +164,8 @@ class OffloadSpill(Spill):
             self._copied.synchronize()  # NOTE: _reserve may copy host rows still in flight
         self._reserve(self.n + e)
         end = self.n + e
-        copy_rows(self.hk[:, self.n:end], k0.contiguous())
-        copy_rows(self.hv[:, self.n:end], v.contiguous())
+        self.keys.write(self.n, k0)
+        self.vals.write(self.n, v)
         self.hpos[:, self.n:end] = conv.cpu()
         if self.labels is not None:
             self.labels.write(self.n, lab)
@@ -173,14 +191,14 @@ class OffloadSpill(Spill):
         n = other.n
         if other._copied is not None:
             other._copied.synchronize()
-        k0 = other.hk[:, :n]
+        k0 = other.keys.rows(n)
         if not self.rank:
             lab = None
         elif other.ch is not None and torch.equal(other.ch.cpu(), self.ch.cpu()):
             lab = other.labels[:, :n]
         else:  # other channels or none: labels from the position-0 keys (the eviction frame is gone)
             lab = labels.take(k0.to(self.info.device), self.ch)
-        self._put(k0, other.hv[:, :n], lab, other.hpos[:, :n])
+        self._put(k0, other.vals.rows(n), lab, other.hpos[:, :n])
         if self.quotes is not None and other.quotes is not None:
             self.quotes.adopt(other.quotes)
 
@@ -284,26 +302,11 @@ class OffloadSpill(Spill):
         order = conv.argsort(1)  # NOTE: host rows are in eviction order, not conversation order
         idx, conv = idx.gather(1, order), conv.gather(1, order)
         m = idx.shape[1]
-        h, d = self.hk.shape[0], self.hk.shape[2]
         if self.buf_k.shape[1] < m:
-            self.buf_k = self.buf_k.new_empty(h, m, d)
-            self.buf_v = self.buf_v.new_empty(h, m, d)
-        ix = idx[..., None].expand(-1, -1, d)
-        if self.cuda:  # gather on the host into pinned staging, then one async copy each
-            if self.stage is None or self.stage[0].shape[1] < m:
-                self.stage = tuple(host_empty((h, m, d), self.hk.dtype, True) for _ in range(2))
-            sk, sv = self.stage[0][:, :m], self.stage[1][:, :m]
-            if self._staged is not None:  # the last recall's copies out of the staging rows
-                self._staged.synchronize()
-            torch.gather(self.hk[:, :n], 1, ix, out=sk)
-            torch.gather(self.hv[:, :n], 1, ix, out=sv)
-        else:
-            sk, sv = self.hk[:, :n].gather(1, ix), self.hv[:, :n].gather(1, ix)
-        copy_rows(self.buf_k[:, :m], sk)
-        copy_rows(self.buf_v[:, :m], sv)
-        if self.cuda:
-            self._staged = torch.cuda.Event()
-            self._staged.record()
+            self.buf_k = self.buf_k.new_empty(self.buf_k.shape[0], m, self.buf_k.shape[2])
+            self.buf_v = torch.empty_like(self.buf_k)
+        self.keys.read(self.buf_k[:, :m], idx, n)  # only these rows are dequantized
+        self.vals.read(self.buf_v[:, :m], idx, n)
         pos = torch.arange(layer.base - m, layer.base, device=self.buf_k.device)
         self.buf_k[:, :m] = rope.rotate(self.buf_k[:, :m], pos, self.info.inv_freq)
         self.m, self.buf_base, self.recalled = m, layer.base, conv
@@ -317,27 +320,27 @@ class OffloadSpill(Spill):
         if self._copied is not None:
             self._copied.synchronize()  # host rows still in flight
         n, m = self.n, self.m
-        t = {"hk": self.hk[:, :n], "hv": self.hv[:, :n], "hpos": self.hpos[:, :n],
+        (tk, mk), (tv, mv) = self.keys.state(n), self.vals.state(n)
+        t = {**tk, **tv, "hpos": self.hpos[:, :n],
              **(self.labels.state(n) if self.labels is not None else {}),
              "buf_k": self.buf_k[:, :m], "buf_v": self.buf_v[:, :m], "recalled": self.recalled}
         for name, x in (("ranked", self._ranked), ("qs", self._qs)):
             if x is not None:
                 t[name] = x
         meta = {c: getattr(self, c) for c in self._COUNTS}
-        meta.update(cap=self.hk.shape[1], buf_cap=self.buf_k.shape[1],
-                    stage=0 if self.stage is None else self.stage[0].shape[1])
+        meta.update(mk, **mv, cap=self.hpos.shape[1], buf_cap=self.buf_k.shape[1])
         return t, meta
 
     def restore(self, tensors: dict, meta: dict) -> None:
         for c in self._COUNTS:
             setattr(self, c, int(meta[c]))
-        h, d, dt, dev = self.hk.shape[0], self.hk.shape[2], self.hk.dtype, self.info.device
+        h, d, dev = self.buf_k.shape[0], self.buf_k.shape[2], self.info.device
         n, m, cap = self.n, self.m, int(meta["cap"])
-        if tensors["hk"].shape != (h, n, d) or tensors["buf_k"].shape != (h, m, d):
-            raise ValueError(f"offload: saved host rows {tuple(tensors['hk'].shape)} / buffer "
-                             f"{tuple(tensors['buf_k'].shape)} do not fit n={n}, m={m} [Hkv, T, D]")
-        self.hk, self.hv = host_empty((h, cap, d), dt, self.cuda), host_empty((h, cap, d), dt, self.cuda)
-        self.hk[:, :n], self.hv[:, :n] = tensors["hk"], tensors["hv"]
+        if tensors["buf_k"].shape != (h, m, d):
+            raise ValueError(f"offload: saved recall buffer {tuple(tensors['buf_k'].shape)} does not fit "
+                             f"m={m} [Hkv, T, D]")
+        self.keys.restore(tensors, meta, n, cap)
+        self.vals.restore(tensors, meta, n, cap)
         self.hpos = torch.zeros(h, cap, dtype=torch.long)
         self.hpos[:, :n] = tensors["hpos"]
         if self.labels is not None:
@@ -348,18 +351,19 @@ class OffloadSpill(Spill):
         self.recalled = tensors["recalled"].clone()
         self._ranked = tensors["ranked"].to(dev) if "ranked" in tensors else None
         self._qs = tensors["qs"].to(dev) if "qs" in tensors else None
-        self._text_order, self._copied, self._staged = None, None, None
-        s = int(meta["stage"])
-        self.stage = tuple(host_empty((h, s, d), dt, True) for _ in range(2)) if s else None
+        self._text_order, self._copied = None, None
 
     # ---- accounting ---------------------------------------------------------------------
+    def token_bytes(self) -> float:
+        """Host bytes one evicted token takes in this layer: its keys and values as stored
+        (scales and zeros counted per token) and its conversation index (int64 per KV head)."""
+        h, d, dt = self.info.n_kv_heads, self.info.head_dim, self.info.dtype
+        return row_bytes("k", self.kbits, h, d, dt) + row_bytes("v", self.vbits, h, d, dt) + 8 * h
+
     def nbytes(self) -> dict:
         """Exact bytes by (tier, kind): host rows and staging; labels and the buffer in tier "gpu"
         (the compute device: on CPU it is host memory too, but it is what the budget bounds)."""
-        host = {"keys": host_bytes(self.hk), "values": host_bytes(self.hv), "index": self.hpos.nbytes}
-        if self.stage is not None:
-            host["keys"] += host_bytes(self.stage[0])
-            host["values"] += host_bytes(self.stage[1])
+        host = {"keys": self.keys.nbytes(), "values": self.vals.nbytes(), "index": self.hpos.nbytes}
         if self._owns_log:  # the cache's one token log
             host["index"] += self.quotes.nbytes()
         out = {("host", k): v for k, v in host.items()}
