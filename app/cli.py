@@ -28,6 +28,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a model's own Python code")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--no-sources", action="store_true", help="answers name no sources (the passages of the "
+                   "documents they attended to most; chat: also the config file's `sources = false`)")
 
 
 def _sampling(p: argparse.ArgumentParser, temperature: float | None) -> None:
@@ -48,12 +50,11 @@ def _backend(p: argparse.ArgumentParser) -> None:
 
 
 LOCAL_ONLY = (("policy", None), ("device", "auto"), ("weights", "auto"), ("chunk_size", None),
-              ("trust_remote_code", False))
+              ("trust_remote_code", False), ("no_sources", False))
 
 
 def parser() -> argparse.ArgumentParser:
     from policies import REGISTRY
-    import offload  # noqa: F401  (registers its policies)
 
     pols = "\n".join(f"  {n:<14} {e.summary}" for n, e in sorted(REGISTRY.items()))
     ap = argparse.ArgumentParser(
@@ -151,6 +152,7 @@ def _load_runtime(args, status=None):
     from app.runtime.engine import Runtime
     rt = Runtime.load(args.model, policy=args.policy or "auto", device=args.device, weights=args.weights,
                       chunk_size=args.chunk_size, trust_remote_code=args.trust_remote_code, status=status)
+    rt.sources = not args.no_sources
     if args.system:
         rt.set_system(args.system)
     for w in rt.policy_warnings():
@@ -335,6 +337,8 @@ def ui_main(args, run) -> int:
         value = getattr(args, key)
         if value is not None:
             setattr(cfg, key, value)
+    if args.no_sources:
+        cfg.sources = False
     if not args.backend:  # the config's model is a local one; a backend's is named with --model
         args.model = cfg.model or None
     args.policy = cfg.policy or "auto"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from app.estimate import CHOICES, MAX_SEARCH, _model, describe, estimate, largest, weights_bytes
+from app.runtime.estimate import CHOICES, MAX_SEARCH, describe, estimate, largest, model_of, weights_bytes
 from app.runtime.auto import AUTO
 from app.runtime.types import VramchatError, fmt_bytes
 
@@ -140,7 +140,7 @@ def before_load(rt, path: str, answer: int = 1024) -> str:
     rates for a replayed store: this runs before every document)."""
     from app.runtime import documents
     n = len(rt.tokens(documents.read_document(path)))
-    m = _model(rt.adapter.model, rt.adapter.info, rt.model_id, rt.adapter.refused)
+    m = model_of(rt)
     choice = rt.weights if rt.weights in CHOICES else "fp32"
     device, fit, host, where = capacity(None)
     e = estimate(m, rt.policy, rt.cache.seen + n, rt.chunk_size, answer, choice, device, exact=False)

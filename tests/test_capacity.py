@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app import estimate
+from app.runtime import estimate
 from app.runtime.engine import Runtime
 from app.runtime.prefill import prefill
 from policies import Chunk, capacity

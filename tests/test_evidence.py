@@ -146,3 +146,18 @@ def test_the_fact_is_the_top_source_on_the_default_model(fresh_smol, tmp_path):
     assert res.sources[0]["line"] == 100 and res.sources[0]["text"] == lines[97]
     assert res.sources[0]["tier"] == "device" and 0 < res.sources[0]["weight"] <= 1
     assert res.to_json()["sources"] == res.sources
+
+
+def test_a_long_user_message_is_a_document(tmp_path):
+    """A client of `serve` sends its documents as user content: a long user message is read as one."""
+    rt = _rt()
+    _, lines = _doc(tmp_path, n=60)
+    rt.set_conversation(None, [{"role": "user", "content": "\n".join(lines)}, {"role": "assistant", "content": "Read."}])
+    res = rt.ask("Where is the code?", max_new_tokens=3)
+    found = rt._passages.of(rt.held, rt.messages)
+    assert [p.text for p in found] == lines and {p.document for p in found} == {"message 1"}
+    assert [p.line for p in found] == list(range(1, 61))
+    assert res.sources and {s["document"] for s in res.sources} == {"message 1"}
+    short = _rt()
+    short.set_conversation(None, [{"role": "user", "content": lines[0]}, {"role": "assistant", "content": "Ok."}])
+    assert short.ask("And?", max_new_tokens=2).sources == []

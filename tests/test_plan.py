@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from app import estimate as est, plan
+from app import plan
+from app.runtime import estimate as est
 from app.runtime.types import VramchatError
 from policies import SpecError
 from tiny import tiny_pair

@@ -18,7 +18,7 @@ import torch
 
 from app.runtime.decode import Decoder
 from app.runtime.doc_cache import DocCache
-from app.runtime.engine import Runtime  # noqa: F401  (imports offload: its policies register)
+from app.runtime.engine import Runtime
 from policies import REGISTRY, state
 from tiny import tiny_pair, tiny_policy_files
 

@@ -34,6 +34,8 @@ import torch
 from policies import SpecError
 from policies.registry import canonical_spec
 
+from . import estimate
+
 AUTO = "auto"
 SUMMARY = "choose for the conversation: full inside the window, else locret or a heads-free budget (+kivi/+offload)"
 # the question brings back whole passages around the words that name what it asks; no label
@@ -88,7 +90,6 @@ def choose(rt, tokens: int, answer: int = 1024, heads: bool | None = None,
     """The stack for rt's conversation of `tokens` tokens (and an answer of `answer`); `heads`:
     whether retaining heads exist (default: looked up); `memory`: (device, host) bytes
     (default: what this process could use now, `room`)."""
-    from app import estimate
     heads = has_heads(rt.adapter.info) if heads is None else heads
     m = estimate.model_of(rt)
     weights = rt.weights if rt.weights in estimate.CHOICES else "fp32"
@@ -98,11 +99,10 @@ def choose(rt, tokens: int, answer: int = 1024, heads: bool | None = None,
 
 def choose_for(m, tokens: int, answer: int, *, heads: bool, memory: tuple[int, int | None], weights: str,
                device: str, chunk: int) -> Choice:
-    """The stack for a conversation of `tokens` tokens on model `m` (an `app.estimate.Model`:
+    """The stack for a conversation of `tokens` tokens on model `m` (an `estimate.Model`:
     a loaded runtime's, or `main.py plan`'s from metadata alone), by the estimate `plan`
     makes: `memory` is (bytes the device's peak may reach, host bytes; None on a CPU, where
     host-tier K/V shares the one memory). The spec is canonical (`canonical_spec`)."""
-    from app import estimate
     fit, host = memory
     need, window = tokens + answer, m.window or 0
 

@@ -33,6 +33,7 @@ from .session import document_block
 DEPTHS = (0.5, 0.65, 0.8)
 TOP = 3  # sources reported per answer
 _Q_CHUNK = 64  # queries per matmul when the mass is computed
+LONG_MESSAGE = 2000  # characters: a user message this long is read as a document
 
 
 def layers_for(n_layers: int) -> tuple[int, ...]:
@@ -189,14 +190,20 @@ class Passages:
 
     def of(self, held: Held, messages: list) -> list[Passage]:
         """Every document's passages, located in held.text; a document whose read cannot be
-        mapped back to tokens (its text rendered otherwise) has none."""
-        out, at = [], 0
+        mapped back to tokens (its text rendered otherwise) has none. A user message of
+        LONG_MESSAGE characters or more counts as a document ("message N"): a client of `serve`
+        sends its documents as user content."""
+        out, at, users = [], 0, 0
         ends = [(0, 0)] + [tuple(m) for m in held.marks]
         for msg in messages:
-            if msg.get("role") != "document":
-                continue
+            users += msg.get("role") == "user"
             content = msg["content"].strip()
-            block = document_block(msg["name"], msg["content"])
+            if msg.get("role") == "document":
+                name, block = msg["name"], document_block(msg["name"], msg["content"])
+            elif msg.get("role") == "user" and len(content) >= LONG_MESSAGE:
+                name, block = f"message {users}", content
+            else:
+                continue
             b0 = held.text.find(block, at)
             if b0 < 0:
                 continue
@@ -221,7 +228,7 @@ class Passages:
                 if pages:
                     k = bisect.bisect_right([p[0] for p in pages], len(skipped) + a) - 1
                     page = pages[max(k, 0)][1]
-                out.append(Passage(msg["name"], page, lead + content.count("\n", 0, a) + 1, content[a:b],
+                out.append(Passage(name, page, lead + content.count("\n", 0, a) + 1, content[a:b],
                                    max(s, t0), max(e, s + 1)))
         return out
 

@@ -186,7 +186,6 @@ class FakeRuntime:
         self.calls.append(f"set_policy {spec}")
         self.auto = spec == "auto"
         if self.auto:
-            import offload  # noqa: F401  (registers offload, which AUTO_LONG names)
             spec = AUTO_FULL_SPEC if self.read <= AUTO_FULL else AUTO_LONG
         parse_spec(spec)  # raises SpecError
         before, old = self._kv_bytes(), self.policy

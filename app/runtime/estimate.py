@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from app.runtime.types import VramchatError
+from .types import VramchatError
 from policies import KVCache, capacity
 
 CHOICES = ("fp32", "bf16", "fp16", "8bit", "4bit")
@@ -82,10 +82,9 @@ def _config(model: str | None, trust_remote_code: bool):
     """-> (transformers config, the id to show, its folder or GGUF, vocabulary size) without
     reading weights."""
     from transformers import AutoConfig
-    from app.runtime import loader
-    from app.runtime.resolve import resolve
-    from app.runtime.facts import gguf_config
-    from app.runtime.facts import read_gguf_header
+    from . import loader
+    from .resolve import resolve
+    from .facts import gguf_config, read_gguf_header
     if model in (None, "", "default", loader.DEFAULT_MODEL):
         gguf = loader.default_gguf()
         cached = loader.gguf_cache_dir(gguf)  # the converted copy every start after the first loads
@@ -117,7 +116,7 @@ def describe(model: str | None = None, trust_remote_code: bool = False) -> Model
             hf = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
     except ValueError as e:
         raise VramchatError(f"{model_id}: transformers cannot build a causal LM from its config ({e})") from None
-    from app.runtime.adapter import Adapter
+    from .adapter import Adapter
     ad = Adapter(hf, _tokenizer(path, vocab, trust_remote_code), model_id)
     return _model(hf, ad.info, model_id, ad.refused)
 
@@ -285,7 +284,7 @@ def kv_bytes(m: Model, spec: str, n: int, chunk: int, answer: int, choice: str, 
     """KV of `spec` over all layers while reading n tokens and answering `answer`: at its
     peak {"gpu", "host"}, after the answer {"gpu_end", "host_end"}, and tokens held per KV
     head at the end; a spec that cannot be built for this model raises SpecError."""
-    from app.runtime.adapter import check_spec
+    from .adapter import check_spec
     check_spec(spec, m.refused, m.arch)
     info = dataclasses.replace(m.info, dtype=_dtype(choice), resources=m.info.resources)
     cache = KVCache(spec, info)
