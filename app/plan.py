@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from app.runtime.estimate import CHOICES, MAX_SEARCH, describe, estimate, largest, model_of, weights_bytes
+from app.runtime.describe import CHOICES, describe, model_of, weights_bytes
+from app.runtime.estimate import MAX_SEARCH, estimate, largest
 from app.runtime.auto import AUTO
 from app.runtime.types import VramchatError, fmt_bytes
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from app.runtime import estimate
+from app.runtime.describe import model_of
 from app.runtime.engine import Runtime
 from app.runtime.prefill import prefill
 from policies import Chunk, capacity
@@ -104,7 +105,7 @@ def test_plan_holds_what_the_cache_holds(spec, files):
     rt = _rt(spec, files)
     _read(rt, N, 0)
     _answer(rt, ANSWER)
-    got = estimate.estimate(estimate.model_of(rt), rt.policy, N, CHUNK, ANSWER, "fp32", "cpu")
+    got = estimate.estimate(model_of(rt), rt.policy, N, CHUNK, ANSWER, "fp32", "cpu")
     assert got["held"] == rt.cache.length
     tiers = rt.cache.bytes_by_tier()
     if PLAN[spec]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from app import plan
-from app.runtime import estimate as est
+from app.runtime import describe as desc, estimate as est
 from app.runtime.types import VramchatError
 from policies import SpecError
 from tiny import tiny_pair
@@ -76,7 +76,7 @@ def test_kv_estimate_matches_measured(spec, exact, folder, measured):
     rows, rt = measured
     spec = _spec(spec, folder)
     row = rows[spec]
-    m = est.describe(str(folder / "model"))
+    m = desc.describe(str(folder / "model"))
     e = est.estimate(m, spec, N, CHUNK, ANSWER, "fp32", "cpu")
     assert e["kv_gpu_end"] == pytest.approx(row["kv_gpu"], rel=0.10), (spec, e, row)
     assert e["kv_host_end"] == pytest.approx(row["kv_host"], rel=0.10, abs=1), (spec, e, row)
@@ -90,10 +90,10 @@ def test_kv_estimate_matches_measured(spec, exact, folder, measured):
 
 def test_weights_bytes_equal_the_loaded_model(folder, measured):
     _, rt = measured
-    m = est.describe(str(folder / "model"))
-    assert est.weights_bytes(m, "fp32") == rt.adapter.weights_bytes()
-    assert est.weights_bytes(m, "bf16") - m.buffers == (rt.adapter.weights_bytes() - m.buffers) // 2
-    assert est.weights_bytes(m, "4bit") < est.weights_bytes(m, "8bit") < est.weights_bytes(m, "bf16")
+    m = desc.describe(str(folder / "model"))
+    assert desc.weights_bytes(m, "fp32") == rt.adapter.weights_bytes()
+    assert desc.weights_bytes(m, "bf16") - m.buffers == (rt.adapter.weights_bytes() - m.buffers) // 2
+    assert desc.weights_bytes(m, "4bit") < desc.weights_bytes(m, "8bit") < desc.weights_bytes(m, "bf16")
     assert (m.info.n_layers, m.info.n_kv_heads, m.info.head_dim, m.window) == (3, 2, 32, 512)
 
 
@@ -102,11 +102,11 @@ def test_gguf_metadata(tmp_path):
     from app.runtime.facts import gguf_facts
     from stores_fixture import write_gguf
     g = write_gguf(tmp_path / "t.gguf")
-    m = est.describe(str(g))
+    m = desc.describe(str(g))
     assert (m.arch, m.info.n_layers, m.info.n_q_heads, m.info.n_kv_heads, m.info.head_dim, m.window) == \
         ("llama", 2, 4, 2, 16, 512)
     assert m.linear + m.other == gguf_facts(g)["params"]
-    assert est.weights_bytes(m, "fp32") == 4 * gguf_facts(g)["params"] + m.buffers
+    assert desc.weights_bytes(m, "fp32") == 4 * gguf_facts(g)["params"] + m.buffers
 
 
 def test_plan_command(folder, capsys):
@@ -119,7 +119,7 @@ def test_plan_command(folder, capsys):
     rows = {r["policy"]: r for r in out["policies"]}
     assert out["capacity_bytes"] == int(0.05 * 2**30) and out["weights"] == "bf16"
     full, stream = rows["full"], rows["streaming:window=256"]
-    m = est.describe(model)
+    m = desc.describe(model)
     assert not full["fits"] and full["peak"] > out["capacity_bytes"]
     big = full["largest_context"]
     assert 10000 < big < 100000
@@ -154,7 +154,7 @@ def test_bad_spec_is_one_row(folder):
     rows = {r["policy"]: r for r in p["policies"]}
     assert "fits" in rows["full"] and "unknown policy" in rows["nosuch"]["error"]
     with pytest.raises(SpecError):
-        est.kv_bytes(est.describe(str(folder / "model")), "nosuch", 10, 8, 1, "fp32")
+        est.kv_bytes(desc.describe(str(folder / "model")), "nosuch", 10, 8, 1, "fp32")
     with pytest.raises(VramchatError):
         plan.plan(str(folder / "model"), 100, ["full"], weights="int3")
 
@@ -166,7 +166,7 @@ def test_before_load_line(folder, measured, tmp_path):
     doc.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     n = len(rt.tokens(doc.read_text()))
     line = plan.before_load(rt, str(doc))
-    m = est.describe(str(folder / "model"))
+    m = desc.describe(str(folder / "model"))
     kv = est.estimate(m, rt.policy, rt.cache.seen + n, rt.chunk_size, 1024, "fp32", "cpu", exact=False)["kv_gpu"]
     from app.runtime.types import fmt_bytes
     assert line.startswith(f"doc.txt: {n:,} tokens; `{rt.policy}` will hold {fmt_bytes(kv)} of KV")
@@ -179,7 +179,7 @@ def test_plan_answers_for_auto(folder, capsys):
     from app.cli import main
     from app.runtime.auto import choose_for
     model = str(folder / "model")
-    m = est.describe(model)
+    m = desc.describe(model)
     for context, word in ((100, "full"), (5000, "streaming:window=128+offload")):  # the window is 512
         p = plan.plan(model, context, ["auto", "full"], gpu_gib=1, weights="bf16", answer=64)
         row = p["policies"][0]
@@ -205,8 +205,8 @@ def test_plan_on_a_config_only_model_builds_every_policy(folder, tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy(folder / "model" / "config.json", bare / "config.json")
-    m = est.describe(str(bare))
-    assert isinstance(m.info.tokenizer, est._Vocab)
+    m = desc.describe(str(bare))
+    assert isinstance(m.info.tokenizer, desc._Vocab)
     specs = ["streaming:window=2048+offload:terms=on,rank=off", "streaming+offload:rank=off", "auto",
              *sorted(REGISTRY), "h2o+offload:terms=on,rank=off"]
     p = plan.plan(str(bare), 5000, specs, gpu_gib=1)

@@ -35,6 +35,7 @@ from policies import SpecError
 from policies.registry import canonical_spec
 
 from . import estimate
+from .describe import CHOICES, model_of
 
 AUTO = "auto"
 SUMMARY = "choose for the conversation: full inside the window, else locret or a heads-free budget (+kivi/+offload)"
@@ -91,15 +92,15 @@ def choose(rt, tokens: int, answer: int = 1024, heads: bool | None = None,
     whether retaining heads exist (default: looked up); `memory`: (device, host) bytes
     (default: what this process could use now, `room`)."""
     heads = has_heads(rt.adapter.info) if heads is None else heads
-    m = estimate.model_of(rt)
-    weights = rt.weights if rt.weights in estimate.CHOICES else "fp32"
+    m = model_of(rt)
+    weights = rt.weights if rt.weights in CHOICES else "fp32"
     return choose_for(m, tokens, answer, heads=heads, memory=memory if memory is not None else room(rt),
                       weights=weights, device=rt.device.type, chunk=rt.chunk_size)
 
 
 def choose_for(m, tokens: int, answer: int, *, heads: bool, memory: tuple[int, int | None], weights: str,
                device: str, chunk: int) -> Choice:
-    """The stack for a conversation of `tokens` tokens on model `m` (an `estimate.Model`:
+    """The stack for a conversation of `tokens` tokens on model `m` (a `describe.Model`:
     a loaded runtime's, or `main.py plan`'s from metadata alone), by the estimate `plan`
     makes: `memory` is (bytes the device's peak may reach, host bytes; None on a CPU, where
     host-tier K/V shares the one memory). The spec is canonical (`canonical_spec`)."""
