@@ -122,9 +122,17 @@ class Quotes:
 
     def _grow(self, n: int) -> None:
         if n > self.ids.shape[0]:
-            new = torch.empty(max(n, self.ids.shape[0] * 5 // 4, 4096), dtype=torch.long)
+            new = torch.empty(grown(self.ids.shape[0], n), dtype=torch.long)
             new[: self.n] = self.ids[: self.n]
             self.ids = new
+
+    def nbytes_after(self, chunks: list[int]) -> int:
+        """Bytes of the log once `chunks` more tokens are logged, chunk by chunk."""
+        cap, n = self.ids.shape[0], self.n
+        for t in chunks:
+            n += t
+            cap = grown(cap, n)
+        return cap * self.ids.element_size()
 
     def nbytes(self) -> int:
         return self.ids.nbytes
@@ -262,6 +270,11 @@ class Quotes:
         for a, b in self.spans:
             m |= (conv >= a) & (conv < b)
         return m
+
+
+def grown(cap: int, n: int) -> int:
+    """The log's capacity once it holds n ids: a quarter more at a time, 4096 at least."""
+    return cap if n <= cap else max(n, cap * 5 // 4, 4096)
 
 
 _BREAKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

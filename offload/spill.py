@@ -354,6 +354,20 @@ class OffloadSpill(Spill):
         self._text_order, self._copied = None, None
 
     # ---- accounting ---------------------------------------------------------------------
+    def host_after(self, evictions: list[int], chunks: list[int], kbits: int | None = None,
+                   vbits: int | None = None) -> int:
+        """Host bytes this layer's spill holds once `evictions` (tokens each eviction sends)
+        have arrived and `chunks` more tokens were read: rows grown by the rule `_reserve`
+        grows them by, at this spill's kbits/vbits or the ones given, and the token log
+        where this layer reports it. Recall staging (CUDA) aside."""
+        needs, n = [], self.n
+        for e in evictions:
+            n += e
+            needs.append(n)
+        cap = capacity.reserved(needs, self.BLOCK, self.hpos.shape[1])
+        rows = host_rows_bytes(self.info, kbits or self.kbits, vbits or self.vbits, cap)
+        return rows + (self.quotes.nbytes_after(chunks) if self._owns_log else 0)
+
     def token_bytes(self) -> float:
         """Host bytes one evicted token takes in this layer: its keys and values as stored
         (scales and zeros counted per token) and its conversation index (int64 per KV head)."""

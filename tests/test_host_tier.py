@@ -4,6 +4,8 @@ only the rows it brings back. The lossless setting (16, the default) is today's 
 for bit; host bytes per evicted token are the formula's, on the default model's shape too."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -189,3 +191,45 @@ def test_live_conversion_takes_coded_rows_into_a_plain_tier(chfile):
         assert a.spill.n == b.spill.n == 30
         assert torch.equal(a.spill.hk[:, :30], b.spill.keys.rows(30))
         assert torch.equal(a.spill.hv[:, :30], b.spill.vals.rows(30))
+
+
+# ---- the host check before a read ----------------------------------------------------------
+
+def test_a_read_the_host_cannot_hold_is_refused_before_reading(files, tmp_path, monkeypatch):
+    """On a CPU device and host are one memory: the host tier's need at the end of the read
+    is counted with the device's, refused with the numbers and the settings that fit, and
+    the quantized setting it offers then reads the same document in the same memory."""
+    import psutil
+    from app.runtime import fit
+    from app.runtime.engine import Runtime
+    from app.runtime.types import VramchatError, fmt_bytes
+    from tiny import tiny_pair
+    spec = "locret:budget=64,stabilizers=8,local=0,heads={heads}+offload:terms=on,rank=off,recall=32,quote=16"
+    spec = spec.format(**files)
+    rt = Runtime.from_model(*tiny_pair(0), policy=spec, model_id="tiny", chunk_size=64)
+    text = "".join(chr(97 + int(i)) for i in torch.randint(0, 26, (6000,), generator=torch.Generator().manual_seed(1)))
+    doc = tmp_path / "doc.txt"
+    doc.write_text(text)
+    n = len(rt.tokens(text))
+    host_fp = fit.host_rows(rt.cache, n, 64)
+    host_84 = fit.host_rows(rt.cache, n, 64, 8, 4)
+    assert host_84 < host_fp / 3
+    dev = rt.cache.projected_length(n, 64) * rt.cache.bytes_per_token()
+    real = psutil.virtual_memory()
+    fake = type(real)(*[real.total, fit.SLACK + int(dev + host_fp / 2)] + list(real[2:]))
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: fake)
+    with pytest.raises(VramchatError) as e:
+        rt.load_document(doc)
+    msg = str(e.value)
+    read = int(re.match(r"this needs ([\d,]+) more tokens", msg).group(1).replace(",", ""))  # the chat turn's
+    assert f"would hold {fmt_bytes(fit.host_rows(rt.cache, read, 64))} in host memory at the end of the read" in msg
+    assert "Nothing was read" in msg and "(device and host are one here)" in msg
+    quantized = spec.replace("quote=16", "quote=16,kbits=8,vbits=4")
+    assert f"`{rt.adapter.new_cache(quantized).spec}`" in msg and "evicted tokens dropped" in msg
+    assert "kbits=2,vbits=2" in msg  # the smaller settings fit too
+    assert rt.cache.seen == 0 and rt.messages == []
+    rt.set_policy(quantized)
+    rt.load_document(doc)  # the setting it offered fits
+    got = rt.cache.bytes_by_tier()["host"]
+    want = fit.host_rows(rt.adapter.new_cache(quantized), read, 64)
+    assert rt.cache.seen == read and got == want < host_fp / 2
