@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from app.runtime.describe import CHOICES, describe, model_of, weights_bytes
-from app.runtime.estimate import MAX_SEARCH, estimate, largest
+from app.runtime.estimate import MAX_SEARCH, estimate, fits, largest
 from app.runtime.auto import AUTO
 from app.runtime.types import VramchatError, fmt_bytes
 
@@ -53,7 +53,7 @@ def plan(model: str | None, context: int, specs: list[str], gpu_gib: float | Non
                 c = auto(context)
                 row["auto"], spec = {"spec": c.spec, "reason": c.reason}, c.spec
             row.update(estimate(m, spec, context, chunk, answer, weights, device))
-            row["fits"] = row["peak"] <= fit and (host is None or row["kv_host"] <= host)
+            row["fits"] = fits(row, fit, host)
             row["largest_context"] = largest(m, spec if auto is None else (lambda n: auto(n).spec), chunk, answer,
                                              weights, device, fit, host)
         except SpecError as e:
@@ -105,6 +105,8 @@ def render(p: dict) -> str:
     lines.append(f"\npeak = weights + KV at its peak + one chunk's activations; largest context: the longest "
                  f"document that still fits (past the native window {p['window']:,}, `full` degrades; "
                  "evicting policies read on with compacted positions)")
+    if p["host_available_bytes"] is None:
+        lines.append("on a CPU the device is the host: `fits` and the largest context count KV on host with the peak")
     del over
     return "\n".join(lines)
 
@@ -124,7 +126,9 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-DEFAULT_SPECS = ("full", "kivi", "locret", "locret+kivi", "streaming")
+# with auto's host tier past the window, at the cache's precision and quantized (offload/rows.py)
+DEFAULT_SPECS = ("full", "kivi", "locret", "locret+kivi", "streaming", "locret+offload:terms=on,rank=off",
+                 "locret+offload:terms=on,rank=off,kbits=8,vbits=4")
 
 
 def run(args) -> int:
@@ -146,7 +150,7 @@ def before_load(rt, path: str, answer: int = 1024) -> str:
     device, fit, host, where = capacity(None)
     e = estimate(m, rt.policy, rt.cache.seen + n, rt.chunk_size, answer, choice, device, exact=False)
     peak = e["peak"] - weights_bytes(m, choice) + rt.memory().weights_bytes
-    verdict = "fits" if peak <= fit and (host is None or e["kv_host"] <= host) else "does NOT fit"
+    verdict = "fits" if fits(dict(e, peak=peak), fit, host) else "does NOT fit"
     host_kv = f" + {fmt_bytes(e['kv_host'])} on the host" if e["kv_host"] else ""
     return (f"{Path(path).name}: {n:,} tokens; `{rt.policy}` will hold {fmt_bytes(e['kv_gpu'])} of KV{host_kv} "
             f"(peak {fmt_bytes(peak)} of {fmt_bytes(fit)}: {verdict}; `main.py plan` compares policies)")

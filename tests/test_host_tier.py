@@ -233,3 +233,29 @@ def test_a_read_the_host_cannot_hold_is_refused_before_reading(files, tmp_path, 
     got = rt.cache.bytes_by_tier()["host"]
     want = fit.host_rows(rt.adapter.new_cache(quantized), read, 64)
     assert rt.cache.seen == read and got == want < host_fp / 2
+
+
+# ---- plan's host column ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", ["", ",kbits=8,vbits=4", ",kbits=2,vbits=16"])
+def test_plan_says_what_the_host_tier_holds(files, bits):
+    """`main.py plan`'s host column at a quantized setting: the spill rows the live cache
+    holds after the same read and answer, to the byte (the token log aside)."""
+    from app.bench.common import decode_steps, random_ids
+    from app.runtime import describe, estimate
+    from app.runtime.engine import Runtime
+    from app.runtime.prefill import prefill
+    from tiny import tiny_pair
+    spec = ("locret:budget=64,stabilizers=8,local=10,heads={heads}+offload:channels_file={ch},recall=32"
+            + bits).format(**files)
+    rt = Runtime.from_model(*tiny_pair(0), policy=spec, model_id="tiny", chunk_size=32)
+    decode_steps(rt.adapter, rt.cache, prefill(rt.adapter, rt.cache, random_ids(700, 264, 1), 32), 8)
+    got = estimate.estimate(describe.model_of(rt), rt.policy, 700, 32, 8, "fp32", "cpu")
+    log = rt.cache.layers[0].spill.quotes.nbytes()
+    assert got["kv_host_end"] == rt.cache.bytes_by_tier()["host"] - log > 0
+
+
+def test_on_a_cpu_the_host_tier_shares_the_one_memory():
+    from app.runtime.estimate import fits
+    e = {"peak": 600, "kv_host": 500}
+    assert fits(e, 1000, 2000) and not fits(e, 1000, None) and fits(e, 1100, None)

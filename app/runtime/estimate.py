@@ -138,10 +138,11 @@ def _spill(opts: dict, info, spilled: list[int], out: dict) -> None:
     """offload behind a selector: the evicted tokens' K/V and conversation index on the host,
     their labels (`channels` per KV head, as the spill's LabelCache stores them; none with
     rank=off) and the recall buffer on the device. The spill's host rows grow by
-    `capacity.grown` as each eviction arrives (offload/spill.py `_reserve`)."""
-    from offload.spill import OffloadSpill
+    `capacity.grown` as each eviction arrives (offload/spill.py `_reserve`), at the precision
+    `kbits`/`vbits` keep them (offload/rows.py)."""
+    from offload.spill import OffloadSpill, host_rows_bytes
     cap = capacity.reserved(spilled, OffloadSpill.BLOCK)
-    host = cap * (info.kv_bytes_per_token() + 8 * info.n_kv_heads)
+    host = host_rows_bytes(info, opts.get("kbits", 16), opts.get("vbits", 16), cap)
     gpu = opts["recall"] * info.kv_bytes_per_token() if cap else 0
     if opts["rank"]:  # rank=off keeps no labels
         from offload.labels import LabelCache  # the spill's own label rows, grown on meta tensors
@@ -205,21 +206,31 @@ def estimate(m: Model, spec: str, n: int, chunk: int, answer: int, choice: str, 
 def largest(m: Model, spec, chunk: int, answer: int, choice: str, device: str, gpu: int,
             host: int | None) -> int:
     """The longest context (tokens read before an answer of `answer`) whose peak fits `gpu`
-    bytes (and whose host KV fits `host`); MAX_SEARCH where nothing binds, 0 where none does.
-    `spec`: a spec, or a function of the context giving the spec for it (`auto`'s choice)."""
+    bytes and whose host KV fits `host` (None: a CPU, where both share the one memory `gpu`:
+    `fits`); MAX_SEARCH where nothing binds, 0 where none does. `spec`: a spec, or a function
+    of the context giving the spec for it (`auto`'s choice)."""
     spec_at = spec if callable(spec) else (lambda n: spec)
+    return _search(lambda n: fits(estimate(m, spec_at(n), n, chunk, answer, choice, device, exact=False), gpu, host))
 
-    def fits(n):
-        e = estimate(m, spec_at(n), n, chunk, answer, choice, device, exact=False)
-        return e["peak"] <= gpu and (host is None or e["kv_host"] <= host)
-    if not fits(1):
+
+def fits(e: dict, gpu: int, host: int | None) -> bool:
+    """Whether an `estimate` fits: its peak in `gpu` bytes and its host KV in `host`; host None
+    (a CPU): device and host are one memory, peak and host KV together in `gpu`."""
+    if host is None:
+        return e["peak"] + e["kv_host"] <= gpu
+    return e["peak"] <= gpu and e["kv_host"] <= host
+
+
+def _search(ok) -> int:
+    """The largest n <= MAX_SEARCH with ok(n) (to 0.2 %), ok being monotone; 0 where none."""
+    if not ok(1):
         return 0
     lo, hi = 1, 2
-    while hi < MAX_SEARCH and fits(hi):
+    while hi < MAX_SEARCH and ok(hi):
         lo, hi = hi, hi * 2
-    if hi >= MAX_SEARCH and fits(MAX_SEARCH):
+    if hi >= MAX_SEARCH and ok(MAX_SEARCH):
         return MAX_SEARCH
     while hi - lo > max(1, lo // 512):  # 0.2 %: the estimate is not finer than that
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
     return lo
