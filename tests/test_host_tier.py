@@ -259,3 +259,31 @@ def test_on_a_cpu_the_host_tier_shares_the_one_memory():
     from app.runtime.estimate import fits
     e = {"peak": 600, "kv_host": 500}
     assert fits(e, 1000, 2000) and not fits(e, 1000, None) and fits(e, 1100, None)
+
+
+# ---- costs that must not grow with the document ----------------------------------------------
+
+def test_the_cache_map_counts_a_whole_host_tier_as_what_is_not_kept(files):
+    """The map a read publishes after every chunk counts a host tier that holds every token
+    its layer evicted as the complement of the kept positions (O(kept), not O(read)): the
+    same counts as the host rows themselves give."""
+    from app.runtime import cache_map
+    from app.runtime.engine import Runtime
+    from tiny import tiny_pair
+    spec = "locret:budget=64,stabilizers=8,local=0,heads={heads}+offload:terms=on,rank=off,recall=32,quote=16"
+    rt = Runtime.from_model(*tiny_pair(0), policy=spec.format(**files), model_id="tiny", chunk_size=32)
+    ids = torch.randint(4, 260, (500,), generator=torch.Generator().manual_seed(2))
+    rt.prefill(ids)
+    rt.prefill(torch.cat((ids[5:17], ids[400:410])))  # a question quoting evicted text: recalled
+    seen = rt.cache.seen
+    want = torch.zeros(4, seen, dtype=torch.int64)
+    for layer in rt.cache.layers:
+        sp = layer.spill
+        assert sp.n + layer.length == seen
+        want[cache_map.DEVICE] += torch.bincount(layer.positions().reshape(-1), minlength=seen)
+        want[cache_map.HOST] += torch.bincount(sp.hpos[:, :sp.n].reshape(-1), minlength=seen)
+        if sp.m:
+            want[cache_map.RECALLED] += torch.bincount(sp.recalled.reshape(-1), minlength=seen)
+            want[cache_map.HOST] -= torch.bincount(sp.recalled.reshape(-1), minlength=seen)
+    got = cache_map.build(rt.cache, []).counts
+    assert want[cache_map.RECALLED].sum() > 0 and (got == want.numpy()).all()

@@ -9,7 +9,9 @@ Two pure steps, run on the model thread at every published state (`memory.cache_
 - `build(cache, segments)`: per token, how many (layer, KV head) pairs hold it in each tier,
   from the cache's bookkeeping only (the positions each layer keeps, a quantized store's
   count of quantized tokens, the host tier's id log, the recall buffer's indices): no K/V
-  tensor is read. Cost O(layers x KV heads x kept), one device->host copy of the counts.
+  tensor is read. Cost O(layers x KV heads x kept) and a few passes over the [4, seen]
+  counts (a host tier that holds every token a layer evicted is counted as the complement
+  of what it keeps), one device->host copy of the counts.
 
 The result, a `CacheMap`, is immutable: the UI reads it from any thread, cut into as many
 cells per row as it has room for (`cells`); `ask --json` and `serve` give its exact spans.
@@ -272,7 +274,7 @@ def build(cache, segs: list[Segment], text: Callable[[int, int], str] | None = N
     seen = cache.seen
     info = cache.info
     heads = info.n_kv_heads
-    diff = np.zeros((4, seen + 1), np.int64)  # contiguous ranges (layers that never evicted)
+    diff = np.zeros((4, seen + 1), np.int32)  # contiguous ranges (layers that never evicted, host tiers)
     dev: dict = {}  # device -> [4, seen] accumulator (layers with their own positions)
 
     def add(tier: int, pos, sign: int = 1) -> None:
@@ -280,8 +282,9 @@ def build(cache, segs: list[Segment], text: Callable[[int, int], str] | None = N
             return
         acc = dev.get(pos.device)
         if acc is None:
-            acc = dev[pos.device] = torch.zeros(4, seen, dtype=torch.int64, device=pos.device)
-        acc[tier] += sign * torch.bincount(pos.reshape(-1), minlength=seen)[:seen]
+            acc = dev[pos.device] = torch.zeros(4, seen, dtype=torch.int32, device=pos.device)
+        flat = pos.reshape(-1)  # NOTE: O(positions), not O(seen): a read publishes a map per chunk
+        acc[tier].index_add_(0, flat, torch.full(flat.shape, sign, dtype=torch.int32, device=flat.device))
 
     def add_range(tier: int, a: int, b: int) -> None:
         if b > a:
@@ -304,15 +307,18 @@ def build(cache, segs: list[Segment], text: Callable[[int, int], str] | None = N
             add(QUANT, layer.pos[:, :q])
             add(DEVICE, layer.pos[:, q:])
         host, recalled = spilled(layer.spill)
-        if host is not None:
+        if host is not None and host.shape[-1] + n == layer.seen:  # every token read held or on the host:
+            add_range(HOST, 0, layer.seen)  # the host holds all but the held ones (O(kept), not O(read))
+            add(HOST, layer.positions(), -1)
+        elif host is not None:
             add(HOST, host)
         if recalled is not None:  # NOTE: recalled rows are host rows too: counted once, as recalled
             add(RECALLED, recalled)
             add(HOST, recalled, -1)
-    counts = np.cumsum(diff[:, :seen], axis=1)
+    counts = np.cumsum(diff[:, :seen], axis=1, dtype=np.int32)
     for acc in dev.values():
         counts += acc.cpu().numpy()
-    return CacheMap(segs, counts.astype(np.int32), len(cache.layers) * heads, text, texted)
+    return CacheMap(segs, counts, len(cache.layers) * heads, text, texted)
 
 
 def quantized(store) -> int:
