@@ -1,0 +1,140 @@
+"""`bench scale`: what reading costs as a document grows (16K, 64K, 256K tokens; 1M when
+asked with --lengths), per policy.
+
+Per (length, policy): a document of N tokens -- the licence haystack, repeated, with the
+pass key at half depth -- is read by `Runtime.load_document`, the app's own path (chunk by
+chunk, the cache's state published after each), then the pass key is asked for once.
+Reported per row:
+- prefill tok/s over the whole read, and the median time of a chunk at the start of the
+  read (chunks 2-11: the budget is full from there) and at its end (the last 10 before the
+  final chunk): `end/start` near 1 means nothing per chunk grows with the document;
+- RSS after the read (after glibc's malloc_trim: what the process holds), device KV and
+  host KV (`bytes_by_tier`) beside what `main.py plan` estimates for the same read;
+- the first answer: the seconds its recall took (every layer's `OffloadSpill._recall`
+  while it was asked), its time to first token, and whether it gave the pass key.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from .common import Bar, plot, table, write_json
+from .locret import HAYSTACK, NEEDLE, QUESTION
+
+STACK = "locret+offload:terms=on,rank=off"  # auto's stack past the window on the default model
+POLICIES = ("locret", "locret+kivi", STACK, STACK + ",kbits=8,vbits=4")
+LENGTHS = (16384, 65536, 262144)
+EDGE = 10  # chunks in the start / end medians
+
+
+def document(rt, n_tokens: int, seed: int = 0) -> tuple[str, str]:
+    """-> (~n_tokens of the haystack repeated, ending at a paragraph break, with the pass key
+    at half depth; the key)."""
+    key = str(random.Random(seed).randint(10000, 99999))
+    hay = HAYSTACK.read_text()
+    per = len(rt.tokens(hay))
+    body = "\n\n".join([hay] * (n_tokens // per + 1))
+    ids = rt.tokens(body)[:n_tokens]
+    body = rt.tok.decode(ids)
+    end = body.rfind("\n\n")
+    body = body[:end] if end > len(body) // 2 else body
+    at = body.rfind("\n\n", 0, len(body) // 2)
+    at = at if at > 0 else len(body) // 2
+    return body[:at] + "\n\n" + NEEDLE.format(key=key) + body[at:], key
+
+
+@contextlib.contextmanager
+def timed_recalls():
+    """Seconds spent in `OffloadSpill._recall` (every layer's) while inside: -> [seconds]."""
+    from offload.spill import OffloadSpill
+    spent, real = [0.0], OffloadSpill._recall
+
+    def timed(self, *a, **k):
+        t0 = time.perf_counter()
+        try:
+            return real(self, *a, **k)
+        finally:
+            spent[0] += time.perf_counter() - t0
+    OffloadSpill._recall = timed
+    try:
+        yield spent
+    finally:
+        OffloadSpill._recall = real
+
+
+def rss() -> int:
+    """Resident bytes after glibc returns its free heap (soak.py does the same)."""
+    gc.collect()
+    from .soak import _LIBC
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+    return psutil.Process().memory_info().rss
+
+
+def _planned(rt, n: int) -> dict:
+    """`main.py plan`'s KV for reading n tokens under the runtime's policy (no answer)."""
+    from app.runtime import describe, estimate
+    choice = rt.weights if rt.weights in describe.CHOICES else "fp32"
+    e = estimate.estimate(describe.model_of(rt), rt.policy, n, rt.chunk_size, 0, choice, rt.device.type, exact=False)
+    return {"plan_device_mib": e["kv_gpu_end"] / 2**20, "plan_host_mib": e["kv_host_end"] / 2**20}
+
+
+def one(rt, spec: str, path: Path, key: str, decode: int) -> dict:
+    rt.clear()
+    rt.set_system(None)
+    rt.set_policy(spec, reprefill=True)  # an empty conversation: just a fresh cache
+    stamps = []
+    t0 = time.perf_counter()
+    info = rt.load_document(str(path), progress=lambda done, total: stamps.append((time.perf_counter(), done)))
+    read_s = time.perf_counter() - t0
+    steps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(stamps, stamps[1:])][:-1]  # (s, tokens); the final apart
+    start = [s for s, _ in steps[2:2 + EDGE]]
+    end = [s for s, _ in steps[-EDGE:]]
+    tiers = rt.cache.bytes_by_tier()
+    row = {"policy": spec, "tokens": info.tokens, "chunks": len(stamps), "prefill_tok_s": info.tokens / read_s,
+           "chunk_start_ms": 1e3 * statistics.median(start) if start else None,
+           "chunk_end_ms": 1e3 * statistics.median(end) if end else None,
+           "rss_mib": rss() / 2**20, "device_kv_mib": tiers["gpu"] / 2**20, "host_kv_mib": tiers["host"] / 2**20,
+           **_planned(rt, rt.cache.seen)}
+    if row["chunk_start_ms"]:
+        row["end_over_start"] = row["chunk_end_ms"] / row["chunk_start_ms"]
+    with timed_recalls() as spent:
+        res = rt.ask(QUESTION, max_new_tokens=decode)
+    row.update(recall_s=spent[0], ttft_s=res.ttft_s, decode_tok_s=res.decode_tok_s, answer=res.answer.strip(),
+               correct=key in res.answer)
+    return row
+
+
+def run(rt, policies=None, lengths=None, decode: int = 12, out_dir: Path | None = None) -> list[dict]:
+    policies, lengths = policies or POLICIES, lengths or LENGTHS
+    rows, bar = [], Bar(len(policies) * len(lengths), "scale")
+    cols = ["policy", "tokens", "prefill_tok_s", "chunk_start_ms", "chunk_end_ms", "end_over_start", "rss_mib",
+            "device_kv_mib", "plan_device_mib", "host_kv_mib", "plan_host_mib", "recall_s", "ttft_s", "decode_tok_s",
+            "correct"]
+    extra = {"model": rt.model_id, "device": str(rt.device), "chunk": rt.chunk_size, "decode": decode}
+    with tempfile.TemporaryDirectory(prefix="vramchat-scale-") as tmp:
+        for n in lengths:
+            path = Path(tmp) / f"doc-{n}.txt"
+            text, key = document(rt, n)
+            path.write_text(text)
+            del text
+            for spec in policies:
+                rows.append(one(rt, spec, path, key, decode))
+                bar.step(f"{n:,} {spec}")
+                print(table(rows[-1:], cols).splitlines()[-1], flush=True)
+                if out_dir is not None:  # row by row: an hour-long run keeps what it measured
+                    write_json(Path(out_dir), "scale", rows, extra)
+            rt.clear()
+    print(table(rows, cols))
+    if out_dir is not None:
+        out = Path(out_dir)
+        plot(out / "scale_prefill.png", rows, "tokens", "prefill_tok_s", "policy", "prefill tok/s as documents grow")
+        plot(out / "scale_chunk.png", rows, "tokens", "chunk_end_ms", "policy", "ms per chunk at the end of the read")
+    return rows
