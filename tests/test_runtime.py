@@ -179,3 +179,15 @@ def test_chunk_size_must_be_positive():
     model, tok = tiny_pair(0)
     with pytest.raises(VramchatError, match="chunk-size"):
         Runtime.from_model(model, tok, chunk_size=-1)
+
+
+def test_a_changed_chunk_size_is_the_one_reads_use():
+    """A bench reads in one pass by setting `chunk_size`; the Reader's reads and checks follow."""
+    r = Runtime.from_model(*tiny_pair(0), model_id="tiny", chunk_size=16)
+    seen = []
+    r.prefill(list(range(5, 45)), progress=lambda done, total: seen.append(done))
+    assert seen == [16, 32, 40]
+    r.reset_cache()
+    r.chunk_size, seen = 40, []
+    r.prefill(list(range(5, 45)), progress=lambda done, total: seen.append(done))
+    assert seen == [40] and r.chunk_size == r.kv.fit.chunk_size == 40

@@ -39,9 +39,9 @@ class Runtime:
         self.device = self.adapter.info.device if device is None else torch.device(device)
         self.weights = weights or str(self.adapter.info.dtype).replace("torch.", "")
         self.window = self.adapter.info.window
-        self.chunk_size = chunk_size or (2048 if self.device.type == "cuda" else 512)
-        if self.chunk_size < 1:
-            raise VramchatError(f"--chunk-size {self.chunk_size}: must be at least 1")
+        chunk_size = chunk_size or (2048 if self.device.type == "cuda" else 512)
+        if chunk_size < 1:
+            raise VramchatError(f"--chunk-size {chunk_size}: must be at least 1")
         self.stop_ids = stop_token_ids(tokenizer, model)
         self.conv = Conversation()
         self.notes: list[str] = []  # what a person should know, in order (auto's switches, window warnings)
@@ -51,13 +51,12 @@ class Runtime:
         self._passages = evidence.Passages(tokenizer)
         self._weights_bytes = self.adapter.weights_bytes()
         self._lock = threading.RLock()
-        self.kv = Reader(self.adapter, policy, fit=Fit(self.window, self.chunk_size, self.device),
+        self.kv = Reader(self.adapter, policy, fit=Fit(self.window, chunk_size, self.device),
                          tokens=self.tokens, conversation=lambda: self.conv.rendered(self.tok),
                          choose=lambda n, answer: auto.choose(self, n, answer),
                          publish=self._publish, note=self._note)
         self.published = Published(self._cache_state)
 
-    # ---- construction -------------------------------------------------------------
     @classmethod
     def load(cls, model: str | None = None, *, policy: str = "full", device: str = "auto",
              weights: str = "auto", chunk_size: int | None = None, trust_remote_code: bool = False,
@@ -72,6 +71,9 @@ class Runtime:
         return cls(model, tokenizer, policy=policy, **kw)
 
     # ---- public state -------------------------------------------------------------
+    # the prefill chunk: the Reader reads and checks with the one the runtime has now (a bench may change it)
+    chunk_size = property(lambda self: self.kv.fit.chunk_size, lambda self, n: setattr(self.kv.fit, "chunk_size", n))
+
     @property
     def cache(self):
         """The KV cache (policies.KVCache); read it on the model thread, between turns."""
@@ -186,9 +188,8 @@ class Runtime:
     def ask(self, question: str, *, max_new_tokens: int = 1024, sampling: Sampling | None = None,
             on_token=None, progress=None, stop: threading.Event | None = None,
             prefix: str | None = None) -> TurnResult:
-        """Answer `question`. prefix: the answer begins with this text and the model continues
-        it (the result's answer is the continuation only); trailing whitespace is dropped, as
-        transformers' `continue_final_message` does, since tokenizers read " word" as one token."""
+        """Answer `question`. prefix: the answer begins with it and the model continues (the result
+        is the continuation); its trailing whitespace goes, as in transformers' `continue_final_message`."""
         if not question.strip():
             raise VramchatError("empty question")
         prefix = None if prefix is None else prefix.rstrip()
@@ -279,9 +280,8 @@ class Runtime:
         return {"model": self.model_id, "policy": self.policy, **self.conv.to_json()}
 
     def restore(self, data: dict, progress=None, stop=None, cache_file=None) -> str:
-        """Replace the conversation by a saved one (`to_json`). Its cache comes from
-        `cache_file` (`save_cache`) where that fits, else the conversation is read again.
-        -> one line saying which, and why."""
+        """Replace the conversation by a saved one (`to_json`), its cache from `cache_file`
+        (`save_cache`) where that fits, else read again. -> one line saying which, and why."""
         with self._changing():
             self.conv = Conversation.from_saved(data)
             self.kv.reset()

@@ -19,7 +19,7 @@ from .types import VramchatError, fmt_bytes
 SLACK = 512 * 2**20  # activations, attention scores of one chunk, the allocator's slack
 
 
-@dataclass(frozen=True)
+@dataclass
 class Fit:
     window: int  # the model's native window (0: it states none)
     chunk_size: int  # the runtime's default prefill chunk
