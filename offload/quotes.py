@@ -357,22 +357,23 @@ def _hashes(ids: torch.Tensor) -> torch.Tensor:
 
 def _suffix_hits(ids: torch.Tensor, longest: int = MAX_RUN) -> torch.Tensor | None:
     """Indices p < n-1 (sorted) where the longest suffix of ids (MIN_RUN..min(MAX_RUN,
-    longest) tokens) also ends at p; None where not even MIN_RUN tokens repeat."""
+    longest) tokens) also ends at p; None where not even MIN_RUN tokens repeat. One pass over
+    the log (where the last token recurs), then only those places are extended: a decode
+    step costs O(log) once, not once per suffix length."""
     n = ids.shape[0]
     if n < MIN_RUN + 1 or longest < MIN_RUN or ids[-1] == UNKNOWN:
         return None
-    m = ids[:-1] == ids[-1]  # m[p]: the last L tokens end at p too
+    cand = torch.nonzero(ids[:-1] == ids[-1])[:, 0]  # the last L tokens end at these, L = 1
     best = None
     for length in range(1, min(MAX_RUN, longest) + 1):
         if length > 1:
             tok = ids[n - length]
             if tok == UNKNOWN:
                 break
-            nxt = torch.zeros_like(m)
-            nxt[length - 1:] = m[length - 1:] & (ids[: n - length] == tok)
-            m = nxt
-        if not m.any():
+            cand = cand[cand >= length - 1]
+            cand = cand[ids[cand - (length - 1)] == tok]
+        if cand.numel() == 0:
             break
         if length >= MIN_RUN:
-            best = torch.nonzero(m)[:, 0]
+            best = cand
     return best
