@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 SUITES = ("memory", "speed", "quality", "gpu128k", "soak", "kernels", "probe-attn", "probe-decode", "probe-pinned",
-          "serve", "reopen", "ruler")
+          "serve", "reopen", "ruler", "panel")
 PROBE_VARIANTS = "torch window fused"
 
 
@@ -155,6 +155,10 @@ def run(args) -> int:
             from . import ruler
             ruler.run(rt, policies=pols or ruler.DEFAULT_POLICIES, lengths=lengths or ruler.DEFAULT_LENGTHS,
                       tasks=_list(args.tasks, str, ",") or ruler.DEFAULT_TASKS, limit=args.limit, out_dir=out)
+        elif args.suite == "panel":
+            from . import panel
+            panel.run(rt, policies=pols or panel.DEFAULT_POLICIES, lengths=lengths or panel.DEFAULT_LENGTHS,
+                      rounds=args.rounds, out_dir=out)
         elif args.suite == "reopen":
             from . import reopen
             reopen.run(rt, decode=args.decode or 16, trials=args.trials or 3, out_dir=out, **kw)
