@@ -18,12 +18,12 @@ cells per row as it has room for (`cells`); `ask --json` and `serve` give its ex
 """
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
+from .located import TokenIndex
 from .session import document_block
 
 # counts rows, in this order; a token no pair holds is "evicted"
@@ -209,7 +209,7 @@ def _record(held, messages: list, tok):
 
 def _locate(held, docs: list, tok) -> list[Segment]:
     text, n = held.text, len(held.ids)
-    to_token = _TokenIndex(held, tok)
+    to_token = TokenIndex(held, tok)
     out, cur_c, cur_t = [], 0, 0
     for m in docs:
         block = document_block(m.get("name", "document"), m.get("content", ""))
@@ -226,44 +226,6 @@ def _locate(held, docs: list, tok) -> list[Segment]:
     if n > cur_t:
         out.append(Segment("chat", "chat", cur_t, n))
     return out
-
-
-class _TokenIndex:
-    """Character offset in held.text -> token position: exact at every read end (`marks`),
-    inside a read by the tokenizer's offsets of that read's text (it was tokenized alone)."""
-
-    def __init__(self, held, tok):
-        self.text, self.tok = held.text, tok
-        ends = [(0, 0)] + [(int(c), int(t)) for c, t in held.marks if c <= len(held.text)]
-        if ends[-1][0] < len(held.text):
-            ends.append((len(held.text), len(held.ids)))
-        self.ends = ends
-        self.chars = [c for c, _ in ends]
-        self._offsets: dict = {}
-
-    def __call__(self, c: int) -> int:
-        r = bisect.bisect_right(self.chars, c) - 1
-        c0, t0 = self.ends[r]
-        if c == c0 or r + 1 >= len(self.ends):
-            return t0
-        c1, t1 = self.ends[r + 1]
-        starts = self._starts(r, c0, c1, t1 - t0)
-        if starts is None:
-            return t0 + round((c - c0) * (t1 - t0) / max(c1 - c0, 1))
-        return t0 + bisect.bisect_left(starts, c - c0)  # tokens that start before c are before it
-
-    def _starts(self, r: int, c0: int, c1: int, n: int):
-        if r not in self._offsets:
-            starts = None
-            try:
-                enc = self.tok(self.text[c0:c1], add_special_tokens=False, return_offsets_mapping=True)
-                offs = enc["offset_mapping"]
-                if len(offs) == n:
-                    starts = [s for s, _ in offs]
-            except Exception:  # noqa: BLE001 -- a slow tokenizer gives no offsets: interpolate
-                starts = None
-            self._offsets[r] = starts
-        return self._offsets[r]
 
 
 # ---- the cache's bookkeeping ------------------------------------------------------------------

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .held import Held
+from .located import TokenIndex
 from .session import document_block
 
 # evidence layers as fractions of the depth; the bench `quality --parts sources` chose these
@@ -172,21 +173,18 @@ def split_passages(content: str, max_chars: int = 320) -> list[tuple[int, int]]:
 
 
 class Passages:
-    """The documents of a conversation as passages with their token ranges, built from the
-    record of what the cache holds (each read re-tokenized with offsets; kept per read)."""
+    """The documents of a conversation as passages with their token ranges, located in the
+    record of what the cache holds (`located.TokenIndex`: kept while the record lasts)."""
 
     def __init__(self, tok):
         self.tok = tok
-        self._reads: dict[tuple[int, int], list | None] = {}  # (char start, end) -> offsets, or None
+        self._index: tuple | None = None  # (record key, TokenIndex)
 
-    def _offsets(self, held: Held, c0: int, c1: int, n: int):
-        key = (c0, c1)
-        if key not in self._reads:
-            enc = self.tok(held.text[c0:c1], add_special_tokens=False, return_offsets_mapping=True)
-            offs = enc.get("offset_mapping")
-            ok = offs is not None and len(offs) == n
-            self._reads[key] = [c0 + a for a, _ in offs] if ok else None
-        return self._reads[key]
+    def _tokens(self, held: Held) -> TokenIndex:
+        key = (len(held.text), len(held.ids), len(held.marks))
+        if self._index is None or self._index[0] != key:
+            self._index = (key, TokenIndex(held, self.tok))
+        return self._index[1]
 
     def of(self, held: Held, messages: list) -> list[Passage]:
         """Every document's passages, located in held.text; a document whose read cannot be
@@ -194,7 +192,7 @@ class Passages:
         LONG_MESSAGE characters or more counts as a document ("message N"): a client of `serve`
         sends its documents as user content."""
         out, at, users = [], 0, 0
-        ends = [(0, 0)] + [tuple(m) for m in held.marks]
+        index = self._tokens(held)
         for msg in messages:
             users += msg.get("role") == "user"
             content = msg["content"].strip()
@@ -207,29 +205,21 @@ class Passages:
             b0 = held.text.find(block, at)
             if b0 < 0:
                 continue
-            c_doc = b0 + block.index(content)
-            at = b0 + len(block)
-            j = next((j for j in range(1, len(ends)) if ends[j][0] >= at), None)
-            if j is None:
-                continue
-            (c0, t0), (c1, t1) = ends[j - 1], ends[j]
-            if c0 > b0:
-                continue
-            offs = self._offsets(held, c0, c1, t1 - t0)
-            if offs is None:
-                continue
+            c_doc, at = b0 + block.index(content), b0 + len(block)
+            r = index.read_of(b0)
+            if r != index.read_of(at - 1) or r + 1 >= len(index.ends) or index.starts(r) is None:
+                continue  # not one read, or not mappable: no passages rather than wrong ones
             skipped = msg["content"][:len(msg["content"]) - len(msg["content"].lstrip())]
             lead = skipped.count("\n")
             pages = msg.get("pages")  # [(char offset in content, page number)]
             for a, b in split_passages(content):
-                s = t0 + bisect.bisect_right(offs, c_doc + a) - 1
-                e = t0 + bisect.bisect_left(offs, c_doc + b)
+                s = index.exact(c_doc + a + 1) - 1  # the token holding the passage's first character
+                e = index.exact(c_doc + b)
                 page = None
                 if pages:
                     k = bisect.bisect_right([p[0] for p in pages], len(skipped) + a) - 1
                     page = pages[max(k, 0)][1]
-                out.append(Passage(name, page, lead + content.count("\n", 0, a) + 1, content[a:b],
-                                   max(s, t0), max(e, s + 1)))
+                out.append(Passage(name, page, lead + content.count("\n", 0, a) + 1, content[a:b], s, max(e, s + 1)))
         return out
 
 
