@@ -281,19 +281,21 @@ class OffloadSpill(Spill):
         (at most k); a head with fewer takes the rows nearest a span in the text. Nothing
         quoted or named: nothing recalled."""
         n = self.n
-        inside = None
+        spans = []
         if self.quotes is not None:
             self._qv = self.quotes.version
-            inside = self.quotes.mask(self.hpos[:, :n])
+            spans = self.quotes.spans
+        conv = self.hpos[:, :n]
+        dist = None  # [Hkv, n] each row's distance in the text to the nearest span (0: inside one)
+        for a, b in spans:  # NOTE: in place, in int64: this pass over every host row runs per question
+            d = (a - conv).clamp_(min=0).add_((conv - (b - 1)).clamp_(min=0))
+            dist = d if dist is None else torch.minimum(dist, d, out=dist)
+        inside = dist == 0 if dist is not None else None
         if inside is None or not inside.any():
             self.m, self.recalled = 0, self.recalled[:, :0]
             return
-        conv = self.hpos[:, :n]
-        near = torch.full(conv.shape, float("-inf"))
-        for a, b in self.quotes.spans:  # minus the distance in the text to the nearest span
-            near = torch.maximum(near, -(a - conv).clamp(min=0).float() - (conv - (b - 1)).clamp(min=0).float())
         k = min(self.n_recall, int(inside.sum(1).max()))
-        self._fill(layer, labels.top(near.masked_fill(inside, float("inf")), k))
+        self._fill(layer, labels.top(dist.neg_().float().masked_fill_(inside, float("inf")), k))
 
     def _fill(self, layer, idx: torch.Tensor) -> None:
         """Copy host rows idx [Hkv, m] into the buffer in text order, rotated into place."""
