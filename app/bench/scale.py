@@ -35,15 +35,15 @@ EDGE = 10  # chunks in the start / end medians
 
 
 def document(rt, n_tokens: int, seed: int = 0) -> tuple[str, str]:
-    """-> (~n_tokens of the haystack repeated, ending at a paragraph break, with the pass key
-    at half depth; the key)."""
+    """-> (~n_tokens of the haystack repeated, ending at a line break, with the pass key at
+    half depth (at a paragraph break); the key)."""
     key = str(random.Random(seed).randint(10000, 99999))
     hay = HAYSTACK.read_text()
     per = len(rt.tokens(hay))
     body = "\n\n".join([hay] * (n_tokens // per + 1))
     ids = rt.tokens(body)[:n_tokens]
     body = rt.tok.decode(ids)
-    end = body.rfind("\n\n")
+    end = body.rfind("\n")
     body = body[:end] if end > len(body) // 2 else body
     at = body.rfind("\n\n", 0, len(body) // 2)
     at = at if at > 0 else len(body) // 2

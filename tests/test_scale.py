@@ -1,0 +1,46 @@
+"""`bench scale` (app/bench/scale.py) on a tiny model: a row per (length, policy) with the
+read's speed at its start and end, memory beside plan's estimate and the first answer's
+recall; the quantized host tier holds less than the full-precision one for the same read."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from app.bench import scale
+from app.runtime.engine import Runtime
+from tiny import tiny_pair, tiny_policy_files
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return tiny_policy_files(tmp_path_factory.mktemp("files"))
+
+
+def test_scale_rows(files, tmp_path):
+    loc = "locret:budget=64,stabilizers=8,local=10,heads={heads}".format(**files)
+    stack = loc + "+offload:terms=on,rank=off,recall=32,quote=16"
+    specs = [loc, stack, stack + ",kbits=8,vbits=4"]
+    rt = Runtime.from_model(*tiny_pair(0), model_id="tiny", chunk_size=32)
+    rows = scale.run(rt, policies=specs, lengths=(900,), decode=4, out_dir=tmp_path)
+    assert [r["policy"] for r in rows] == specs
+    for r in rows:
+        assert 880 <= r["tokens"] <= 1000 and r["chunks"] >= 25
+        assert r["prefill_tok_s"] > 0 and r["chunk_start_ms"] > 0 and r["chunk_end_ms"] > 0
+        assert r["rss_mib"] > 0 and r["device_kv_mib"] > 0 and r["ttft_s"] > 0
+        assert r["plan_device_mib"] == pytest.approx(r["device_kv_mib"], rel=0.25)
+    bare, fp, coded = rows
+    assert bare["host_kv_mib"] == bare["plan_host_mib"] == 0 and bare["recall_s"] == 0
+    assert fp["recall_s"] > 0 and coded["recall_s"] > 0  # the question recalled (timed per layer)
+    assert 0 < coded["host_kv_mib"] < fp["host_kv_mib"] / 2
+    for r in (fp, coded):  # plan counts the spill's rows; the read also holds its token log (8 B a token)
+        assert r["plan_host_mib"] <= r["host_kv_mib"] <= r["plan_host_mib"] + 8 * 4096 / 2**20
+    saved = json.loads((tmp_path / "scale.json").read_text())
+    assert saved["suite"] == "scale" and len(saved["rows"]) == 3 and "commit" in saved["machine"]
+
+
+def test_the_document_hides_the_key_at_half_depth():
+    rt = Runtime.from_model(*tiny_pair(0), model_id="tiny", chunk_size=32)
+    text, key = scale.document(rt, 3000)
+    at = text.index(f"The pass key is {key}.")
+    assert 0.3 < at / len(text) < 0.7 and abs(len(rt.tokens(text)) - 3000) < 150
