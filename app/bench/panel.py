@@ -87,7 +87,7 @@ async def _in_app(rt, path: Path, hidden: bool, data_dir: str) -> dict:
     from app.config import Config
     from app.ui.app import VramchatApp
     from app.ui.chat_input import ChatInput
-    from app.ui.panels import ContextMeter
+    from app.ui.context import ContextMeter
     got = []
     load = rt.load_document
 

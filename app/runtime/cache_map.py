@@ -9,9 +9,8 @@ Two pure steps, run on the model thread at every published state (`memory.cache_
 - `build(cache, segments)`: per token, how many (layer, KV head) pairs hold it in each tier,
   from the cache's bookkeeping only (the positions each layer keeps, a quantized store's
   count of quantized tokens, the host tier's id log, the recall buffer's indices): no K/V
-  tensor is read. Cost O(layers x KV heads x kept) and a few passes over the [4, seen]
-  counts (a host tier that holds every token a layer evicted is counted as the complement
-  of what it keeps), one device->host copy of the counts.
+  tensor is read. Cost O(layers x KV heads x kept), a few passes over the [4, seen] counts
+  (a host tier holding all its layer evicted is the complement of what it keeps).
 
 The result, a `CacheMap`, is immutable: the UI reads it from any thread, cut into as many
 cells per row as it has room for (`cells`); `ask --json` and `serve` give its exact spans.

@@ -20,7 +20,8 @@ from app.ui import store
 from app.ui.actions import Actions
 from app.ui.chat_input import ChatInput
 from app.ui.commands import PolicyCommands
-from app.ui.panels import ContextMeter, Gauge, PolicyPanel, StatusLine
+from app.ui.context import ContextMeter
+from app.ui.panels import Gauge, PolicyPanel, StatusLine
 from app.ui.screens import ErrorDialog, HelpScreen
 from app.ui.transcript import Note, Transcript
 from app.ui.worker import Job, JobDone, ModelWorker, Notice, Progress, Status, Tokens

@@ -8,7 +8,8 @@ from textual.widgets import Markdown
 
 from app.runtime.types import VramchatError
 from app.ui.chat_input import ChatInput
-from app.ui.panels import ContextMeter, PolicyPanel, StatusLine
+from app.ui.context import ContextMeter
+from app.ui.panels import PolicyPanel, StatusLine
 from app.ui.screens import ConversationPicker, ErrorDialog, FilePicker, HelpScreen, PolicyPicker
 from app.ui.transcript import Answer, DocumentCard, Note, UserTurn
 from tests.ui.conftest import make_app, run, settle, submit, wait_for

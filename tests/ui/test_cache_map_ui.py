@@ -4,7 +4,6 @@ on a cell, and the pure drawing functions. The policy panel is hidden in these s
 option list follows the registry, which changes as policies land."""
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -14,7 +13,8 @@ from app.runtime.cache_map import CacheMap, Segment
 from app.runtime.memory import Sample
 from app.ui import cache_map as strip_map
 from app.ui.chat_input import ChatInput
-from app.ui.panels import ContextMeter, PolicyPanel
+from app.ui.context import ContextMeter
+from app.ui.panels import PolicyPanel
 from app.ui.timeline import DOCUMENT, POLICY, columns, sparkline
 from tests.ui.conftest import make_app, run, settle, submit, wait_for
 from tests.ui.fake import FakeRuntime
@@ -133,36 +133,28 @@ def test_click_and_arrows_select_a_cell_and_show_its_text(tmp_path, long_doc):
     run(main())
 
 
-def test_the_panel_draws_a_map_being_read_at_most_a_few_times_a_second(tmp_path, long_doc, monkeypatch):
-    """Mid-read the runtime publishes a map per chunk; the panel takes one per DRAW_S."""
-    drawn = []  # (time, whether the map drawn is mid-read)
-    pull = ContextMeter.pull
+def test_the_panel_draws_a_map_being_read_at_most_a_few_times_a_second(monkeypatch):
+    """Mid-read the runtime publishes a map per chunk; the panel takes one per DRAW_S (a
+    clock of our own: no sleeping), and the read's end at once."""
+    from types import SimpleNamespace
+    from app.ui import context
+    clock, state = [100.0], [None]
+    monkeypatch.setattr(context.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(context, "published", lambda widget: state[0])
+    meter = ContextMeter()
+    monkeypatch.setattr(meter, "refresh", lambda **kw: None)
 
-    def counted(self):
-        before = self.cache_map
-        pull(self)
-        if self.cache_map is not before and self.cache_map is not None:
-            drawn.append((self._drawn, any(r.kind == "reading" for r in self.cache_map.rows)))
-    monkeypatch.setattr(ContextMeter, "pull", counted)
-
-    class Slow(FakeRuntime):
-        def _publish(self):  # a read of ~1.5 s: 383 chunks
-            super()._publish()
-            time.sleep(0.004)
-
-    async def main():
-        fake = Slow()
-        fake.chunk = 8
-        app = make_app(tmp_path, fake)
-        async with app.run_test(size=SIZE) as pilot:
-            await _ready(app)(pilot)
-            await submit(pilot, app, f"/load {long_doc}")
-            await _drawn(pilot, app)
-    run(main())
-    mid = [(t0, t1) for (t0, _), (t1, reading) in zip(drawn, drawn[1:]) if reading]
-    assert len(mid) >= 2, drawn
-    assert all(t1 - t0 >= ContextMeter.DRAW_S * 0.9 for t0, t1 in mid), drawn
-    assert not drawn[-1][1]  # the read's end is drawn at once
+    def publish(kind: str, at: float):
+        clock[0] = at
+        state[0] = SimpleNamespace(cache_map=SimpleNamespace(rows=[SimpleNamespace(kind=kind)]))
+        meter.pull()
+        return meter.cache_map is state[0].cache_map
+    step = ContextMeter.DRAW_S
+    assert publish("reading", 100.0)  # the first map of a read is drawn
+    assert not publish("reading", 100.0 + step * 0.4)  # too soon: waits for a tick
+    assert not publish("reading", 100.0 + step * 0.9)
+    assert publish("reading", 100.0 + step)  # a tick later: drawn
+    assert publish("document", 100.0 + step * 1.1)  # the read's end: at once
 
 
 # ---- the pure parts --------------------------------------------------------------------------

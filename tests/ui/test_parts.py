@@ -10,7 +10,8 @@ import pytest
 from app.config import Config, ConfigError, load_config, parse_config, to_toml
 from app.runtime.types import ContextInfo, MemoryReport, VramchatError
 from app.ui import commands, store
-from app.ui.panels import bar, context_level, fmt_bytes, host_segments, vram_segments
+from app.ui.context import context_level
+from app.ui.panels import bar, fmt_bytes, host_segments, vram_segments
 from app.ui.screens import compose_spec
 from app.ui.transcript import last_code_block
 

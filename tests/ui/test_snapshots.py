@@ -10,7 +10,8 @@ import policies.registry as registry
 from textual.widgets.markdown import MarkdownBlock
 
 from app.ui.chat_input import ChatInput
-from app.ui.panels import ContextMeter, Gauge
+from app.ui.context import ContextMeter
+from app.ui.panels import Gauge
 from tests.ui.conftest import make_app, settle, submit, wait_for
 from tests.ui.fake import FakeRuntime, answer_for
 
