@@ -12,8 +12,7 @@ Two pure steps, run on the model thread at every published state (`memory.cache_
   tensor is read. Cost O(layers x KV heads x kept), a few passes over the [4, seen] counts
   (a host tier holding all its layer evicted is the complement of what it keeps).
 
-The result, a `CacheMap`, is immutable: the UI reads it from any thread, cut into as many
-cells per row as it has room for (`cells`); `ask --json` and `serve` give its exact spans.
+The `CacheMap` is immutable: any thread reads it, cut into cells (`cells`) or exact spans.
 """
 from __future__ import annotations
 
