@@ -22,7 +22,10 @@
 - `dense` (only when named: hours on a CPU): facts of one shape in Debian changelogs, six
   keys asked two in turn, one key's four values, one fact asked after an unrelated turn,
   at 3K, 12K and 32K tokens, 8 trials; any specs (`--policies`), `full` only inside the
-  model's window (app/bench/dense.py).
+  model's window (app/bench/dense.py);
+- `sources`, `sources-depths` (only when named): whether an answer's top source is the
+  passage of the fact it asks, per policy, and the decode cost of finding sources; the
+  evidence layers chosen by that attribution under `full` (app/bench/sources.py).
 Defaults (pass key at 4K and 9K, 2 trials) fit in 15 minutes on a 2-core CPU; `--trials`
 and `--lengths` scale it, `--parts` picks parts; the time of each part is printed and kept.
 """
@@ -31,7 +34,7 @@ from __future__ import annotations
 import sys
 import time
 
-from . import baselines, dense, kvbits, label_cache, locret, recall
+from . import baselines, dense, kvbits, label_cache, locret, recall, sources
 from .common import plot, table, write_json
 
 KL_EXTRA = ("kivi", "doublesparse")  # (+ kivi 2/4-bit one-pass vs QuantizedCache: peer_bits)
@@ -55,7 +58,7 @@ def copy_rows(rt, budget: int, trials: int, full_tokens: int = 5632, doc_tokens:
 
 
 PARTS = ("kl", "lazy", "passkey", "ffnskip", "random-heads", "needles", "copy", "kvbits", "labels")  # the default
-NAMED_ONLY = ("dense",)  # run only when --parts names them
+NAMED_ONLY = ("dense", "sources", "sources-depths")  # run only when --parts names them
 NAMED = ("kl", "lazy", "passkey", "ffnskip")  # parts whose --policies are names of baselines.policies_at
 
 
@@ -89,6 +92,7 @@ def run(rt, out_dir=None, trials=None, lengths=None, policies=None, budget: int 
         raise ValueError("bench quality: --trials 0 runs no answers; part dense is nothing but answers")
     kv_trials = 2 if trials is None else trials  # kvbits: 0 runs no pass key
     dense_trials, dense_lengths = 8 if trials is None else trials, lengths or dense.LENGTHS
+    src_trials, src_lengths = sources.TRIALS if trials is None else trials, lengths
     trials = trials or 2
     lengths = lengths or (4096, 9216)
     rows: list[dict] = []
@@ -120,6 +124,10 @@ def run(rt, out_dir=None, trials=None, lengths=None, policies=None, budget: int 
     timed("labels", lambda: label_cache.run(rt, max(lengths), trials, progress=show))
     timed("dense", lambda: dense.run(rt, policies=policies or dense.DEFAULT, lengths=dense_lengths,
                                      trials=dense_trials, kinds=kinds or dense.KINDS, progress=show))
+    timed("sources", lambda: sources.run(rt, policies=policies, lengths=src_lengths, trials=src_trials,
+                                         progress=show))
+    timed("sources-depths", lambda: sources.depths(rt, length=(src_lengths or (4096,))[0], trials=src_trials,
+                                                   progress=show))
     for kind, cols in (("kl", ["policy", "kl_nats", "ppl_full", "ppl_spec", "kv_peak_bytes"]),
                        ("passkey", ["policy", "tokens", "trials", "correct", "accuracy", "skipped"]),
                        ("passkey-random-heads", ["policy", "length", "trials", "correct", "accuracy"]),
@@ -129,7 +137,10 @@ def run(rt, out_dir=None, trials=None, lengths=None, policies=None, budget: int 
                        ("lazy", ["policy", "tokens", "lazy_layers", "saved"]),
                        ("kvbits", kvbits.columns([r for r in rows if r.get("kind") == "kvbits"])),
                        ("labels", label_cache.COLUMNS),
-                       ("dense", dense.COLUMNS)):
+                       ("dense", dense.COLUMNS),
+                       ("sources", sources.COLUMNS),
+                       ("sources-cost", sources.COST_COLUMNS),
+                       ("sources-depths", sources.DEPTH_COLUMNS)):
         part = [r for r in rows if r.get("kind") == kind]
         if part:
             print(f"\n{kind}\n" + table(part, [c for c in cols if any(c in r for r in part)]))

@@ -29,9 +29,9 @@ from .held import Held
 from .located import TokenIndex
 from .session import document_block
 
-# evidence layers as fractions of the depth; the bench `quality --parts sources` chose these
-# by attribution accuracy under `full` (BENCHMARKS.md)
-DEPTHS = (0.5, 0.65, 0.8)
+# evidence layers as fractions of the depth; the bench `quality --parts sources-depths` chose
+# these by attribution accuracy under `full` (BENCHMARKS.md)
+DEPTHS = (0.62, 0.7, 0.8)
 TOP = 3  # sources reported per answer
 _Q_CHUNK = 64  # queries per matmul when the mass is computed
 LONG_MESSAGE = 2000  # characters: a user message this long is read as a document
