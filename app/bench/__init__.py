@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 SUITES = ("memory", "speed", "quality", "gpu128k", "soak", "kernels", "probe-attn", "probe-decode", "probe-pinned",
-          "serve", "reopen", "ruler", "panel")
+          "serve", "reopen", "ruler", "panel", "scale")
 PROBE_VARIANTS = "torch window fused"
 
 
@@ -160,6 +160,9 @@ def run(args) -> int:
             from . import panel
             panel.run(rt, policies=pols or panel.DEFAULT_POLICIES, lengths=lengths or panel.DEFAULT_LENGTHS,
                       rounds=args.rounds, out_dir=out)
+        elif args.suite == "scale":
+            from . import scale
+            scale.run(rt, policies=pols, lengths=lengths, decode=args.decode or 12, out_dir=out)
         elif args.suite == "reopen":
             from . import reopen
             reopen.run(rt, decode=args.decode or 16, trials=args.trials or 3, out_dir=out, **kw)
