@@ -14,7 +14,7 @@ import pytest
 from app.runtime import cache_map
 from app.runtime.cache_map import DEVICE, HOST, QUANT, RECALLED
 from app.runtime.engine import Runtime
-from tiny import tiny_pair, tiny_policy_files
+from tiny import tiny_model_dir, tiny_pair, tiny_policy_files
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -188,13 +188,7 @@ def test_cells_average_the_tokens_they_hold(tmp_path):
 
 def test_ask_json_gives_the_map(tmp_path, monkeypatch, capsys):
     from app.cli import main
-    m, t = tiny_pair(0)
-    model_dir = tmp_path / "tiny-model"
-    m.save_pretrained(model_dir)
-    t.save_pretrained(model_dir)
-    for var, sub in (("XDG_CONFIG_HOME", "config"), ("XDG_DATA_HOME", "data")):
-        monkeypatch.setenv(var, str(tmp_path / sub))
-    monkeypatch.setenv("VRAMCHAT_CACHE_DIR", str(tmp_path / "cache"))
+    model_dir = tiny_model_dir(tmp_path, monkeypatch)
     doc = _doc(tmp_path)
     assert main(["ask", "--model", str(model_dir), "--device", "cpu", "--chunk-size", "32", "--max-new-tokens", "4",
                  "--policy", "streaming:sinks=4,window=40", "--json", "--doc", str(doc), "What is kept?"]) == 0

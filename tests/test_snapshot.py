@@ -20,7 +20,7 @@ from app.runtime.decode import Decoder
 from app.runtime.doc_cache import DocCache
 from app.runtime.engine import Runtime
 from policies import REGISTRY, state
-from tiny import tiny_pair, tiny_policy_files
+from tiny import tiny_model_dir, tiny_pair, tiny_policy_files
 
 CHUNK = 32
 # name -> a spec that puts it to work on a ~500-token conversation (evicting selectors at a
@@ -306,13 +306,7 @@ def test_cli_ask_save_resume_and_cache_commands(tmp_path, monkeypatch, capsys):
     """`ask --save`, `ask --resume` (its cache restored) and `main.py cache list|clear`, on a
     tiny model saved as a folder, config and caches in temporary dirs."""
     from app.cli import main
-    m, t = tiny_pair(0)
-    model_dir = tmp_path / "tiny-model"
-    m.save_pretrained(model_dir)
-    t.save_pretrained(model_dir)
-    for var, sub in (("XDG_CONFIG_HOME", "config"), ("XDG_DATA_HOME", "data")):
-        monkeypatch.setenv(var, str(tmp_path / sub))
-    monkeypatch.setenv("VRAMCHAT_CACHE_DIR", str(tmp_path / "cache"))
+    model_dir = tiny_model_dir(tmp_path, monkeypatch)
     doc = _doc(tmp_path)
     common = ["--model", str(model_dir), "--device", "cpu", "--chunk-size", "32", "--max-new-tokens", "5", "--json"]
     assert main(["ask", *common, "--doc", str(doc), "--save", "talk", "What is the pass key?"]) == 0

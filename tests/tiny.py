@@ -111,3 +111,16 @@ def tiny_policy_files(folder, **over) -> dict:
     stats = collect(ad, [torch.randint(4, 260, (64,), generator=gen) for _ in range(4)])
     save(f"{folder}/ch.safetensors", stats.mean(), 4, model_key(info), ["tiny"], 256, "random tokens (test)")
     return {"heads": f"{folder}/heads.safetensors", "ch": f"{folder}/ch.safetensors"}
+
+
+def tiny_model_dir(tmp_path, monkeypatch):
+    """The tiny model and tokenizer saved as a folder a user would pass with --model, with the
+    config, data and cache dirs under tmp_path (-> the folder)."""
+    m, t = tiny_pair(0)
+    model_dir = tmp_path / "tiny-model"
+    m.save_pretrained(model_dir)
+    t.save_pretrained(model_dir)
+    for var, sub in (("XDG_CONFIG_HOME", "config"), ("XDG_DATA_HOME", "data")):
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    monkeypatch.setenv("VRAMCHAT_CACHE_DIR", str(tmp_path / "cache"))
+    return model_dir
