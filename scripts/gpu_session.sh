@@ -56,5 +56,8 @@ case "${1:-check}" in
     step 260 g128k python3 main.py bench gpu128k --policies "$P $P+kivi $P+kivi+offload offload" --out "$OUT"
     step 150 g128k4b python3 main.py bench gpu128k --weights 4bit --cap-gib 24 --decode 32 \
       --policies "full locret:budget=4096,chunk=2048" --out "$OUT/4b" ;;
-  *) echo "parts: check graphs prefill4b probe bf16 4bit decode speed final"; exit 2 ;;
+  sources)  # issue 35: attribution and the decode cost of tracking sources on the GPU (default model)
+    step 420 sources python3 main.py bench quality --parts sources --trials 1 --policies "full auto" \
+      --lengths 4096,12288 --out "$OUT/sources" ;;
+  *) echo "parts: check graphs prefill4b probe bf16 4bit decode speed final sources"; exit 2 ;;
 esac
