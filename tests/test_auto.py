@@ -48,7 +48,10 @@ def test_budgets_follow_the_window():
     # the tiny model's window is 512: a quarter of it kept, an eighth recalled (no channels needed)
     (900, True, BIG, "locret:budget=128,stabilizers=32,local=16+offload:recall=64,quote=32,terms=on,rank=off",
      "host memory for recall"),
-    (900, True, (1_300_000, None), "locret:budget=128,stabilizers=32,local=16", "retaining heads exist"),  # recall does not fit
+    # on a CPU (one memory): the full-precision host tier does not fit, KIVI codes do; then neither
+    (900, True, (1_300_000, None), "locret:budget=128,stabilizers=32,local=16+offload:recall=64,quote=32,terms=on,"
+     "rank=off,kbits=8,vbits=4", "as 8-bit keys and 4-bit values"),
+    (900, True, (1_100_000, None), "locret:budget=128,stabilizers=32,local=16", "retaining heads exist"),
     (900, False, BIG, TINY_RECALL, "no retaining heads for this model (train them: `main.py train-heads`)"),
     (900, None, BIG, "locret:budget=128,stabilizers=32,local=16+offload:recall=64,quote=32,terms=on,rank=off",
      "retaining heads exist"),  # looked up: the fixture's, trained "on this machine"
@@ -56,6 +59,26 @@ def test_budgets_follow_the_window():
 def test_auto_picks_the_cheapest_stack_that_holds_the_conversation(rt, tokens, heads, memory, spec, why):
     got = choose(rt, tokens, answer=64, heads=heads, memory=memory)
     assert got.spec == spec and why in got.reason, got
+
+
+def test_auto_codes_the_host_tier_when_full_precision_would_not_fit_the_host(rt):
+    """Host memory between what the coded host tier (`HOST_BITS`) and the full-precision one
+    need at the end of the read: auto keeps recall, with the evicted tokens as KIVI codes; less
+    host memory than the coded tier needs: no recall (and never past the host's memory)."""
+    from app.runtime import estimate
+    from app.runtime.describe import model_of
+    tokens, answer = 20_000, 64
+    fp = "locret:budget=128,stabilizers=32,local=16+offload:recall=64,quote=32,terms=on,rank=off"
+    coded = fp + ",kbits=8,vbits=4"
+    host = {spec: estimate.estimate(model_of(rt), spec, tokens, rt.chunk_size, answer, "fp32", "cuda",
+                                    exact=False)["kv_host"] for spec in (fp, coded)}
+    assert 0 < 3 * host[coded] < host[fp]  # 8-bit keys, 4-bit values, scales and the id log, vs fp32 rows
+    got = choose(rt, tokens, answer=answer, heads=True, memory=(1 << 40, (host[fp] + host[coded]) // 2))
+    assert got.spec == coded and "8-bit keys and 4-bit values" in got.reason, got
+    got = choose(rt, tokens, answer=answer, heads=True, memory=(1 << 40, host[fp]))
+    assert got.spec == fp and "8-bit" not in got.reason, got
+    got = choose(rt, tokens, answer=answer, heads=True, memory=(1 << 40, host[coded] - 1))
+    assert got.spec == "locret:budget=128,stabilizers=32,local=16", got
 
 
 def test_auto_past_the_window_never_picks_a_stack_that_keeps_positions(rt):

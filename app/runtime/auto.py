@@ -14,6 +14,9 @@ model's native window and whether retaining heads exist for this model:
 |                                               | `offload`                                |
 | ... and the device is short                   | the same with `+kivi`                    |
 
+Where the host's available memory would not hold the evicted tokens at the cache's precision,
+the host tier keeps them as KIVI codes (`HOST_BITS`, ~4.3x smaller), before recall is given up.
+
 The recall is `offload:terms=on,rank=off` (`RECALLS`): the spans around what the question
 quotes and the rare word pairs it names a fact by, no per-head label picks, so no channels
 are needed: on number-dense text the label picks made answers loop, and the spans alone lose
@@ -45,6 +48,10 @@ SUMMARY = "choose for the conversation: full inside the window, else locret or a
 RECALLS = "offload:terms=on,rank=off"
 # heads-free: the start and the newest 2K tokens stay, the rest goes to the host
 RECALL = f"streaming:window=2048+{RECALLS}"
+# the host tier as KIVI codes (keys 8-bit per channel, values 4-bit per token: 10,800 host
+# bytes a token on the default model, 46,800 at full precision), for a read whose evicted
+# tokens would not fit the host's available memory at the cache's precision
+HOST_BITS = "kbits=8,vbits=4"
 
 
 def budgeted(heads: bool, window: int) -> list[str]:
@@ -133,14 +140,34 @@ def choose_for(m, tokens: int, answer: int, *, heads: bool, memory: tuple[int, i
     why = f"{need:,} tokens with the answer pass the native window of {window:,}: a budget that " \
           f"compacts positions; {kind}"
     tried = budgeted(heads, window)
-    for spec in reversed(tried):  # with recall first, where it fits
+    for spec in with_coded_host(tried):  # with recall first, where it fits
         if fits(spec):
-            return chosen(spec, why + ("; evicted tokens go to host memory for recall" if "offload" in spec else ""))
+            return chosen(spec, why + _host_reason(spec))
     quantized = [s.replace("+offload", "+kivi+offload") if "+offload" in s else s + "+kivi" for s in tried]
-    for spec in reversed(quantized):
+    for spec in with_coded_host(quantized):
         if fits(spec):
-            return chosen(spec, why + "; quantized K/V: the device is short")
+            return chosen(spec, why + "; quantized K/V: the device is short" + _host_reason(spec))
     return chosen(quantized[0], why + "; even quantized K/V is tight on this device")
+
+
+def with_coded_host(stacks: list[str]) -> list[str]:
+    """The stacks to try, best first: each with recall, then the same with its host tier as
+    KIVI codes (`HOST_BITS`), then those without recall (`stacks` cheapest first, as `budgeted`)."""
+    out = []
+    for spec in reversed(stacks):
+        out.append(spec)
+        if "+offload" in spec:
+            out.append(spec + ("," if ":" in spec.rsplit("+", 1)[1] else ":") + HOST_BITS)
+    return out
+
+
+def _host_reason(spec: str) -> str:
+    if "offload" not in spec:
+        return ""
+    if HOST_BITS in spec:
+        return ("; evicted tokens go to host memory for recall as 8-bit keys and 4-bit values "
+                "(at full precision they would not fit the host's available memory)")
+    return "; evicted tokens go to host memory for recall"
 
 
 def check_spec(spec: str) -> None:
