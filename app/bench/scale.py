@@ -79,11 +79,16 @@ def rss() -> int:
 
 
 def _planned(rt, n: int) -> dict:
-    """`main.py plan`'s KV for reading n tokens under the runtime's policy (no answer)."""
+    """`main.py plan`'s KV after reading n tokens under the runtime's policy (no answer; the
+    estimate that replays the cache's own rule, as `plan` prints it). `offload`'s recall
+    buffer counts there at its full size (`recall` tokens): the live one takes only what a
+    question recalls, from its first question on (`recall_buffer_mib`)."""
     from app.runtime import describe, estimate
     choice = rt.weights if rt.weights in describe.CHOICES else "fp32"
-    e = estimate.estimate(describe.model_of(rt), rt.policy, n, rt.chunk_size, 0, choice, rt.device.type, exact=False)
-    return {"plan_device_mib": e["kv_gpu_end"] / 2**20, "plan_host_mib": e["kv_host_end"] / 2**20}
+    e = estimate.estimate(describe.model_of(rt), rt.policy, n, rt.chunk_size, 0, choice, rt.device.type)
+    spill = rt.cache.slots["spill"].opts["recall"] * rt.adapter.info.kv_bytes_per_token() if "spill" in rt.cache.slots else 0
+    return {"plan_device_mib": e["kv_gpu_end"] / 2**20, "plan_host_mib": e["kv_host_end"] / 2**20,
+            "recall_buffer_mib": spill / 2**20}
 
 
 def one(rt, spec: str, path: Path, key: str, decode: int) -> dict:
@@ -107,8 +112,10 @@ def one(rt, spec: str, path: Path, key: str, decode: int) -> dict:
         row["end_over_start"] = row["chunk_end_ms"] / row["chunk_start_ms"]
     with timed_recalls() as spent:
         res = rt.ask(QUESTION, max_new_tokens=decode)
+    after = rt.cache.bytes_by_tier()
     row.update(recall_s=spent[0], ttft_s=res.ttft_s, decode_tok_s=res.decode_tok_s, answer=res.answer.strip(),
-               correct=key in res.answer)
+               correct=key in res.answer, device_kv_answered_mib=after["gpu"] / 2**20,
+               host_kv_answered_mib=after["host"] / 2**20)
     return row
 
 
@@ -116,8 +123,8 @@ def run(rt, policies=None, lengths=None, decode: int = 12, out_dir: Path | None 
     policies, lengths = policies or POLICIES, lengths or LENGTHS
     rows, bar = [], Bar(len(policies) * len(lengths), "scale")
     cols = ["policy", "tokens", "prefill_tok_s", "chunk_start_ms", "chunk_end_ms", "end_over_start", "rss_mib",
-            "device_kv_mib", "plan_device_mib", "host_kv_mib", "plan_host_mib", "recall_s", "ttft_s", "decode_tok_s",
-            "correct"]
+            "device_kv_mib", "plan_device_mib", "recall_buffer_mib", "host_kv_mib", "plan_host_mib", "recall_s", "ttft_s",
+            "decode_tok_s", "correct"]
     extra = {"model": rt.model_id, "device": str(rt.device), "chunk": rt.chunk_size, "decode": decode}
     with tempfile.TemporaryDirectory(prefix="vramchat-scale-") as tmp:
         for n in lengths:
