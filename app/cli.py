@@ -10,7 +10,6 @@ import os
 import signal
 import sys
 import threading
-import time
 
 
 
@@ -185,12 +184,13 @@ class _StopOnCtrlC:
 
 
 def _progress(label: str):
-    t0 = time.perf_counter()
+    from app.runtime.eta import Eta, seconds
+    eta = Eta()
 
     def cb(done, total):
-        rate = done / max(time.perf_counter() - t0, 1e-9)
-        eta = (total - done) / rate if rate > 0 else 0
-        print(f"\r{label}: {done:,}/{total:,} tokens  {rate:,.0f} tok/s  ETA {eta:,.0f}s ",
+        rate, left = eta.update(done, total)
+        per_s = "–" if rate is None else f"{rate:,.0f}"
+        print(f"\r{label}: {done:,}/{total:,} tokens  {per_s} tok/s  ETA {seconds(left)} ",
               end="" if done < total else "\n", file=sys.stderr, flush=True)
     return cb
 

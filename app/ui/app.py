@@ -15,6 +15,7 @@ from textual.css.query import NoMatches
 from textual.widgets import Footer, ProgressBar, Static
 
 from app.config import Config
+from app.runtime.eta import seconds
 from app.runtime.types import VramchatError
 from app.ui import store
 from app.ui.actions import Actions
@@ -189,13 +190,15 @@ class VramchatApp(Actions, App):
         row = self.main_screen.query_one("#progress-row")
         row.display = True
         self.main_screen.query_one(ProgressBar).update(total=max(msg.total, 1), progress=msg.done)
-        elapsed = max(time.monotonic() - msg.started, 1e-6)
-        rate = msg.done / elapsed
-        eta = (msg.total - msg.done) / rate if rate > 0 else 0.0
+        if msg.estimate is not None:
+            rate, left = msg.estimate
+        else:
+            rate = msg.done / max(time.monotonic() - msg.started, 1e-6)
+            left = (msg.total - msg.done) / rate if rate > 0 else None
         pct = 100 * msg.done / max(msg.total, 1)
-        per_s = f"{rate:,.0f}" if rate >= 10 else f"{rate:.1f}"
+        per_s = "–" if rate is None else f"{rate:,.0f}" if rate >= 10 else f"{rate:.1f}"
         self.main_screen.query_one("#progress-label", Static).update(
-            f"{msg.label}: {msg.done:,}/{msg.total:,} {msg.unit} · {per_s} {msg.unit}/s · ETA {eta:.0f} s · Esc stops")
+            f"{msg.label}: {msg.done:,}/{msg.total:,} {msg.unit} · {per_s} {msg.unit}/s · ETA {seconds(left)} · Esc stops")
         self.status.state = f"{msg.label} {pct:.0f}%"
         rt = self.runtime
         if rt is not None:  # the cache's published state: the Context panel follows the read

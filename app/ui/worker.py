@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 from textual.message import Message
 
+from app.runtime.eta import Eta
+
 
 class Tokens(Message):
     """New answer text is in the worker's buffer; any pending Tokens is superseded."""
@@ -27,11 +29,15 @@ class Tokens(Message):
 
 
 class Progress(Message):
-    """done of total units (`unit`: tok, docs, steps) of the work `label` names."""
+    """done of total units (`unit`: tok, docs, steps) of the work `label` names; `estimate`:
+    (units per second, seconds left) from the recent reports (`eta.Eta`, None in either
+    where not known yet); without one the rate is the average since `started`."""
 
-    def __init__(self, label: str, done: int, total: int, started: float, unit: str = "tok") -> None:
+    def __init__(self, label: str, done: int, total: int, started: float, unit: str = "tok",
+                 estimate: tuple[float | None, float | None] | None = None) -> None:
         super().__init__()
         self.label, self.done, self.total, self.started, self.unit = label, done, total, started, unit
+        self.estimate = estimate
 
     def can_replace(self, message: Message) -> bool:
         return isinstance(message, Progress) and message.label == self.label
@@ -87,9 +93,10 @@ class JobContext:
         """-> report(done, total) of the work `label` names, counted in `unit` (tokens unless said)."""
         started = time.monotonic()
         target = self.worker.target
+        eta = Eta()  # NOTE: here, not in the UI: a newer Progress replaces an older one in the queue
 
         def report(done: int, total: int) -> None:
-            target.post_message(Progress(label, int(done), int(total), started, unit))
+            target.post_message(Progress(label, int(done), int(total), started, unit, eta.update(done, total)))
         return report
 
     def status(self, text: str) -> None:
