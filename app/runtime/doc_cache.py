@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import snapshot
+from . import partial, snapshot
 
 
 @dataclass
@@ -41,8 +41,14 @@ def file_hash(path: str | Path) -> str:
 
 
 class DocCache:
-    def __init__(self, folder: str | Path, cap_bytes: int):
+    def __init__(self, folder: str | Path, cap_bytes: int, checkpoint_s: float = 60.0, checkpoint_share: float = 0.05):
+        """checkpoint_s, checkpoint_share: when a long read keeps what it has read so far
+        (partial.py; checkpoint_s 0: after every chunk)."""
+        if checkpoint_s < 0 or not 0 < checkpoint_share <= 1:
+            raise ValueError(f"checkpoint_s {checkpoint_s} must be >= 0 and checkpoint_share "
+                             f"{checkpoint_share} in (0, 1]")
         self.folder, self.cap = Path(folder), int(cap_bytes)
+        self.checkpoint_s, self.checkpoint_share = float(checkpoint_s), float(checkpoint_share)
 
     @staticmethod
     def key(identity: dict, spec: str, file_sha: str, target: str) -> str:
@@ -140,21 +146,33 @@ def read_document(cache: DocCache | None, reader, path, target: str, spec: str, 
     """Make `reader` (a Reader) hold `target`, the conversation with the document at `path`
     read: restored from `cache` where that file was read before under `spec` into the same
     conversation start, else read, then kept there (`save(path, extra) -> bytes`: the
-    runtime's `save_cache`). -> (the document's tokens, restored, one line about the cache or "")."""
+    runtime's `save_cache`). A read stopped part way before is resumed where it stopped, and
+    one stopped now keeps what it read (partial.py).
+    -> (the document's tokens, restored, one line about the cache or "")."""
     if cache is None:
         return reader.sync(target, progress, stop)[1], False, ""
     sha = file_hash(path)
     key = cache.key(snapshot.identity(reader.adapter), spec, sha, target)
     found = cache.find(key)
     snap, why = reader.open(found) if found is not None else (None, "")
-    note = f"document cache: {why}; read it again" if why else ""
-    _, n_new = reader.sync(target, progress, stop)
+    notes = [f"document cache: {why}; read it again"] if why else []
+    keeper = partial.Keeper(cache, key, Path(path).name, sha)
     if snap is not None:
-        return int(snap.extra.get("doc_tokens", 0)), True, note
+        reader.sync(target, progress, stop)
+        keeper.drop()
+        return int(snap.extra.get("doc_tokens", 0)), True, "; ".join(notes)
+    resumed, why = partial.resume(keeper, reader, target, reader.tokens, progress, stop)
+    notes += [why] if why else []
+    if resumed is not None:
+        n_new = resumed[1]
+        notes.append(f"resumed at {resumed[2]:,} of {n_new:,} tokens, where the last read of it stopped")
+    else:
+        n_new = reader.sync(target, progress, stop, keeper)[1]
     if n_new:
         extra = {"name": Path(path).name, "doc_tokens": n_new, "file_sha256": sha}
-        note = cache.put(key, lambda p: save(p, extra)) or note
-    return n_new, False, note
+        notes.append(cache.put(key, lambda p: save(p, extra)))
+    keeper.drop()
+    return n_new, False, "; ".join(n for n in notes if n)
 
 
 def describe(entry: Entry, now: float | None = None) -> str:
@@ -163,5 +181,8 @@ def describe(entry: Entry, now: float | None = None) -> str:
     when = f"{age / 86400:.0f} d" if age >= 86400 else f"{age / 3600:.0f} h" if age >= 3600 else f"{age / 60:.0f} min"
     tokens = entry.meta.get("tokens", "?")
     tokens = f"{int(tokens):,}" if tokens.isdigit() else tokens
+    part = json.loads(entry.meta.get("extra", "{}")).get("partial")
+    if part:  # the cache holds the conversation before it too
+        tokens = f"part: {part.get('done', 0):,}/{part.get('tokens', 0):,}"
     return (f"{entry.document[:32]:<32} {tokens:>9} tok {entry.bytes / 2**20:>9.1f} MiB  used {when:>6} ago  "
             f"{entry.meta.get('spec', '?')}  {entry.meta.get('model_id', '?')}")

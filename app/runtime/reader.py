@@ -6,7 +6,8 @@ switches the cache's policy (`switch`: converted in place where the math allows,
 text re-read under the new one) and, before every read, lets `auto` choose the stack for
 the longer text, warns before a policy that keeps every position passes the native window,
 and refuses what will not fit in memory (`Fit`). A read that fails (stop, out of memory)
-leaves the cache and its record as they were.
+leaves the cache and its record as they were; a document's read that is stopped keeps what
+it read first (`partial.py`), and `resume` goes on from there.
 
 It knows nothing of conversations, turns or locks: the Runtime renders the text, holds its
 lock around every call and is told of each chunk read (`publish`) and of what a person should
@@ -28,7 +29,8 @@ from .convert import convert
 from .decode import free_cached, is_oom
 from .fit import Fit
 from .held import Held
-from .prefill import prefill
+from .partial import Reading
+from .prefill import chunk_plan, prefill
 from .types import ConversionResult, Progress, Stopped, VramchatError
 
 
@@ -47,6 +49,9 @@ class Reader:
         self.held = Held()
         self._tokens, self._conversation, self._choose = tokens, conversation, choose
         self._publish, self._note = publish, note
+
+    def tokens(self, text: str) -> list:
+        return self._tokens(text)
 
     @property
     def device(self) -> torch.device:
@@ -69,19 +74,20 @@ class Reader:
         return prefill(self.adapter, self.cache, ids, self.fit.chunk_size, progress=chunk_done, stop=stop)
 
     # ---- reads ----------------------------------------------------------------------
-    def sync(self, target: str, progress=None, stop=None) -> tuple[torch.Tensor | None, int]:
-        """Make the cache hold `target`; read only what is new. -> (last logits or None, tokens read)."""
+    def sync(self, target: str, progress=None, stop=None, keeper=None) -> tuple[torch.Tensor | None, int]:
+        """Make the cache hold `target`; read only what is new. -> (last logits or None, tokens read).
+        keeper: a `partial.Keeper` that keeps what this read has read if it stops (a document's)."""
         keep = self.held.keeps(target, self.cache.truncate)
         if keep is None:
-            return self._read_anew(target, progress, stop, choose=True)
+            return self._read_anew(target, progress, stop, choose=True, keeper=keeper)
         new = target[keep:]
         if not new:
             return None, 0
         ids = self._tokens(new)
         self._prepare(len(ids), progress, stop)
-        return self._read(ids, target, progress, stop), len(ids)
+        return self._read(self._reading(ids, keep), target, progress, stop, keeper), len(ids)
 
-    def _read_anew(self, target: str, progress, stop, *, choose: bool):
+    def _read_anew(self, target: str, progress, stop, *, choose: bool, keeper=None):
         """Empty the cache and read `target`. choose: let `auto` choose first (not when the read
         is the switch auto asked for)."""
         self.reset()
@@ -90,7 +96,31 @@ class Reader:
             self._prepare(len(ids), progress, stop)
         else:
             self.fit.check(self.cache, len(ids))
-        return self._read(ids, target, progress, stop), len(ids)
+        return self._read(self._reading(ids, 0), target, progress, stop, keeper), len(ids)
+
+    def _reading(self, ids, start: int) -> Reading:
+        """ids [n], the text from character `start` of the target, to be read in the chunks the cache reads them in."""
+        return Reading(list(ids), chunk_plan(self.cache, len(ids), self.fit.chunk_size), start)
+
+    def resume(self, snap, held: Held, reading: Reading, target: str, progress=None, stop=None,
+               keeper=None) -> torch.Tensor:
+        """Hold the cache of a read kept part way (`partial.py`: `reading.done` tokens of it in
+        `snap`, `held` the record from before it) and read the rest, in the rest of its plan:
+        the cache ends as one read whole would. Its spec is the one the read began under (under
+        `auto` too: chosen then for the whole length). -> last logits."""
+        self.reset()
+        self.cache = snap.build(self.adapter)
+        self.held.replace(held)
+        n_rest = len(reading.ids) - reading.done
+        warning = self.fit.window_warning(self.cache, n_rest)
+        if warning:
+            self._note("warning: " + warning)
+        try:
+            self.fit.check(self.cache, n_rest)
+        except BaseException:
+            self._undo(self.cache.seen - reading.done)
+            raise
+        return self._read(reading, target, progress, stop, keeper)
 
     def _prepare(self, n_new: int, progress=None, stop=None) -> None:
         """Before n_new tokens are read: auto's choice (a live conversion where the math allows,
@@ -106,23 +136,48 @@ class Reader:
             self._note("warning: " + warning)
         self.fit.check(self.cache, n_new)
 
-    def _read(self, ids, target: str, progress, stop) -> torch.Tensor:
-        """Prefill ids, after which the cache holds `target`; on stop or out of memory put it back."""
-        seen0 = self.cache.seen
+    def _read(self, reading: Reading, target: str, progress, stop, keeper=None) -> torch.Tensor:
+        """Prefill what `reading` has left, after which the cache holds `target`; on stop or out of
+        memory put it back (`keeper` keeps what a stopped read read, and checkpoints it as it goes)."""
+        ids, n = reading.ids, len(reading.ids)
+        seen0 = self.cache.seen - reading.done
+        first = reading.done
+
+        def chunk_done(done: int, total: int) -> None:
+            reading.done = first + done
+            self._publish()
+            if keeper is not None and reading.done < n:
+                keeper.chunk(self, reading)
+            if progress is not None:
+                progress(reading.done, n)
+        if progress is not None:  # where it starts (part way for a resumed read): rates count from here
+            progress(first, n)
+        if keeper is not None:
+            keeper.begin()
         try:
-            logits = self.prefill(ids, progress, stop)
+            logits = prefill(self.adapter, self.cache, ids[first:], plan=reading.plan[reading.resume_at():],
+                             progress=chunk_done, stop=stop)
         except BaseException as e:
-            if not self.cache.truncate(seen0):
-                self.reset()
+            try:  # NOTE: written before the cache is cut back, which it describes
+                kept = keeper.stopped(self, reading) if keeper is not None and isinstance(e, Stopped) else ""
+            finally:
+                self._undo(seen0)
             if is_oom(e):
                 free_cached(self.device)
                 raise VramchatError(
-                    f"out of memory while reading {len(ids):,} new tokens with policy `{self.cache.spec}`; "
+                    f"out of memory while reading {n - first:,} new tokens with policy `{self.cache.spec}`; "
                     "the conversation is intact (that input was not added). Try a smaller --chunk-size, "
                     "`locret` or `kivi`.") from e
+            if kept:
+                raise Stopped(kept) from e
             raise
         self.held.read(target, ids, self.cache.seen)
         return logits
+
+    def _undo(self, seen: int) -> None:
+        """Back to the cache of `seen` tokens the record holds (emptied where it cannot be cut there)."""
+        if not self.cache.truncate(seen):
+            self.reset()
 
     # ---- policies -------------------------------------------------------------------
     def set_policy(self, spec: str, progress=None, stop=None, reprefill: bool = False) -> ConversionResult:

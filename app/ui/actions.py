@@ -111,7 +111,11 @@ class Actions(Models, Saving):
             result = jobs.read_document(ctx.runtime, p, progress=ctx.progress(f"reading {p.name}"), stop=ctx.stop)
             self.autosave(ctx, name)
             return result
-        self.submit(Job("reading document", fn, done=self._document_loaded))
+        self.submit(Job("reading document", fn, done=self._document_loaded, failed=self._document_failed))
+
+    async def _document_failed(self, error) -> None:
+        if isinstance(error, Stopped):  # what was read is kept where the read got far enough (partial.py)
+            await self.transcript.add(Note(f"Reading stopped: {error}.", "system"))
 
     async def _document_loaded(self, result) -> None:
         info, content = result
