@@ -42,8 +42,19 @@ def to_markdown(data: dict) -> str:
             out += ["## Assistant" + (" (stopped, partial)" if m.get("partial") else ""), "",
                     str(m.get("content", "")), ""]
             if m.get("stats"):
-                out += [f"_{stats_line(m['stats'])}_", ""]
+                out += [f"_{stats_line(m['stats'])}_", ""] + sources_lines(m["stats"])
     return "\n".join(out)
+
+
+def sources_lines(stats: dict) -> list[str]:
+    """An answer's sources (`TurnResult.sources`, best first) and its note, as Markdown lines."""
+    from .sources import shorten, where
+    got, note = stats.get("sources") or [], stats.get("sources_note") or ""
+    if not got and not note:
+        return []
+    out = ["Sources:", ""] + [f"- {s.get('weight', 0.0):.0%} · {where(s)} · {s.get('tier', '?')} — "
+                              f"“{shorten(s.get('text', ''), 120)}”" for s in got]
+    return out + ([f"- _{note}_"] if note else []) + [""]
 
 
 def stats_line(stats: dict) -> str:
