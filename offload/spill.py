@@ -370,6 +370,12 @@ class OffloadSpill(Spill):
         rows = host_rows_bytes(self.info, kbits or self.kbits, vbits or self.vbits, cap)
         return rows + (self.quotes.nbytes_after(chunks) if self._owns_log else 0)
 
+    def host_positions(self) -> torch.Tensor | None:
+        return self.hpos[:, :self.n] if self.n else None
+
+    def recalled_positions(self) -> torch.Tensor | None:
+        return self.recalled if self.n and self.m and self.recalled.shape[-1] == self.m else None
+
     def token_bytes(self) -> float:
         """Host bytes one evicted token takes in this layer: its keys and values as stored
         (scales and zeros counted per token) and its conversation index (int64 per KV head)."""

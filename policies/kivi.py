@@ -306,6 +306,10 @@ class KiviStore(Store):
         idx = torch.arange(n, device=self.info.device).expand(self.info.n_kv_heads, -1)
         self.compact(idx, torch.zeros_like(idx))
 
+    def quantized(self) -> int:
+        # NOTE: keys quantize before nq, values before nv
+        return min(self.length, max(self.nq, self.nv))
+
     def token_bytes(self) -> float:
         """Bytes per quantized token (this layer, K + V): codes, key scales/zeros shared by G
         tokens of a channel, value scales/zeros per G channels of a token."""

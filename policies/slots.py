@@ -177,6 +177,10 @@ class Store(Part):
         """Bytes per stored token (this layer, K + V), for projections."""
         return self.info.kv_bytes_per_token()
 
+    def quantized(self) -> int:
+        """How many stored tokens at the front are held quantized (key or value): 0 here."""
+        return 0
+
     # fixed-shape decode (only where `static_decode`)
     def open_window(self, start: int, end: int) -> None:
         """Room for indices start..end-1, and that tail cleared (it is read with weight 0)."""
@@ -205,6 +209,14 @@ class Spill(Part):
 
     def adopt(self, other: "Spill") -> None:
         """Take over another spill's tokens (live conversion). Default: start empty."""
+
+    def host_positions(self) -> torch.Tensor | None:
+        """Conversation positions of the tokens it holds [Hkv, n], or None when it holds none."""
+        return None
+
+    def recalled_positions(self) -> torch.Tensor | None:
+        """Conversation positions of the tokens brought back for the last question [Hkv, m], or None."""
+        return None
 
 
 class Reader(Part):

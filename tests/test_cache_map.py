@@ -59,7 +59,7 @@ def _check_against_the_cache(rt) -> None:
     on_host_store = [layer.store.tier == "host" for layer in cache.layers]
     device = sum(layer.length * heads for layer, h in zip(cache.layers, on_host_store) if not h)
     assert c[DEVICE].sum() + c[QUANT].sum() == device
-    assert c[QUANT].sum() == sum(cache_map.quantized(layer.store) * heads for layer in cache.layers)
+    assert c[QUANT].sum() == sum(layer.store.quantized() * heads for layer in cache.layers)
     host_rows = sum(layer.spill.n * heads for layer in cache.layers if layer.spill is not None)
     host_rows += sum(layer.length * heads for layer, h in zip(cache.layers, on_host_store) if h)
     assert c[HOST].sum() + c[RECALLED].sum() == host_rows

@@ -252,7 +252,7 @@ def build(cache, segs: list[Segment], text: Callable[[int, int], str] | None = N
             diff[tier, b] -= heads
 
     for layer in cache.layers:
-        n, q = layer.length, quantized(layer.store)
+        n, q = layer.length, layer.store.quantized()
         on_host = layer.store.tier == "host"
         if layer.pos is None:  # stored tokens are seen-n .. seen-1 in every head
             a = layer.seen - n
@@ -266,7 +266,8 @@ def build(cache, segs: list[Segment], text: Callable[[int, int], str] | None = N
         else:
             add(QUANT, layer.pos[:, :q])
             add(DEVICE, layer.pos[:, q:])
-        host, recalled = spilled(layer.spill)
+        host, recalled = (None, None) if layer.spill is None else (layer.spill.host_positions(),
+                                                                    layer.spill.recalled_positions())
         if host is not None and host.shape[-1] + n == layer.seen:  # every token read held or on the host:
             add_range(HOST, 0, layer.seen)  # the host holds all but the held ones (O(kept), not O(read))
             add(HOST, layer.positions(), -1)
@@ -279,22 +280,3 @@ def build(cache, segs: list[Segment], text: Callable[[int, int], str] | None = N
     for acc in dev.values():
         counts += acc.cpu().numpy()
     return CacheMap(segs, counts, len(cache.layers) * heads, text, texted)
-
-
-def quantized(store) -> int:
-    """Stored tokens at the front a store holds quantized (key or value), 0 for a full-precision one."""
-    from policies.kivi import KiviStore
-    if isinstance(store, KiviStore):  # NOTE: keys quantize before nq, values before nv
-        return min(store.length, max(store.nq, store.nv))
-    return 0
-
-
-def spilled(spill):
-    """(host rows' conversation positions [Hkv, n] or None, positions recalled into the
-    device buffer for the last question [Hkv, m] or None) of a layer's spill."""
-    from offload.spill import OffloadSpill
-    if not isinstance(spill, OffloadSpill) or spill.n == 0:
-        return None, None
-    host = spill.hpos[:, :spill.n]
-    rec = spill.recalled if spill.m and spill.recalled.shape[-1] == spill.m else None
-    return host, rec
