@@ -252,17 +252,14 @@ def test_eta_starts_again_with_new_work_and_says_times():
 
 def test_the_app_says_a_stopped_read_in_the_transcript(tmp_path):
     from app.ui.transcript import Note
-    from tests.ui.conftest import make_app, run, settle, submit, wait_for
+    from tests.ui.conftest import load_held, make_app, run, settle
     doc = tmp_path / "notes.md"
     doc.write_text("A line of notes. " * 400)
 
     async def main():
         app = make_app(tmp_path)
-        app.fake.hold_prefill = True
         async with app.run_test(size=(120, 40)) as pilot:
-            await settle(pilot, app)
-            await submit(pilot, app, f"/load {doc}")
-            await wait_for(pilot, app.fake.held.is_set)
+            await load_held(pilot, app, doc)
             await pilot.press("escape")
             await settle(pilot, app)
             said = [str(n.render()) for n in app.query(Note)]

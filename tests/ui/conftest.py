@@ -57,6 +57,14 @@ async def submit(pilot, app, text: str) -> None:
     await pilot.press("enter")
 
 
+async def load_held(pilot, app, path) -> None:
+    """`/load path` with the fake's read held after its first chunk; returns once it is held."""
+    app.fake.hold_prefill = True
+    await settle(pilot, app)
+    await submit(pilot, app, f"/load {path}")
+    await wait_for(pilot, app.fake.held.is_set)
+
+
 def run(coro):
     return asyncio.run(coro)
 

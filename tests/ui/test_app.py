@@ -12,7 +12,7 @@ from app.ui.context import ContextMeter
 from app.ui.panels import PolicyPanel, StatusLine
 from app.ui.screens import ConversationPicker, ErrorDialog, FilePicker, HelpScreen, PolicyPicker
 from app.ui.transcript import Answer, DocumentCard, Note, UserTurn
-from tests.ui.conftest import make_app, run, settle, submit, wait_for
+from tests.ui.conftest import load_held, make_app, run, settle, submit, wait_for
 from tests.ui.fake import FakeRuntime, answer_for
 
 
@@ -108,12 +108,9 @@ def test_input_newline_history_and_completion(tmp_path):
 def test_load_document_shows_progress_and_card(tmp_path, doc):
     async def main():
         app = make_app(tmp_path)
-        app.fake.hold_prefill = True
         async with app.run_test(size=(120, 40)) as pilot:
-            await settle(pilot, app)
-            await submit(pilot, app, f"/load {doc}")
+            await load_held(pilot, app, doc)
             row = app.query_one("#progress-row")
-            await wait_for(pilot, app.fake.held.is_set)
             await wait_for(pilot, lambda: row.display)
             label = str(app.query_one("#progress-label").render())
             assert label.startswith("reading notes.md: ") and "tok/s" in label and "ETA" in label
