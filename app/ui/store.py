@@ -27,7 +27,7 @@ def safe_name(name: str) -> str:
 
 def to_markdown(data: dict) -> str:
     """A readable transcript of a `Runtime.to_json()` conversation."""
-    out = [f"# vramchat conversation", "", f"- model: `{data.get('model', '?')}`",
+    out = ["# vramchat conversation", "", f"- model: `{data.get('model', '?')}`",
            f"- policy: `{data.get('policy', '?')}`", ""]
     if data.get("system"):
         out += ["## System", "", str(data["system"]), ""]
