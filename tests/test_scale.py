@@ -24,6 +24,10 @@ def test_scale_rows(files, tmp_path):
     rt = Runtime.from_model(*tiny_pair(0), model_id="tiny", chunk_size=32)
     rows = scale.run(rt, policies=specs, lengths=(900,), decode=4, out_dir=tmp_path)
     assert [r["policy"] for r in rows] == specs
+    for r in rows:  # every needle asked in turn after the pass key, scored against its value
+        assert [a["question"] for a in r["needle_answers"]] == [q for _, q, _, _ in scale.NEEDLES]
+        assert r["needles"] == f"{sum(a['correct'] for a in r['needle_answers'])}/3"
+        assert all(a["correct"] == (a["want"].lower() in a["answer"].lower()) for a in r["needle_answers"])
     for r in rows:
         assert 880 <= r["tokens"] <= 1000 and r["chunks"] >= 25
         assert r["prefill_tok_s"] > 0 and r["chunk_start_ms"] > 0 and r["chunk_end_ms"] > 0
@@ -42,8 +46,14 @@ def test_scale_rows(files, tmp_path):
     assert saved["suite"] == "scale" and len(saved["rows"]) == 3 and "commit" in saved["machine"]
 
 
-def test_the_document_hides_the_key_at_half_depth():
+def test_the_document_hides_the_key_at_half_depth_and_three_needles_at_theirs():
     rt = Runtime.from_model(*tiny_pair(0), model_id="tiny", chunk_size=32)
-    text, key = scale.document(rt, 3000)
+    text, key, needles = scale.document(rt, 3000, seed=3)
     at = text.index(f"The pass key is {key}.")
     assert 0.3 < at / len(text) < 0.7 and abs(len(rt.tokens(text)) - 3000) < 150
+    assert [q for q, _ in needles] == [q for _, q, _, _ in scale.NEEDLES]
+    for (stmt, _, values, depth), (_, x) in zip(scale.NEEDLES, needles):
+        assert x in values and text.count(stmt.format(x=x)) == 1
+        assert abs(text.index(stmt.format(x=x)) / len(text) - depth) < 0.1, stmt
+    other = scale.document(rt, 3000, seed=4)
+    assert (other[1], other[2]) != (key, needles)  # another trial, other values

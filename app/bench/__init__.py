@@ -58,6 +58,7 @@ def add_parser(sub) -> None:
                    help="prompt tokens: gpu128k (default 131072) and probe-decode (default 32768)")
     g.add_argument("--cap-gib", type=float, default=24.0, help="cap the card to this many GiB")
     g.add_argument("--allow-cpu", action="store_true", help="run gpu128k on the CPU (smoke test, tiny shape)")
+    p.add_argument("--seed", type=int, default=0, help="scale: picks the document's pass key and needle values (a trial)")
     g = p.add_argument_group("probe-decode")
     g.add_argument("--variants", default=PROBE_VARIANTS,
                    help="decode-step kernels to A/B, any of torch (as transformers and torch have them), "
@@ -162,7 +163,7 @@ def run(args) -> int:
                       rounds=args.rounds, out_dir=out)
         elif args.suite == "scale":
             from . import scale
-            scale.run(rt, policies=pols, lengths=lengths, decode=args.decode or 12, out_dir=out)
+            scale.run(rt, policies=pols, lengths=lengths, decode=args.decode or 12, out_dir=out, seed=args.seed)
         elif args.suite == "reopen":
             from . import reopen
             reopen.run(rt, decode=args.decode or 16, trials=args.trials or 3, out_dir=out, **kw)

@@ -2,8 +2,10 @@
 asked with --lengths), per policy.
 
 Per (length, policy): a document of N tokens -- the licence haystack, repeated, with the
-pass key at half depth -- is read by `Runtime.load_document`, the app's own path (chunk by
-chunk, the cache's state published after each), then the pass key is asked for once.
+pass key at half depth and three needles (a city, a colour, a ship's name at 15, 35 and 85 %
+depth; their values and the key picked by `--seed`) -- is read by `Runtime.load_document`,
+the app's own path (chunk by chunk, the cache's state published after each), then the pass
+key is asked for, then each needle in turn.
 Reported per row:
 - prefill tok/s over the whole read, and the median time of a chunk at the start of the
   read (chunks 2-11: the budget is full from there) and at its end (the last 10 before the
@@ -11,7 +13,8 @@ Reported per row:
 - RSS after the read (after glibc's malloc_trim: what the process holds), device KV and
   host KV (`bytes_by_tier`) beside what `main.py plan` estimates for the same read;
 - the first answer: the seconds its recall took (every layer's `OffloadSpill._recall`
-  while it was asked), its time to first token, and whether it gave the pass key.
+  while it was asked), its time to first token, and whether it gave the pass key; then how
+  many of the three needles were answered (`needles`).
 """
 from __future__ import annotations
 
@@ -34,20 +37,38 @@ LENGTHS = (16384, 65536, 262144)
 EDGE = 10  # chunks in the start / end medians
 
 
-def document(rt, n_tokens: int, seed: int = 0) -> tuple[str, str]:
+# three needles besides the pass key: (statement, question, values the seed picks from, depth)
+NEEDLES = (("The secret city is {x}.", "What is the secret city?", ("Tbilisi", "Valparaiso", "Trondheim", "Mandalay"),
+            0.15),
+           ("The colour of the door is {x}.", "What is the colour of the door?",
+            ("turquoise", "crimson", "saffron", "indigo"), 0.35),
+           ("The name of the ship is {x}.", "What is the name of the ship?", ("Albatross", "Meridian", "Kestrel",
+                                                                                "Halcyon"), 0.85))
+
+
+def document(rt, n_tokens: int, seed: int = 0) -> tuple[str, str, list]:
     """-> (~n_tokens of the haystack repeated, ending at a line break, with the pass key at
-    half depth (at a paragraph break); the key)."""
-    key = str(random.Random(seed).randint(10000, 99999))
+    half depth and the three NEEDLES at theirs (each at a paragraph break); the key;
+    [(question, answer)] of the needles)."""
+    rng = random.Random(seed)
+    key = str(rng.randint(10000, 99999))
+    facts = [(0.5, NEEDLE.format(key=key), None)]
+    for stmt, q, values, depth in NEEDLES:
+        x = rng.choice(values)
+        facts.append((depth, stmt.format(x=x), (q, x)))
+    room = n_tokens - sum(len(rt.tokens("\n\n" + f[1])) for f in facts)  # the haystack's share
     hay = HAYSTACK.read_text()
     per = len(rt.tokens(hay))
-    body = "\n\n".join([hay] * (n_tokens // per + 1))
-    ids = rt.tokens(body)[:n_tokens]
+    body = "\n\n".join([hay] * (room // per + 1))
+    ids = rt.tokens(body)[:room]
     body = rt.tok.decode(ids)
     end = body.rfind("\n")
     body = body[:end] if end > len(body) // 2 else body
-    at = body.rfind("\n\n", 0, len(body) // 2)
-    at = at if at > 0 else len(body) // 2
-    return body[:at] + "\n\n" + NEEDLE.format(key=key) + body[at:], key
+    for depth, stmt, _ in sorted(facts, key=lambda f: -f[0]):  # deepest first: earlier cuts stay where they were
+        at = body.rfind("\n\n", 0, int(len(body) * depth))
+        at = at if at > 0 else int(len(body) * depth)
+        body = body[:at] + "\n\n" + stmt + body[at:]
+    return body, key, [f[2] for f in facts if f[2] is not None]
 
 
 @contextlib.contextmanager
@@ -91,7 +112,7 @@ def _planned(rt, n: int) -> dict:
             "recall_buffer_mib": spill / 2**20}
 
 
-def one(rt, spec: str, path: Path, key: str, decode: int) -> dict:
+def one(rt, spec: str, path: Path, key: str, decode: int, needles=()) -> dict:
     rt.clear()
     rt.set_system(None)
     rt.set_policy(spec, reprefill=True)  # an empty conversation: just a fresh cache
@@ -116,24 +137,32 @@ def one(rt, spec: str, path: Path, key: str, decode: int) -> dict:
     row.update(recall_s=spent[0], ttft_s=res.ttft_s, decode_tok_s=res.decode_tok_s, answer=res.answer.strip(),
                correct=key in res.answer, device_kv_answered_mib=after["gpu"] / 2**20,
                host_kv_answered_mib=after["host"] / 2**20)
+    got = []
+    for q, x in needles:  # asked in turn after the pass key, each on the conversation so far
+        a = rt.ask(q + " Answer with the value only.", max_new_tokens=decode).answer.strip()
+        got.append({"question": q, "want": x, "answer": a, "correct": x.lower() in a.lower()})
+    if needles:
+        row.update(needles=f"{sum(g['correct'] for g in got)}/{len(got)}", needle_answers=got)
     return row
 
 
-def run(rt, policies=None, lengths=None, decode: int = 12, out_dir: Path | None = None) -> list[dict]:
+def run(rt, policies=None, lengths=None, decode: int = 12, out_dir: Path | None = None, seed: int = 0) -> list[dict]:
+    """A row per (length, policy); `seed` picks the document's pass key and needle values (a
+    trial: run again with other seeds for more)."""
     policies, lengths = policies or POLICIES, lengths or LENGTHS
     rows, bar = [], Bar(len(policies) * len(lengths), "scale")
     cols = ["policy", "tokens", "prefill_tok_s", "chunk_start_ms", "chunk_end_ms", "end_over_start", "rss_mib",
             "device_kv_mib", "plan_device_mib", "recall_buffer_mib", "host_kv_mib", "plan_host_mib", "recall_s", "ttft_s",
-            "decode_tok_s", "correct"]
+            "decode_tok_s", "correct", "needles"]
     extra = {"model": rt.model_id, "device": str(rt.device), "chunk": rt.chunk_size, "decode": decode}
     with tempfile.TemporaryDirectory(prefix="vramchat-scale-") as tmp:
         for n in lengths:
             path = Path(tmp) / f"doc-{n}.txt"
-            text, key = document(rt, n)
+            text, key, needles = document(rt, n, seed)
             path.write_text(text)
             del text
             for spec in policies:
-                rows.append(one(rt, spec, path, key, decode))
+                rows.append(one(rt, spec, path, key, decode, needles) | {"seed": seed})
                 bar.step(f"{n:,} {spec}")
                 print(table(rows[-1:], cols).splitlines()[-1], flush=True)
                 if out_dir is not None:  # row by row: an hour-long run keeps what it measured
