@@ -107,7 +107,9 @@ def _planned(rt, n: int) -> dict:
     from app.runtime import describe, estimate
     choice = rt.weights if rt.weights in describe.CHOICES else "fp32"
     e = estimate.estimate(describe.model_of(rt), rt.policy, n, rt.chunk_size, 0, choice, rt.device.type)
-    spill = rt.cache.slots["spill"].opts["recall"] * rt.adapter.info.kv_bytes_per_token() if "spill" in rt.cache.slots else 0
+    info = rt.adapter.info  # NOTE: kv_bytes_per_token is one layer's
+    spill = rt.cache.slots["spill"].opts["recall"] * info.kv_bytes_per_token() * info.n_layers \
+        if "spill" in rt.cache.slots else 0
     return {"plan_device_mib": e["kv_gpu_end"] / 2**20, "plan_host_mib": e["kv_host_end"] / 2**20,
             "recall_buffer_mib": spill / 2**20}
 
