@@ -59,5 +59,8 @@ case "${1:-check}" in
   sources)  # issue 35: attribution and the decode cost of tracking sources on the GPU (default model)
     step 420 sources python3 main.py bench quality --parts sources --trials 1 --policies "full auto" \
       --lengths 4096,12288 --out "$OUT/sources" ;;
-  *) echo "parts: check graphs prefill4b probe bf16 4bit decode speed final sources"; exit 2 ;;
+  million)  # issue 36: the 8B shape reading 1M tokens on a card capped at 24 GiB, the host tier as KIVI codes
+    step 560 g1m python3 main.py bench gpu128k --context 1048576 --cap-gib 24 --decode 16 \
+      --policies "$P+offload:terms=on,rank=off,kbits=8,vbits=4" --out "$OUT/1m" ;;
+  *) echo "parts: check graphs prefill4b probe bf16 4bit decode speed final sources million"; exit 2 ;;
 esac
