@@ -10,7 +10,8 @@ Reported per row:
 - prefill tok/s over the whole read, and the median time of a chunk at the start of the
   read (chunks 2-11: the budget is full from there) and at its end (the last 10 before the
   final chunk): `end/start` near 1 means nothing per chunk grows with the document;
-- RSS after the read (after glibc's malloc_trim: what the process holds), device KV and
+- RSS after the read (after glibc's malloc_trim: what the process holds), device KV (less
+  `offload`'s recall buffer, shown apart: its allocated part beside plan's full one) and
   host KV (`bytes_by_tier`) beside what `main.py plan` estimates for the same read;
 - the first answer: the seconds its recall took (every layer's `OffloadSpill._recall`
   while it was asked), its time to first token, and whether it gave the pass key; then how
@@ -101,17 +102,24 @@ def rss() -> int:
 
 def _planned(rt, n: int) -> dict:
     """`main.py plan`'s KV after reading n tokens under the runtime's policy (no answer; the
-    estimate that replays the cache's own rule, as `plan` prints it). `offload`'s recall
-    buffer counts there at its full size (`recall` tokens): the live one takes only what a
-    question recalls, from its first question on (`recall_buffer_mib`)."""
+    estimate that replays the cache's own rule, as `plan` prints it), the device's apart from
+    `offload`'s recall buffer, which plan counts at its full size (`recall` tokens in every
+    layer: `plan_recall_mib`)."""
     from app.runtime import describe, estimate
     choice = rt.weights if rt.weights in describe.CHOICES else "fp32"
     e = estimate.estimate(describe.model_of(rt), rt.policy, n, rt.chunk_size, 0, choice, rt.device.type)
     info = rt.adapter.info  # NOTE: kv_bytes_per_token is one layer's
-    spill = rt.cache.slots["spill"].opts["recall"] * info.kv_bytes_per_token() * info.n_layers \
+    buf = rt.cache.slots["spill"].opts["recall"] * info.kv_bytes_per_token() * info.n_layers \
         if "spill" in rt.cache.slots else 0
-    return {"plan_device_mib": e["kv_gpu_end"] / 2**20, "plan_host_mib": e["kv_host_end"] / 2**20,
-            "recall_buffer_mib": spill / 2**20}
+    return {"plan_device_mib": (e["kv_gpu_end"] - buf) / 2**20, "plan_recall_mib": buf / 2**20,
+            "plan_host_mib": e["kv_host_end"] / 2**20}
+
+
+def recall_buffer(cache) -> int:
+    """Bytes of `offload`'s recall buffers (every layer's, as allocated now: quote following
+    recalls spans while a repeated text is read, so part may be in use before a question)."""
+    return sum(n for layer in cache.layers if layer.spill is not None
+               for (tier, kind), n in layer.spill.nbytes().items() if tier == "gpu" and kind in ("keys", "values"))
 
 
 def one(rt, spec: str, path: Path, key: str, decode: int, needles=()) -> dict:
@@ -129,7 +137,8 @@ def one(rt, spec: str, path: Path, key: str, decode: int, needles=()) -> dict:
     row = {"policy": spec, "tokens": info.tokens, "chunks": len(stamps), "prefill_tok_s": info.tokens / read_s,
            "chunk_start_ms": 1e3 * statistics.median(start) if start else None,
            "chunk_end_ms": 1e3 * statistics.median(end) if end else None,
-           "rss_mib": rss() / 2**20, "device_kv_mib": tiers["gpu"] / 2**20, "host_kv_mib": tiers["host"] / 2**20,
+           "rss_mib": rss() / 2**20, "device_kv_mib": (tiers["gpu"] - recall_buffer(rt.cache)) / 2**20,
+           "recall_mib": recall_buffer(rt.cache) / 2**20, "host_kv_mib": tiers["host"] / 2**20,
            **_planned(rt, rt.cache.seen)}
     if row["chunk_start_ms"]:
         row["end_over_start"] = row["chunk_end_ms"] / row["chunk_start_ms"]
@@ -154,7 +163,7 @@ def run(rt, policies=None, lengths=None, decode: int = 12, out_dir: Path | None 
     policies, lengths = policies or POLICIES, lengths or LENGTHS
     rows, bar = [], Bar(len(policies) * len(lengths), "scale")
     cols = ["policy", "tokens", "prefill_tok_s", "chunk_start_ms", "chunk_end_ms", "end_over_start", "rss_mib",
-            "device_kv_mib", "plan_device_mib", "recall_buffer_mib", "host_kv_mib", "plan_host_mib", "recall_s", "ttft_s",
+            "device_kv_mib", "plan_device_mib", "recall_mib", "plan_recall_mib", "host_kv_mib", "plan_host_mib", "recall_s", "ttft_s",
             "decode_tok_s", "correct", "needles"]
     extra = {"model": rt.model_id, "device": str(rt.device), "chunk": rt.chunk_size, "decode": decode}
     with tempfile.TemporaryDirectory(prefix="vramchat-scale-") as tmp:
