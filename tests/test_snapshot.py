@@ -302,6 +302,20 @@ def test_document_too_large_for_the_cap_is_read_and_said(tmp_path):
     assert not info.from_cache and "over its cap" in info.note and rt.doc_cache.entries() == []
 
 
+def test_a_cache_held_past_the_cap_is_refused_before_it_is_written(tmp_path):
+    """A million-token cache (~10 GiB) over a 4 GiB cap is not written to disk and then deleted."""
+    dc = DocCache(tmp_path / "docs", 1000)
+
+    def write(path):
+        raise AssertionError("written although the cache holds more than the cap")
+    why = dc.put("k" * 32, write, held=1001)
+    assert why.startswith("not kept in the document cache: the cache holds 0.00 GiB, over its cap")
+    assert not dc.path("k" * 32).exists() and dc.entries() == []
+    dc.folder.mkdir(parents=True)
+    assert dc.put("k" * 32, lambda p: p.write_bytes(b"x" * 10), held=1000) == ""  # at the cap: written
+    assert [e.bytes for e in dc.entries()] == [10]
+
+
 def test_cli_ask_save_resume_and_cache_commands(tmp_path, monkeypatch, capsys):
     """`ask --save`, `ask --resume` (its cache restored) and `main.py cache list|clear`, on a
     tiny model saved as a folder, config and caches in temporary dirs."""

@@ -73,11 +73,16 @@ class DocCache:
             pass
         return p
 
-    def put(self, key: str, write) -> str:
+    def put(self, key: str, write, held: int = 0) -> str:
         """Keep a new entry: write(path) -> bytes writes it. Then least recently used entries
-        go until the total fits the cap. -> "" or one line saying why it was not kept."""
+        go until the total fits the cap. held: the bytes the cache holds now; past the cap the
+        entry is refused before anything is written (a million-token cache is ~10 GiB on disk).
+        -> "" or one line saying why it was not kept."""
         if self.cap <= 0:
             return ""
+        if held > self.cap:
+            return (f"not kept in the document cache: the cache holds {held / 2**30:.2f} GiB, over its cap of "
+                    f"{self.cap / 2**30:.2f} GiB (doc_cache_gib in the config file)")
         p = self.path(key)
         try:
             size = write(p)
@@ -170,7 +175,7 @@ def read_document(cache: DocCache | None, reader, path, target: str, spec: str, 
         n_new = reader.sync(target, progress, stop, keeper)[1]
     if n_new:
         extra = {"name": Path(path).name, "doc_tokens": n_new, "file_sha256": sha}
-        notes.append(cache.put(key, lambda p: save(p, extra)))
+        notes.append(cache.put(key, lambda p: save(p, extra), held=sum(reader.cache.bytes_by_tier().values())))
     keeper.drop()
     return n_new, False, "; ".join(n for n in notes if n)
 

@@ -90,7 +90,8 @@ class Keeper:
         extra = {"name": self.name, "file_sha256": self.sha,
                  "partial": {"done": reading.done, "tokens": len(reading.ids), "start": reading.start,
                              "ids_sha256": snapshot.ids_hash(reading.ids), "plan": list(reading.plan)}}
-        why = self.docs.put(self.key, lambda p: snapshot.write(p, reader.cache, held, reader.adapter, extra))
+        why = self.docs.put(self.key, lambda p: snapshot.write(p, reader.cache, held, reader.adapter, extra),
+                            held=sum(reader.cache.bytes_by_tier().values()))
         self.last = self.clock()
         self.took = self.last - t0
         return why
