@@ -5,7 +5,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-UPPER = ("app.ui", "app.cli", "app.plan", "app.server", "app.bench", "app.heads", "app.models", "app.config")
+UPPER = ("app.ui", "app.cli", "app.ask", "app.plan", "app.server", "app.bench", "app.heads", "app.models", "app.config")
 
 
 def _imports(path: Path, package: str):
