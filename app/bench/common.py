@@ -138,8 +138,10 @@ def table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plot(path: Path, rows: list[dict], x: str, y: str, series: str, title: str, logy: bool = False) -> Path | None:
-    """A PNG line plot of y against x, one line per value of `series`."""
+def plot(path: Path, rows: list[dict], x: str, y: str, series: str, title: str, logy: bool = False,
+         zero: bool = False) -> Path | None:
+    """A PNG line plot of y against x, one line per value of `series` (zero: the y axis from 0,
+    so a few percent look like a few percent)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -157,6 +159,8 @@ def plot(path: Path, rows: list[dict], x: str, y: str, series: str, title: str, 
     ax.set_title(title)
     if logy:
         ax.set_yscale("log")
+    elif zero:
+        ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

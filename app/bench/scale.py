@@ -182,6 +182,6 @@ def run(rt, policies=None, lengths=None, decode: int = 12, out_dir: Path | None 
     print(table(rows, cols))
     if out_dir is not None:
         out = Path(out_dir)
-        plot(out / "scale_prefill.png", rows, "tokens", "prefill_tok_s", "policy", "prefill tok/s as documents grow")
-        plot(out / "scale_chunk.png", rows, "tokens", "chunk_end_ms", "policy", "ms per chunk at the end of the read")
+        plot(out / "scale_prefill.png", rows, "tokens", "prefill_tok_s", "policy", "prefill tok/s as documents grow", zero=True)
+        plot(out / "scale_chunk.png", rows, "tokens", "chunk_end_ms", "policy", "ms per chunk at the end of the read", zero=True)
     return rows
