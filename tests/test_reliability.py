@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from app.outlier_channels import collect
+from app.runtime import reader
 from app.runtime.engine import Runtime
 from app.runtime.types import VramchatError
 from offload import calibrate
@@ -100,7 +101,7 @@ def test_oom_in_conversion_and_in_the_reread_keeps_the_conversation(tmp_path, mo
 
     def no_memory(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory")
-    monkeypatch.setattr(rt.kv, "prefill", no_memory)  # the Reader reads for the runtime
+    monkeypatch.setattr(reader, "prefill", no_memory)  # the one prefill loop every Reader read goes through
     with pytest.raises(VramchatError) as e:
         rt.set_policy(KIVI)
     msg = str(e.value)
