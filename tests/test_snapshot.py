@@ -308,11 +308,17 @@ def test_a_cache_held_past_the_cap_is_refused_before_it_is_written(tmp_path):
 
     def write(path):
         raise AssertionError("written although the cache holds more than the cap")
-    why = dc.put("k" * 32, write, held=1001)
+    class Held:  # a KVCache's byte count: 1,001 bytes, one past the cap
+        def __init__(self, n):
+            self.n = n
+
+        def bytes_by_tier(self):
+            return {"gpu": self.n - 1, "host": 1}
+    why = dc.put("k" * 32, write, Held(1001))
     assert why.startswith("not kept in the document cache: the cache holds 0.00 GiB, over its cap")
     assert not dc.path("k" * 32).exists() and dc.entries() == []
     dc.folder.mkdir(parents=True)
-    assert dc.put("k" * 32, lambda p: p.write_bytes(b"x" * 10), held=1000) == ""  # at the cap: written
+    assert dc.put("k" * 32, lambda p: p.write_bytes(b"x" * 10), Held(1000)) == ""  # at the cap: written
     assert [e.bytes for e in dc.entries()] == [10]
 
 

@@ -133,12 +133,12 @@ def one(rt, spec: str, path: Path, key: str, decode: int, needles=()) -> dict:
     steps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(stamps, stamps[1:])][:-1]  # (s, tokens); the final apart
     start = [s for s, _ in steps[2:2 + EDGE]]
     end = [s for s, _ in steps[-EDGE:]]
-    tiers = rt.cache.bytes_by_tier()
+    tiers, buf = rt.cache.bytes_by_tier(), recall_buffer(rt.cache)
     row = {"policy": spec, "tokens": info.tokens, "chunks": len(stamps), "prefill_tok_s": info.tokens / read_s,
            "chunk_start_ms": 1e3 * statistics.median(start) if start else None,
            "chunk_end_ms": 1e3 * statistics.median(end) if end else None,
-           "rss_mib": rss() / 2**20, "device_kv_mib": (tiers["gpu"] - recall_buffer(rt.cache)) / 2**20,
-           "recall_mib": recall_buffer(rt.cache) / 2**20, "host_kv_mib": tiers["host"] / 2**20,
+           "rss_mib": rss() / 2**20, "device_kv_mib": (tiers["gpu"] - buf) / 2**20,
+           "recall_mib": buf / 2**20, "host_kv_mib": tiers["host"] / 2**20,
            **_planned(rt, rt.cache.seen)}
     if row["chunk_start_ms"]:
         row["end_over_start"] = row["chunk_end_ms"] / row["chunk_start_ms"]

@@ -73,13 +73,14 @@ class DocCache:
             pass
         return p
 
-    def put(self, key: str, write, held: int = 0) -> str:
+    def put(self, key: str, write, cache=None) -> str:
         """Keep a new entry: write(path) -> bytes writes it. Then least recently used entries
-        go until the total fits the cap. held: the bytes the cache holds now; past the cap the
-        entry is refused before anything is written (a million-token cache is ~10 GiB on disk).
+        go until the total fits the cap. cache: the KVCache it writes; one holding more than
+        the cap is refused before anything is written (a million-token cache is ~10 GiB on disk).
         -> "" or one line saying why it was not kept."""
         if self.cap <= 0:
             return ""
+        held = sum(cache.bytes_by_tier().values()) if cache is not None else 0
         if held > self.cap:
             return (f"not kept in the document cache: the cache holds {held / 2**30:.2f} GiB, over its cap of "
                     f"{self.cap / 2**30:.2f} GiB (doc_cache_gib in the config file)")
@@ -175,7 +176,7 @@ def read_document(cache: DocCache | None, reader, path, target: str, spec: str, 
         n_new = reader.sync(target, progress, stop, keeper)[1]
     if n_new:
         extra = {"name": Path(path).name, "doc_tokens": n_new, "file_sha256": sha}
-        notes.append(cache.put(key, lambda p: save(p, extra), held=sum(reader.cache.bytes_by_tier().values())))
+        notes.append(cache.put(key, lambda p: save(p, extra), reader.cache))
     keeper.drop()
     return n_new, False, "; ".join(n for n in notes if n)
 

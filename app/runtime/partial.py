@@ -91,7 +91,7 @@ class Keeper:
                  "partial": {"done": reading.done, "tokens": len(reading.ids), "start": reading.start,
                              "ids_sha256": snapshot.ids_hash(reading.ids), "plan": list(reading.plan)}}
         why = self.docs.put(self.key, lambda p: snapshot.write(p, reader.cache, held, reader.adapter, extra),
-                            held=sum(reader.cache.bytes_by_tier().values()))
+                            reader.cache)
         self.last = self.clock()
         self.took = self.last - t0
         return why
