@@ -128,11 +128,7 @@ class Quotes:
 
     def nbytes_after(self, chunks: list[int]) -> int:
         """Bytes of the log once `chunks` more tokens are logged, chunk by chunk."""
-        cap, n = self.ids.shape[0], self.n
-        for t in chunks:
-            n += t
-            cap = grown(cap, n)
-        return cap * self.ids.element_size()
+        return capacity_after(chunks, self.ids.shape[0], self.n) * self.ids.element_size()
 
     def nbytes(self) -> int:
         return self.ids.nbytes
@@ -275,6 +271,14 @@ class Quotes:
 def grown(cap: int, n: int) -> int:
     """The log's capacity once it holds n ids: a quarter more at a time, 4096 at least."""
     return cap if n <= cap else max(n, cap * 5 // 4, 4096)
+
+
+def capacity_after(chunks, cap: int = 0, n: int = 0) -> int:
+    """The capacity of a log of `cap` holding `n` ids once `chunks` more are logged, chunk by chunk."""
+    for t in chunks:
+        n += t
+        cap = grown(cap, n)
+    return cap
 
 
 _BREAKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

@@ -42,6 +42,7 @@ from . import labels
 from .calibrate import find_channels
 from .rows import make_rows, row_bytes, rows_bytes
 from .quotes import Quotes, breaks
+from .quotes import grown as quote_grown
 
 
 def host_rows_bytes(info, kbits: int, vbits: int, cap: int) -> int:
@@ -59,6 +60,52 @@ def pool_along_text(s: torch.Tensor, text_order: torch.Tensor, pool: int) -> tor
         return s
     text_order = text_order.to(s.device)
     return torch.empty_like(s).scatter_(1, text_order, max_pool(s.gather(1, text_order), pool))
+
+
+def merged(spans, end: int) -> list[tuple[int, int]]:
+    """[a, b) ranges -> the same positions as sorted disjoint ranges within [0, end)."""
+    out: list[list[int]] = []
+    for a, b in sorted((max(0, a), min(b, end)) for a, b in spans):
+        if b <= a:
+            continue
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def near_spans(row_at: torch.Tensor, spans, k_max: int) -> torch.Tensor | None:
+    """row_at [H, C] (host row of each conversation index, -1: none), spans [a, b) -> host
+    rows [H, k]: each head's rows inside the spans, then its rows nearest a span (by
+    distance in the text, then the earlier), k the most rows inside any head's spans (at
+    most k_max); None where no head has a row inside. Reads the spans and windows around
+    them that widen until every head has k rows: O(span + k) where the tokens near the
+    spans are mostly on the host, never more than one pass over C."""
+    c = row_at.shape[1]
+    ranges = merged(spans, c)
+    if not ranges or k_max <= 0:
+        return None
+    inside = torch.cat([row_at[:, a:b] for a, b in ranges], 1)
+    k = min(k_max, int((inside >= 0).sum(1).max()))
+    if k == 0:
+        return None
+    w = k
+    while True:
+        pos = torch.cat([torch.arange(a, b) for a, b in merged([(a - w, b + w) for a, b in ranges], c)])
+        rows = row_at[:, pos]  # [H, P]
+        have = int((rows >= 0).sum(1).min())
+        if have >= k or w >= c:
+            break
+        w *= 2
+    k = min(k, have)  # (every head holds as many host rows: short only if rows share an index)
+    dist = None  # each position's distance to the nearest span (0: inside one)
+    for a, b in ranges:
+        d = (a - pos).clamp_(min=0) + (pos - (b - 1)).clamp_(min=0)
+        dist = d if dist is None else torch.minimum(dist, d)
+    key = (dist * c + pos).expand_as(rows).masked_fill(rows < 0, torch.iinfo(torch.long).max)
+    pick = key.topk(k, dim=1, largest=False).indices
+    return rows.gather(1, pick).long()
 
 
 class OffloadSpill(Spill):
@@ -94,6 +141,10 @@ class OffloadSpill(Spill):
         self.keys = make_rows("k", kbits, h, d, dt, info.device)
         self.vals = make_rows("v", vbits, h, d, dt, info.device)
         self.hpos = torch.empty(h, 0, dtype=torch.long)  # [Hkv, cap] conversation index
+        # [Hkv, C] int32: the host row holding each conversation index, -1 where none (rank=off
+        # with quote spans: a recall finds the spans' rows in O(span), not O(host rows); C is the
+        # token log's capacity). None: not kept (or not built yet, after a restore)
+        self.row_at: torch.Tensor | None = None
         self.labels = labels.LabelCache(h, self.ch.shape[1], dt, info.device) if rank else None  # [Hkv, cap, r]
         self.buf_k = torch.empty(h, 0, d, dtype=dt, device=info.device)  # [Hkv, <=k, D]
         self.buf_v = torch.empty_like(self.buf_k)
@@ -169,11 +220,35 @@ class OffloadSpill(Spill):
         self.hpos[:, self.n:end] = conv.cpu()
         if self.labels is not None:
             self.labels.write(self.n, lab)
-        self.n = end
+        first, self.n = self.n, end
+        if self._maps_rows():
+            self._map_rows(first)
         self._text_order = None
         if self.cuda:
             self._copied = torch.cuda.Event()
             self._copied.record()
+
+    def _maps_rows(self) -> bool:
+        return not self.rank and self.quotes is not None
+
+    def _map_rows(self, first: int = 0, cap: int = 0) -> torch.Tensor:
+        """Note host rows first..n-1 in `row_at` (all of them where it is not built), grown to
+        the token log's capacity (or `cap`, a saved one) -> row_at."""
+        n, h = self.n, self.hpos.shape[0]
+        if self.row_at is None:
+            first = 0
+            self.row_at = torch.empty(h, 0, dtype=torch.int32)
+        conv = self.hpos[:, first:n]
+        old = self.row_at.shape[1]
+        size = max(self.quotes.ids.shape[0], quote_grown(old, max(cap, int(conv.max()) + 1 if conv.numel() else 0)))
+        if size > old:
+            grown = torch.full((h, size), -1, dtype=torch.int32)
+            grown[:, :old] = self.row_at
+            self.row_at = grown
+        if conv.numel():
+            rows = torch.arange(first, n, dtype=torch.int32).expand(h, -1)
+            self.row_at.scatter_(1, conv, rows)
+        return self.row_at
 
     def receive(self, layer, idx: torch.Tensor) -> None:
         """Receive the tokens at store indices idx [Hkv, e] before the store drops them."""
@@ -278,24 +353,21 @@ class OffloadSpill(Spill):
 
     def _recall_spans(self, layer) -> None:
         """rank=off: the host rows inside the quote spans, as many as the fullest head has
-        (at most k); a head with fewer takes the rows nearest a span in the text. Nothing
-        quoted or named: nothing recalled."""
-        n = self.n
+        (at most k); a head with fewer takes the rows nearest a span in the text (nearest
+        first, then the earlier). Nothing quoted or named: nothing recalled. The rows are
+        found through `row_at` (conversation index -> host row): the spans and a window
+        around them are read, never every host row (a decode step that moves the spans costs
+        the same at 16K tokens and at 1M)."""
         spans = []
         if self.quotes is not None:
             self._qv = self.quotes.version
             spans = self.quotes.spans
-        conv = self.hpos[:, :n]
-        dist = None  # [Hkv, n] each row's distance in the text to the nearest span (0: inside one)
-        for a, b in spans:  # NOTE: in place, in int64: this pass over every host row runs per question
-            d = (a - conv).clamp_(min=0).add_((conv - (b - 1)).clamp_(min=0))
-            dist = d if dist is None else torch.minimum(dist, d, out=dist)
-        inside = dist == 0 if dist is not None else None
-        if inside is None or not inside.any():
+        at = self._map_rows(self.n) if spans and self.row_at is None else self.row_at
+        got = None if at is None else near_spans(at, spans, self.n_recall)
+        if got is None:
             self.m, self.recalled = 0, self.recalled[:, :0]
             return
-        k = min(self.n_recall, int(inside.sum(1).max()))
-        self._fill(layer, labels.top(dist.neg_().float().masked_fill_(inside, float("inf")), k))
+        self._fill(layer, got)
 
     def _fill(self, layer, idx: torch.Tensor) -> None:
         """Copy host rows idx [Hkv, m] into the buffer in text order, rotated into place."""
@@ -330,7 +402,8 @@ class OffloadSpill(Spill):
             if x is not None:
                 t[name] = x
         meta = {c: getattr(self, c) for c in self._COUNTS}
-        meta.update(mk, **mv, cap=self.hpos.shape[1], buf_cap=self.buf_k.shape[1])
+        meta.update(mk, **mv, cap=self.hpos.shape[1], buf_cap=self.buf_k.shape[1],
+                    row_at_cap=self.row_at.shape[1] if self.row_at is not None else 0)
         return t, meta
 
     def restore(self, tensors: dict, meta: dict) -> None:
@@ -353,7 +426,9 @@ class OffloadSpill(Spill):
         self.recalled = tensors["recalled"].clone()
         self._ranked = tensors["ranked"].to(dev) if "ranked" in tensors else None
         self._qs = tensors["qs"].to(dev) if "qs" in tensors else None
-        self._text_order, self._copied = None, None
+        self._text_order, self._copied, self.row_at = None, None, None
+        if meta.get("row_at_cap") and self._maps_rows():  # rebuilt from the rows, at the capacity it had
+            self._map_rows(0, int(meta["row_at_cap"]))
 
     # ---- accounting ---------------------------------------------------------------------
     def host_after(self, evictions: list[int], chunks: list[int], kbits: int | None = None,
@@ -368,7 +443,11 @@ class OffloadSpill(Spill):
             needs.append(n)
         cap = capacity.reserved(needs, self.BLOCK, self.hpos.shape[1])
         rows = host_rows_bytes(self.info, kbits or self.kbits, vbits or self.vbits, cap)
-        return rows + (self.quotes.nbytes_after(chunks) if self._owns_log else 0)
+        log = self.quotes.nbytes_after(chunks) if self.quotes is not None else 0
+        if self._maps_rows() and n:  # the row map grows with the log, to its capacity
+            held = self.row_at.shape[1] if self.row_at is not None else 0
+            rows += max(held, log // self.quotes.ids.element_size()) * 4 * self.hpos.shape[0]
+        return rows + (log if self._owns_log else 0)
 
     def host_positions(self) -> torch.Tensor | None:
         return self.hpos[:, :self.n] if self.n else None
@@ -378,14 +457,17 @@ class OffloadSpill(Spill):
 
     def token_bytes(self) -> float:
         """Host bytes one evicted token takes in this layer: its keys and values as stored
-        (scales and zeros counted per token) and its conversation index (int64 per KV head)."""
+        (scales and zeros counted per token), its conversation index (int64 per KV head) and,
+        where the row map is kept, its entry there (int32 per KV head: one per token read)."""
         h, d, dt = self.info.n_kv_heads, self.info.head_dim, self.info.dtype
-        return row_bytes("k", self.kbits, h, d, dt) + row_bytes("v", self.vbits, h, d, dt) + 8 * h
+        index = (8 + (4 if self._maps_rows() else 0)) * h
+        return row_bytes("k", self.kbits, h, d, dt) + row_bytes("v", self.vbits, h, d, dt) + index
 
     def nbytes(self) -> dict:
         """Exact bytes by (tier, kind): host rows and staging; labels and the buffer in tier "gpu"
         (the compute device: on CPU it is host memory too, but it is what the budget bounds)."""
-        host = {"keys": self.keys.nbytes(), "values": self.vals.nbytes(), "index": self.hpos.nbytes}
+        host = {"keys": self.keys.nbytes(), "values": self.vals.nbytes(),
+                "index": self.hpos.nbytes + (self.row_at.nbytes if self.row_at is not None else 0)}
         if self._owns_log:  # the cache's one token log
             host["index"] += self.quotes.nbytes()
         out = {("host", k): v for k, v in host.items()}

@@ -49,7 +49,7 @@ def test_budgets_follow_the_window():
     (900, True, BIG, "locret:budget=128,stabilizers=32,local=16+offload:recall=64,quote=32,terms=on,rank=off",
      "host memory for recall"),
     # on a CPU (one memory): the full-precision host tier does not fit, KIVI codes do; then neither
-    (900, True, (1_300_000, None), "locret:budget=128,stabilizers=32,local=16+offload:recall=64,quote=32,terms=on,"
+    (900, True, (1_500_000, None), "locret:budget=128,stabilizers=32,local=16+offload:recall=64,quote=32,terms=on,"
      "rank=off,kbits=8,vbits=4", "as 8-bit keys and 4-bit values"),
     (900, True, (1_100_000, None), "locret:budget=128,stabilizers=32,local=16", "retaining heads exist"),
     (900, False, BIG, TINY_RECALL, "no retaining heads for this model (train them: `main.py train-heads`)"),

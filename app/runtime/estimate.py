@@ -130,19 +130,24 @@ def _layer_bytes(layer, info, n: int, chunk: int, answer: int, spill_opts: dict,
         out["gpu"] += 2 * kv / info.n_layers
         out["gpu_end"] += 2 * kv_end / info.n_layers
     if layer.spill is not None:
-        _spill(spill_opts, info, spilled, out)
+        _spill(spill_opts, info, spilled, out, [*plan, *[1] * answer])
     return out
 
 
-def _spill(opts: dict, info, spilled: list[int], out: dict) -> None:
+def _spill(opts: dict, info, spilled: list[int], out: dict, logged: list[int]) -> None:
     """offload behind a selector: the evicted tokens' K/V and conversation index on the host,
     their labels (`channels` per KV head, as the spill's LabelCache stores them; none with
     rank=off) and the recall buffer on the device. The spill's host rows grow by
     `capacity.grown` as each eviction arrives (offload/spill.py `_reserve`), at the precision
-    `kbits`/`vbits` keep them (offload/rows.py)."""
+    `kbits`/`vbits` keep them (offload/rows.py); with rank=off, the map from conversation
+    index to host row (int32 per KV head at the token log's capacity once `logged` tokens
+    were read and written)."""
+    from offload.quotes import capacity_after
     from offload.spill import OffloadSpill, host_rows_bytes
     cap = capacity.reserved(spilled, OffloadSpill.BLOCK)
     host = host_rows_bytes(info, opts.get("kbits", 16), opts.get("vbits", 16), cap)
+    if cap and not opts["rank"] and opts.get("quote", 0) >= 16:
+        host += capacity_after(logged) * 4 * info.n_kv_heads
     gpu = opts["recall"] * info.kv_bytes_per_token() if cap else 0
     if opts["rank"]:  # rank=off keeps no labels
         from offload.labels import LabelCache  # the spill's own label rows, grown on meta tensors
