@@ -39,9 +39,9 @@ def add_parser(sub) -> None:
     p.add_argument("--trials", type=int, default=None, help="quality: trials per cell (kvbits: 0 runs no pass key)")
     p.add_argument("--parts", default=None,
                    help="quality: comma-separated parts, any of kl,lazy,passkey,ffnskip,random-heads,needles,copy,"
-                        "kvbits,labels, and dense (run only when named: hours at its defaults on a CPU), sources and "
-                        "sources-depths (run only when named) (default: all but those; kvbits, dense and sources "
-                        "take whole specs in --policies)")
+                        "kvbits,labels, and dense (run only when named: hours at its defaults on a CPU), hosttier, "
+                        "sources and sources-depths (run only when named) (default: all but those; kvbits, dense, "
+                        "hosttier and sources take whole specs in --policies)")
     p.add_argument("--kinds", default=None,
                    help="quality, part dense: comma-separated kinds, any of multikey,multivalue,after-turn (default: all)")
     p.add_argument("--tasks", default=None,

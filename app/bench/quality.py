@@ -23,6 +23,9 @@
   keys asked two in turn, one key's four values, one fact asked after an unrelated turn,
   at 3K, 12K and 32K tokens, 8 trials; any specs (`--policies`), `full` only inside the
   model's window (app/bench/dense.py);
+- `hosttier` (only when named): `offload`'s host tier at full precision against KIVI codes,
+  the same stack otherwise (default: auto's, K8V4), pass key, needles, copy and dense on the
+  same documents, each coded spec against the first (app/bench/hosttier.py);
 - `sources`, `sources-depths` (only when named): whether an answer's top source is the
   passage of the fact it asks, per policy, and the decode cost of finding sources; the
   evidence layers chosen by that attribution under `full` (app/bench/sources.py).
@@ -34,7 +37,7 @@ from __future__ import annotations
 import sys
 import time
 
-from . import baselines, dense, kvbits, label_cache, locret, recall, sources
+from . import baselines, dense, hosttier, kvbits, label_cache, locret, recall, sources
 from .common import plot, table, write_json
 
 KL_EXTRA = ("kivi", "doublesparse")  # (+ kivi 2/4-bit one-pass vs QuantizedCache: peer_bits)
@@ -58,13 +61,13 @@ def copy_rows(rt, budget: int, trials: int, full_tokens: int = 5632, doc_tokens:
 
 
 PARTS = ("kl", "lazy", "passkey", "ffnskip", "random-heads", "needles", "copy", "kvbits", "labels")  # the default
-NAMED_ONLY = ("dense", "sources", "sources-depths")  # run only when --parts names them
+NAMED_ONLY = ("dense", "hosttier", "sources", "sources-depths")  # run only when --parts names them
 NAMED = ("kl", "lazy", "passkey", "ffnskip")  # parts whose --policies are names of baselines.policies_at
 
 
 def check_parts(parts, policies=None, kinds=None) -> None:
     """Refuse an unknown part by name, with the list to choose from; --policies that are not
-    policy names where a part takes names (`kvbits` and `dense` take whole specs); and --kinds
+    policy names where a part takes names (`kvbits`, `dense` and `hosttier` take whole specs); and --kinds
     that are not `dense`'s, or without part `dense`."""
     unknown = sorted(set(parts) - set(PARTS + NAMED_ONLY))
     if unknown:
@@ -75,7 +78,7 @@ def check_parts(parts, policies=None, kinds=None) -> None:
     if named and specs:
         raise ValueError(f"bench quality: --policies {' '.join(specs)} are not policy names, which parts "
                          f"{','.join(named)} take (names: {', '.join(baselines.policies_at(1024, 512))}); "
-                         "whole specs go to parts kvbits and dense alone (--parts kvbits,dense)")
+                         "whole specs go to parts kvbits, dense and hosttier alone (--parts kvbits,dense)")
     if kinds:
         if "dense" not in parts:
             raise ValueError("bench quality: --kinds picks part dense's kinds; name the part (--parts dense)")
@@ -93,6 +96,7 @@ def run(rt, out_dir=None, trials=None, lengths=None, policies=None, budget: int 
     kv_trials = 2 if trials is None else trials  # kvbits: 0 runs no pass key
     dense_trials, dense_lengths = 8 if trials is None else trials, lengths or dense.LENGTHS
     src_trials, src_lengths = sources.TRIALS if trials is None else trials, lengths
+    host_trials = 4 if trials is None else trials
     trials = trials or 2
     lengths = lengths or (4096, 9216)
     rows: list[dict] = []
@@ -124,6 +128,8 @@ def run(rt, out_dir=None, trials=None, lengths=None, policies=None, budget: int 
     timed("labels", lambda: label_cache.run(rt, max(lengths), trials, progress=show))
     timed("dense", lambda: dense.run(rt, policies=policies or dense.DEFAULT, lengths=dense_lengths,
                                      trials=dense_trials, kinds=kinds or dense.KINDS, progress=show))
+    timed("hosttier", lambda: hosttier.run(rt, specs=policies or hosttier.DEFAULT, trials=host_trials,
+                                           progress=show))
     timed("sources", lambda: sources.run(rt, policies=policies, lengths=src_lengths, trials=src_trials,
                                          progress=show))
     timed("sources-depths", lambda: sources.depths(rt, length=(src_lengths or (4096,))[0], trials=src_trials,
@@ -138,6 +144,7 @@ def run(rt, out_dir=None, trials=None, lengths=None, policies=None, budget: int 
                        ("kvbits", kvbits.columns([r for r in rows if r.get("kind") == "kvbits"])),
                        ("labels", label_cache.COLUMNS),
                        ("dense", dense.COLUMNS),
+                       ("hosttier", hosttier.COLUMNS),
                        ("sources", sources.COLUMNS),
                        ("sources-cost", sources.COST_COLUMNS),
                        ("sources-depths", sources.DEPTH_COLUMNS)):
