@@ -161,3 +161,49 @@ def test_a_long_user_message_is_a_document(tmp_path):
     short = _rt()
     short.set_conversation(None, [{"role": "user", "content": lines[0]}, {"role": "assistant", "content": "Ok."}])
     assert short.ask("And?", max_new_tokens=2).sources == []
+
+
+def _offsets_calls(monkeypatch, tok) -> list:
+    """Texts the tokenizer is asked for offsets of (what `located` computes a read's index from)."""
+    calls, real = [], type(tok).__call__
+
+    def counted(self, text, *a, **k):
+        if k.get("return_offsets_mapping"):
+            calls.append(text)
+        return real(self, text, *a, **k)
+    monkeypatch.setattr(type(tok), "__call__", counted)
+    return calls
+
+
+def test_a_document_is_tokenized_for_its_offsets_once_not_per_answer(tmp_path, monkeypatch):
+    """The sources and the cache map locate the document through one read's offsets; a
+    question and an answer appended to the record leave that read as it was, so later answers
+    take its offsets from the last index (a 256K-token document took 0.8 s per call, four calls
+    an answer)."""
+    rt = _rt()
+    path, lines = _doc(tmp_path)
+    calls = _offsets_calls(monkeypatch, rt.tok)
+    rt.load_document(str(path))
+    for q in ("Where is the code?", "And the tower?", "What of the bread?"):
+        rt.ask(q, max_new_tokens=4)
+        assert [p.line for p in rt._passages.of(rt.held, rt.messages)] == list(range(3, 3 + len(lines)))
+    doc_calls = [t for t in calls if lines[0] in t]
+    assert len(doc_calls) == 1, [len(t) for t in calls]
+
+
+def test_an_index_takes_no_offsets_for_a_read_whose_text_changed():
+    from app.runtime import located
+    from app.runtime.held import Held
+    _, tok = tiny_pair()
+    a, b = "alpha beta gamma. ", "delta epsilon. "
+    ids_a, ids_b = tok(a, add_special_tokens=False)["input_ids"], tok(b, add_special_tokens=False)["input_ids"]
+    first = Held(a + b, None, [(len(a), len(ids_a)), (len(a + b), len(ids_a + ids_b))], ids_a + ids_b)
+    idx = located.TokenIndex(first, tok)
+    assert idx.exact(len(a) + 6) == len(ids_a) + len(tok("delta ", add_special_tokens=False)["input_ids"])
+    assert idx.starts(0) is not None and idx.starts(1) is not None
+    c = "DELTA epsilon. "  # same length, other text (a record rendered otherwise)
+    ids_c = tok(c, add_special_tokens=False)["input_ids"]
+    other = Held(a + c, None, [(len(a), len(ids_a)), (len(a + c), len(ids_a + ids_c))], ids_a + ids_c)
+    carried = located.TokenIndex(other, tok, prev=idx)
+    assert carried._starts.get(0) is idx.starts(0) and 1 not in carried._starts  # the same read's taken, not the other
+    assert carried.starts(1) == located.TokenIndex(other, tok).starts(1)

@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from .located import TokenIndex
+from . import located
 from .session import document_block
 
 # counts rows, in this order; a token no pair holds is "evicted"
@@ -207,7 +207,7 @@ def _record(held, messages: list, tok):
 
 def _locate(held, docs: list, tok) -> list[Segment]:
     text, n = held.text, len(held.ids)
-    to_token = TokenIndex(held, tok)
+    to_token = located.index(held, tok)
     out, cur_c, cur_t = [], 0, 0
     for m in docs:
         block = document_block(m.get("name", "document"), m.get("content", ""))

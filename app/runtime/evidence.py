@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .held import Held
-from .located import TokenIndex
+from . import located
 from .session import document_block
 
 # evidence layers as fractions of the depth; the bench `quality --parts sources-depths` chose
@@ -174,17 +174,10 @@ def split_passages(content: str, max_chars: int = 320) -> list[tuple[int, int]]:
 
 class Passages:
     """The documents of a conversation as passages with their token ranges, located in the
-    record of what the cache holds (`located.TokenIndex`: kept while the record lasts)."""
+    record of what the cache holds (`located.index`: a read's offsets computed once)."""
 
     def __init__(self, tok):
         self.tok = tok
-        self._index: tuple | None = None  # (record key, TokenIndex)
-
-    def _tokens(self, held: Held) -> TokenIndex:
-        key = (len(held.text), len(held.ids), len(held.marks))
-        if self._index is None or self._index[0] != key:
-            self._index = (key, TokenIndex(held, self.tok))
-        return self._index[1]
 
     def of(self, held: Held, messages: list) -> list[Passage]:
         """Every document's passages, located in held.text; a document whose read cannot be
@@ -192,7 +185,7 @@ class Passages:
         LONG_MESSAGE characters or more counts as a document ("message N"): a client of `serve`
         sends its documents as user content."""
         out, at, users = [], 0, 0
-        index = self._tokens(held)
+        index = located.index(held, self.tok)
         for msg in messages:
             users += msg.get("role") == "user"
             content = msg["content"].strip()
@@ -212,14 +205,18 @@ class Passages:
             skipped = msg["content"][:len(msg["content"]) - len(msg["content"].lstrip())]
             lead = skipped.count("\n")
             pages = msg.get("pages")  # [(char offset in content, page number)]
+            page_at = [p[0] for p in pages] if pages else []
+            line, counted = lead + 1, 0  # NOTE: lines counted as the passages go (one pass, not one per passage)
             for a, b in split_passages(content):
                 s = index.exact(c_doc + a + 1) - 1  # the token holding the passage's first character
                 e = index.exact(c_doc + b)
                 page = None
                 if pages:
-                    k = bisect.bisect_right([p[0] for p in pages], len(skipped) + a) - 1
+                    k = bisect.bisect_right(page_at, len(skipped) + a) - 1
                     page = pages[max(k, 0)][1]
-                out.append(Passage(name, page, lead + content.count("\n", 0, a) + 1, content[a:b], s, max(e, s + 1)))
+                line += content.count("\n", counted, a)
+                counted = a
+                out.append(Passage(name, page, line, content[a:b], s, max(e, s + 1)))
         return out
 
 
