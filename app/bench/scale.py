@@ -14,7 +14,8 @@ Reported per row:
   `offload`'s recall buffer, shown apart: its allocated part beside plan's full one) and
   host KV (`bytes_by_tier`) beside what `main.py plan` estimates for the same read;
 - the first answer: the seconds its recall took (every layer's `OffloadSpill._recall`
-  while it was asked), its time to first token, and whether it gave the pass key; then how
+  while it was asked), its time to first token, decode tok/s, the whole turn's seconds
+  (`answer_s`: with its sources found), and whether it gave the pass key; then how
   many of the three needles were answered (`needles`).
 """
 from __future__ import annotations
@@ -143,9 +144,12 @@ def one(rt, spec: str, path: Path, key: str, decode: int, needles=()) -> dict:
     if row["chunk_start_ms"]:
         row["end_over_start"] = row["chunk_end_ms"] / row["chunk_start_ms"]
     with timed_recalls() as spent:
+        t0 = time.perf_counter()
         res = rt.ask(QUESTION, max_new_tokens=decode)
+        answer_s = time.perf_counter() - t0  # the whole turn: read the question, decode, find the sources
     after = rt.cache.bytes_by_tier()
-    row.update(recall_s=spent[0], ttft_s=res.ttft_s, decode_tok_s=res.decode_tok_s, answer=res.answer.strip(),
+    row.update(recall_s=spent[0], ttft_s=res.ttft_s, decode_tok_s=res.decode_tok_s, answer_s=answer_s,
+               answer=res.answer.strip(),
                correct=key in res.answer, device_kv_answered_mib=after["gpu"] / 2**20,
                host_kv_answered_mib=after["host"] / 2**20)
     got = []
@@ -164,7 +168,7 @@ def run(rt, policies=None, lengths=None, decode: int = 12, out_dir: Path | None 
     rows, bar = [], Bar(len(policies) * len(lengths), "scale")
     cols = ["policy", "tokens", "prefill_tok_s", "chunk_start_ms", "chunk_end_ms", "end_over_start", "rss_mib",
             "device_kv_mib", "plan_device_mib", "recall_mib", "plan_recall_mib", "host_kv_mib", "plan_host_mib", "recall_s", "ttft_s",
-            "decode_tok_s", "correct", "needles"]
+            "decode_tok_s", "answer_s", "correct", "needles"]
     extra = {"model": rt.model_id, "device": str(rt.device), "chunk": rt.chunk_size, "decode": decode}
     with tempfile.TemporaryDirectory(prefix="vramchat-scale-") as tmp:
         for n in lengths:
