@@ -7,7 +7,9 @@ Per layer (batch 1):
   on CUDA; plain tensors on CPU — the same code). Keys and values are kept at the cache's
   precision (`kbits`/`vbits` 16, the default: `hk`, `hv`), or as KIVI codes at 2, 4 or 8
   bits (offload/rows.py `CodedRows`: keys per channel, values per token, kivi's own
-  quantizers), dequantized only for the rows a recall brings back;
+  quantizers), dequantized only for the rows a recall brings back; with `rank=off`,
+  `row_at` [Hkv, C] int32, the host row of each conversation index (4 B per token read and
+  KV head), so a recall reads the spans and a window around them, never every host row;
 - GPU: labels [Hkv, N, r], each evicted key's r calibrated channels, post-RoPE at the
   position it held when it was evicted (the frame it was last attended in, at distances
   like the ones a recalled token gets), int8 with a scale per row (labels.LabelCache),
