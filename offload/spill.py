@@ -64,6 +64,11 @@ def pool_along_text(s: torch.Tensor, text_order: torch.Tensor, pool: int) -> tor
     return torch.empty_like(s).scatter_(1, text_order, max_pool(s.gather(1, text_order), pool))
 
 
+def row_map_bytes(info, cap: int) -> int:
+    """Bytes of one layer's `row_at` over `cap` conversation indices (int32 per KV head)."""
+    return cap * 4 * info.n_kv_heads
+
+
 def merged(spans, end: int) -> list[tuple[int, int]]:
     """[a, b) ranges -> the same positions as sorted disjoint ranges within [0, end)."""
     out: list[list[int]] = []
@@ -145,7 +150,7 @@ class OffloadSpill(Spill):
         self.hpos = torch.empty(h, 0, dtype=torch.long)  # [Hkv, cap] conversation index
         # [Hkv, C] int32: the host row holding each conversation index, -1 where none (rank=off
         # with quote spans: a recall finds the spans' rows in O(span), not O(host rows); C is the
-        # token log's capacity). None: not kept (or not built yet, after a restore)
+        # token log's capacity). None: not kept (rank=on, or no host rows yet)
         self.row_at: torch.Tensor | None = None
         self.labels = labels.LabelCache(h, self.ch.shape[1], dt, info.device) if rank else None  # [Hkv, cap, r]
         self.buf_k = torch.empty(h, 0, d, dtype=dt, device=info.device)  # [Hkv, <=k, D]
@@ -233,9 +238,9 @@ class OffloadSpill(Spill):
     def _maps_rows(self) -> bool:
         return not self.rank and self.quotes is not None
 
-    def _map_rows(self, first: int = 0, cap: int = 0) -> torch.Tensor:
+    def _map_rows(self, first: int = 0, cap: int = 0) -> None:
         """Note host rows first..n-1 in `row_at` (all of them where it is not built), grown to
-        the token log's capacity (or `cap`, a saved one) -> row_at."""
+        the token log's capacity (or `cap`, a saved one)."""
         n, h = self.n, self.hpos.shape[0]
         if self.row_at is None:
             first = 0
@@ -250,7 +255,6 @@ class OffloadSpill(Spill):
         if conv.numel():
             rows = torch.arange(first, n, dtype=torch.int32).expand(h, -1)
             self.row_at.scatter_(1, conv, rows)
-        return self.row_at
 
     def receive(self, layer, idx: torch.Tensor) -> None:
         """Receive the tokens at store indices idx [Hkv, e] before the store drops them."""
@@ -364,8 +368,7 @@ class OffloadSpill(Spill):
         if self.quotes is not None:
             self._qv = self.quotes.version
             spans = self.quotes.spans
-        at = self._map_rows(self.n) if spans and self.row_at is None else self.row_at
-        got = None if at is None else near_spans(at, spans, self.n_recall)
+        got = None if self.row_at is None else near_spans(self.row_at, spans, self.n_recall)
         if got is None:
             self.m, self.recalled = 0, self.recalled[:, :0]
             return
@@ -429,8 +432,8 @@ class OffloadSpill(Spill):
         self._ranked = tensors["ranked"].to(dev) if "ranked" in tensors else None
         self._qs = tensors["qs"].to(dev) if "qs" in tensors else None
         self._text_order, self._copied, self.row_at = None, None, None
-        if meta.get("row_at_cap") and self._maps_rows():  # rebuilt from the rows, at the capacity it had
-            self._map_rows(0, int(meta["row_at_cap"]))
+        if self._maps_rows() and n:  # rebuilt from the rows, at the capacity it had (files before it: grown)
+            self._map_rows(0, int(meta.get("row_at_cap", 0)))
 
     # ---- accounting ---------------------------------------------------------------------
     def host_after(self, evictions: list[int], chunks: list[int], kbits: int | None = None,
@@ -448,7 +451,7 @@ class OffloadSpill(Spill):
         log = self.quotes.nbytes_after(chunks) if self.quotes is not None else 0
         if self._maps_rows() and n:  # the row map grows with the log, to its capacity
             held = self.row_at.shape[1] if self.row_at is not None else 0
-            rows += max(held, log // self.quotes.ids.element_size()) * 4 * self.hpos.shape[0]
+            rows += row_map_bytes(self.info, max(held, log // self.quotes.ids.element_size()))
         return rows + (log if self._owns_log else 0)
 
     def host_positions(self) -> torch.Tensor | None:

@@ -55,6 +55,7 @@ def test_run_gathers_each_task_from_its_part(monkeypatch):
     monkeypatch.setattr(hosttier.dense, "run", dense)
     rows = hosttier.run(None, trials=4)
     assert calls == [("kvbits", (FP, CODED), (12288, 16384), 4)]
+    assert not any("skipped" in r for r in rows)
     got = {(r["task"], r["policy"]): (r["correct"], r["of"], r.get("delta"), r.get("within")) for r in rows}
     assert got == {("passkey", FP): (8, 8, None, None), ("passkey", CODED): (6, 8, -2, False),
                    ("needles", FP): (3, 3, None, None), ("needles", CODED): (2, 3, -1, True),
@@ -68,3 +69,21 @@ def test_hosttier_takes_whole_specs_and_runs_only_when_named():
     check_parts(("hosttier",), [FP, CODED])
     with pytest.raises(ValueError, match="whole specs go to parts kvbits, dense and hosttier"):
         check_parts(("hosttier", "passkey"), [FP])
+
+
+def test_a_task_a_spec_cannot_run_is_skipped_not_counted_wrong(monkeypatch):
+    def kv(rt, specs, lengths, trials, **k):
+        return [{"policy": "full", "kl_nats": 0.0, "bytes_per_token": 1, "answers": {},
+                 "passkey_12288": "not run: keeps every position past the 8,192-token window",
+                 "passkey_16384": "not run: keeps every position past the 8,192-token window"},
+                {"policy": CODED, "kl_nats": 0.1, "bytes_per_token": 1, "answers": {},
+                 "passkey_12288": "3/4", "passkey_16384": "not run: why"}]
+    monkeypatch.setattr(hosttier.kvbits, "run", kv)
+    monkeypatch.setattr(hosttier.recall, "needles", lambda rt, doc_tokens, specs: [{"spec": specs[0], "skipped": "no"}])
+    monkeypatch.setattr(hosttier.recall, "copy_fidelity", lambda rt, spec, doc_tokens, depth: {"correct": 1, "tokens": 2, "accuracy": 0.5})
+    monkeypatch.setattr(hosttier.dense, "run", lambda rt, policies, **k: [])
+    rows = hosttier.run(None, specs=["full", CODED], trials=4)
+    pk = [r for r in rows if r["task"] == "passkey"]
+    assert "correct" not in pk[0] and "window" in pk[0]["skipped"]
+    assert (pk[1]["correct"], pk[1]["of"], pk[1]["skipped"]) == (3, 4, "not run: why")
+    assert [r.get("skipped") for r in rows if r["task"] == "needles"] == ["no", "no"]

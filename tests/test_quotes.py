@@ -464,6 +464,7 @@ def test_rank_off_fills_a_head_with_fewer_span_rows_from_the_rows_nearest_the_sp
         moved = (hpos[1] >= 100) & (hpos[1] < 108)  # head 1 lost 100..107 (held elsewhere): 24 rows inside
         hpos[1, moved] = 150 + torch.arange(int(moved.sum()))  # far from the span
         sp.row_at = None  # (rows moved behind the spill's back: its row map is rebuilt)
+        sp._map_rows()
         sp._recall_spans(cache.layers[0])
     assert sp.m == 32 and set(sp.recalled[0].tolist()) == set(range(76, 108))
     assert set(sp.recalled[1].tolist()) == set(range(72, 100)) | set(range(108, 112))  # and the 8 nearest it

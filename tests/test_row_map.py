@@ -103,6 +103,11 @@ def test_the_spill_keeps_its_row_map_through_growth_and_a_reopen():
     fresh.restore(t, meta)
     assert torch.equal(fresh.row_at, cache.layers[2].spill.row_at)
     assert fresh.nbytes() == cache.layers[2].spill.nbytes()
+    older = {k: v for k, v in meta.items() if k != "row_at_cap"}  # a file from before the map
+    fresh = cache_with(ad, KeepNewest(40), opts).layers[2].spill
+    fresh.restore(t, older)
+    hpos = fresh.hpos[:, :fresh.n]
+    assert torch.equal(fresh.row_at.gather(1, hpos).long(), torch.arange(fresh.n).expand_as(hpos))
 
 
 def test_rank_on_keeps_no_row_map(tmp_path):

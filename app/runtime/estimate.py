@@ -143,11 +143,11 @@ def _spill(opts: dict, info, spilled: list[int], out: dict, logged: list[int]) -
     index to host row (int32 per KV head at the token log's capacity once `logged` tokens
     were read and written)."""
     from offload.quotes import capacity_after
-    from offload.spill import OffloadSpill, host_rows_bytes
+    from offload.spill import OffloadSpill, host_rows_bytes, row_map_bytes
     cap = capacity.reserved(spilled, OffloadSpill.BLOCK)
     host = host_rows_bytes(info, opts.get("kbits", 16), opts.get("vbits", 16), cap)
     if cap and not opts["rank"] and opts.get("quote", 0) >= 16:
-        host += capacity_after(logged) * 4 * info.n_kv_heads
+        host += row_map_bytes(info, capacity_after(logged))
     gpu = opts["recall"] * info.kv_bytes_per_token() if cap else 0
     if opts["rank"]:  # rank=off keeps no labels
         from offload.labels import LabelCache  # the spill's own label rows, grown on meta tensors
