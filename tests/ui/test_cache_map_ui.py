@@ -14,7 +14,7 @@ from app.runtime.memory import Sample
 from app.ui import cache_map as strip_map
 from app.ui.chat_input import ChatInput
 from app.ui.context import ContextMeter
-from app.ui.panels import PolicyPanel
+from app.ui.panels import Gauge, PolicyPanel
 from app.ui.timeline import DOCUMENT, POLICY, columns, sparkline
 from tests.ui.conftest import make_app, run, settle, submit, wait_for
 from tests.ui.fake import FakeRuntime
@@ -47,6 +47,8 @@ async def _drawn(pilot, app):
     await settle(pilot, app)
     await wait_for(pilot, lambda: not meter.pending)
     app.poll_memory()
+    for gauge in app.query(Gauge):  # NOTE: the fake's last report may equal the one a timer poll set
+        gauge.refresh(layout=True)  # mid-read (one Timeline object, grown since): draw the samples of now
     await pilot.pause()
 
 
