@@ -31,6 +31,7 @@ def test_scale_rows(files, tmp_path):
     for r in rows:
         assert 880 <= r["tokens"] <= 1000 and r["chunks"] >= 25
         assert r["prefill_tok_s"] > 0 and r["chunk_start_ms"] > 0 and r["chunk_end_ms"] > 0
+        assert len(r["chunk_ms_tenths"]) == 10 and min(r["chunk_ms_tenths"]) > 0
         assert r["rss_mib"] > 0 and r["device_kv_mib"] > 0 and 0 < r["ttft_s"] < r["answer_s"]
         # plan replays the cache's own rule: what the read holds, plus offload's recall buffer at
         # its full size (the live one is taken at the first question)
@@ -47,6 +48,19 @@ def test_scale_rows(files, tmp_path):
         assert r["plan_host_mib"] <= r["host_kv_mib"] <= r["plan_host_mib"] + 8 * 4096 / 2**20
     saved = json.loads((tmp_path / "scale.json").read_text())
     assert saved["suite"] == "scale" and len(saved["rows"]) == 3 and "commit" in saved["machine"]
+    assert saved["rows"][0]["chunk_ms_tenths"] == rows[0]["chunk_ms_tenths"]
+
+
+def test_tenths_are_the_medians_of_consecutive_runs():
+    # 25 chunks: runs of 2 or 3 in order; a cost that climbs climbs through the tenths, and one
+    # slow chunk (a blip) moves only its own run's median if the run is longer than two
+    times = [float(i) for i in range(25)]
+    assert scale.tenths(times) == [0.5, 3.0, 5.5, 8.0, 10.5, 13.0, 15.5, 18.0, 20.5, 23.0]
+    flat = [1.0] * 30
+    flat[14] = 50.0
+    assert scale.tenths(flat) == [1.0] * 10
+    assert scale.tenths([3.0, 1.0, 2.0]) == [3.0, 1.0, 2.0]
+    assert scale.tenths([]) == []
 
 
 def test_the_document_hides_the_key_at_half_depth_and_three_needles_at_theirs():

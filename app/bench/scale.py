@@ -9,7 +9,10 @@ key is asked for, then each needle in turn.
 Reported per row:
 - prefill tok/s over the whole read, and the median time of a chunk at the start of the
   read (chunks 2-11: the budget is full from there) and at its end (the last 10 before the
-  final chunk): `end/start` near 1 means nothing per chunk grows with the document;
+  final chunk): `end/start` near 1 means nothing per chunk grows with the document; and the
+  median of each tenth of the read between them (`chunk_ms_tenths`, plotted per row in
+  `scale_read.png`): a cost that grows climbs through the tenths, a blip beside the bench
+  (another process for a minute) sits in one;
 - RSS after the read (after glibc's malloc_trim: what the process holds), device KV (less
   `offload`'s recall buffer, shown apart: its allocated part beside plan's full one) and
   host KV (`bytes_by_tier`) beside what `main.py plan` estimates for the same read;
@@ -37,6 +40,7 @@ STACK = "locret+offload:terms=on,rank=off"  # auto's stack past the window on th
 POLICIES = ("locret", "locret+kivi", STACK, STACK + ",kbits=8,vbits=4")
 LENGTHS = (16384, 65536, 262144)
 EDGE = 10  # chunks in the start / end medians
+PARTS = 10  # the read's chunks in tenths, a median each
 
 
 # three needles besides the pass key: (statement, question, values the seed picks from, depth)
@@ -123,6 +127,14 @@ def recall_buffer(cache) -> int:
                for (tier, kind), n in layer.spill.nbytes().items() if tier == "gpu" and kind in ("keys", "values"))
 
 
+def tenths(times: list[float], parts: int = PARTS) -> list[float]:
+    """The median of each of `parts` consecutive runs of `times`, their lengths at most one
+    apart; fewer times than parts: each time its own run."""
+    n = len(times)
+    cuts = [i * n // parts for i in range(parts + 1)] if n >= parts else list(range(n + 1))
+    return [statistics.median(times[a:b]) for a, b in zip(cuts, cuts[1:])]
+
+
 def one(rt, spec: str, path: Path, key: str, decode: int, needles=()) -> dict:
     rt.clear()
     rt.set_system(None)
@@ -138,6 +150,7 @@ def one(rt, spec: str, path: Path, key: str, decode: int, needles=()) -> dict:
     row = {"policy": spec, "tokens": info.tokens, "chunks": len(stamps), "prefill_tok_s": info.tokens / read_s,
            "chunk_start_ms": 1e3 * statistics.median(start) if start else None,
            "chunk_end_ms": 1e3 * statistics.median(end) if end else None,
+           "chunk_ms_tenths": [1e3 * t for t in tenths([s for s, _ in steps[2:]])],
            "rss_mib": rss() / 2**20, "device_kv_mib": (tiers["gpu"] - buf) / 2**20,
            "recall_mib": buf / 2**20, "host_kv_mib": tiers["host"] / 2**20,
            **_planned(rt, rt.cache.seen)}
@@ -188,4 +201,8 @@ def run(rt, policies=None, lengths=None, decode: int = 12, out_dir: Path | None 
         out = Path(out_dir)
         plot(out / "scale_prefill.png", rows, "tokens", "prefill_tok_s", "policy", "prefill tok/s as documents grow", zero=True)
         plot(out / "scale_chunk.png", rows, "tokens", "chunk_end_ms", "policy", "ms per chunk at the end of the read", zero=True)
+        through = [{"read": f"{r['policy']} {r['tokens']:,}", "tenth": i + 1, "ms": ms}
+                   for r in rows for i, ms in enumerate(r["chunk_ms_tenths"])]
+        plot(out / "scale_read.png", through, "tenth", "ms", "read", "ms per chunk through the read (median of each tenth)",
+             zero=True)
     return rows
