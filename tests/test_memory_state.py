@@ -89,13 +89,42 @@ def test_memory_read_from_another_thread_never_sees_a_cache_mid_change(files, tm
 
 
 def test_published_context_grows_chunk_by_chunk_while_a_document_is_read(tmp_path):
-    """What the Context panel shows mid-read: each progress call sees the tokens read so far."""
+    """What the Context panel shows mid-read: where a state costs little beside a chunk (a
+    clock of the test's own: a chunk takes a second, a state nothing), each progress call
+    sees the tokens read so far."""
     rt = Runtime.from_model(*tiny_pair(0), model_id="tiny", chunk_size=32)
     doc = tmp_path / "doc.txt"
     doc.write_text("The cache grows as the document is read, one chunk after another. " * 30)
-    seen = []
-    rt.load_document(str(doc), progress=lambda done, total: seen.append((done, rt.snapshot().context.read)))
+    clock, seen = [0.0], []
+    rt.published._clock = lambda: clock[0]
+    rt.published.now()  # its last state built at 0.0 in no time
+
+    def progress(done, total):
+        seen.append((done, rt.snapshot().context.read))
+        clock[0] += 1.0
+    rt.load_document(str(doc), progress=progress)
     reads = [r for _, r in seen]
     assert len(set(reads)) > 3 and reads == sorted(reads)
     assert all(read == done for done, read in seen if done)  # the first read: nothing before it
     assert reads[-1] == rt.cache.seen
+
+
+def test_a_costly_state_is_skipped_mid_read_and_the_last_chunk_is_shown(tmp_path):
+    """Where building a state would cost more than its share of the read (published.SHARE: a
+    million-token map beside a GPU's fast chunks), the chunks between go unpublished; what the
+    read ends with is shown at its last chunk, before its last progress call."""
+    rt = Runtime.from_model(*tiny_pair(0), model_id="tiny", chunk_size=32)
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The cache grows as the document is read, one chunk after another. " * 30)
+    clock, seen = [0.0], []
+    ticks = iter([0.0, 1e6])  # the last state took a million seconds to build
+    rt.published._clock = lambda: next(ticks, clock[0])
+    rt.published.now()
+    clock[0] = 1e6
+
+    def progress(done, total):
+        seen.append((done, rt.snapshot().context.read))
+        clock[0] += 1.0
+    rt.load_document(str(doc), progress=progress)
+    assert len(seen) > 5 and {read for _, read in seen[:-1]} == {0}
+    assert seen[-1] == (rt.cache.seen, rt.cache.seen)

@@ -54,7 +54,7 @@ class Runtime:
         self.kv = Reader(self.adapter, policy, fit=Fit(self.window, chunk_size, self.device),
                          tokens=self.tokens, conversation=lambda: self.conv.rendered(self.tok),
                          choose=lambda n, answer: auto.choose(self, n, answer),
-                         publish=self._publish, note=self._note)
+                         publish=lambda last: self.published.chunk_read(last), note=self._note)
         self.published = Published(self._cache_state)
 
     @classmethod

@@ -47,8 +47,8 @@ class Sample(NamedTuple):
 
 class Timeline:
     """KV bytes by tier over time, with the policy and the documents read at each sample:
-    one sample per published state that changed them (a read adds one per chunk, a switch
-    one). Appended on the model thread, read from any thread (`samples` copies)."""
+    one sample per published state that changed them (a read adds one per chunk it
+    publishes, a switch one). Appended on the model thread, read from any thread (`samples` copies)."""
 
     MAX = 2048  # past it every other sample goes, except where the policy or documents changed
 

@@ -37,10 +37,10 @@ from .types import ConversionResult, Progress, Stopped, VramchatError
 class Reader:
     def __init__(self, adapter, policy: str, *, fit: Fit, tokens: Callable[[str], list],
                  conversation: Callable[[], str], choose: Callable[[int, int], Choice],
-                 publish: Callable[[], None], note: Callable[[str], None]):
+                 publish: Callable[[bool], None], note: Callable[[str], None]):
         """tokens(text) -> ids; conversation() -> the rendering a switch re-reads (the conversation
-        so far); choose(tokens, answer) -> auto's Choice; publish() after every chunk read;
-        note(text): what a person should know, as it happens."""
+        so far); choose(tokens, answer) -> auto's Choice; publish(last) after every chunk read
+        (last: the read's final chunk); note(text): what a person should know, as it happens."""
         self.adapter = adapter
         self.fit = fit
         self.auto = policy == AUTO  # choose the stack as the text grows (`choose`: auto.choose)
@@ -68,7 +68,7 @@ class Reader:
     def prefill(self, ids, progress: Progress | None = None, stop: threading.Event | None = None) -> torch.Tensor:
         """Read token ids into the cache, outside the record (benchmarks and tests). -> last logits [V]."""
         def chunk_done(done: int, total: int) -> None:
-            self._publish()
+            self._publish(done >= total)
             if progress is not None:
                 progress(done, total)
         return prefill(self.adapter, self.cache, ids, self.fit.chunk_size, progress=chunk_done, stop=stop)
@@ -145,7 +145,7 @@ class Reader:
 
         def chunk_done(done: int, total: int) -> None:
             reading.done = first + done
-            self._publish()
+            self._publish(reading.done >= n)
             if keeper is not None and reading.done < n:
                 keeper.chunk(self, reading)
             if progress is not None:

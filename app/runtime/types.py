@@ -92,7 +92,7 @@ class ContextInfo:
 @dataclass(frozen=True)
 class CacheState:
     """The cache as the gauge and panels show it, taken on the model thread between two
-    changes (after every prefill chunk, during decoding, after a conversion or a clear)
+    changes (after prefill chunks, during decoding, after a conversion or a clear: published.py)
     and replaced whole: any thread may read the last one while the cache changes."""
 
     policy: str
