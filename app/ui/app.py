@@ -4,7 +4,6 @@ What each action does to the runtime lives in `actions.py`; this file owns the s
 """
 from __future__ import annotations
 
-import time
 import traceback
 from typing import Callable, Iterable
 
@@ -190,11 +189,7 @@ class VramchatApp(Actions, App):
         row = self.main_screen.query_one("#progress-row")
         row.display = True
         self.main_screen.query_one(ProgressBar).update(total=max(msg.total, 1), progress=msg.done)
-        if msg.estimate is not None:
-            rate, left = msg.estimate
-        else:
-            rate = msg.done / max(time.monotonic() - msg.started, 1e-6)
-            left = (msg.total - msg.done) / rate if rate > 0 else None
+        rate, left = msg.estimate
         pct = 100 * msg.done / max(msg.total, 1)
         per_s = "–" if rate is None else f"{rate:,.0f}" if rate >= 10 else f"{rate:.1f}"
         self.main_screen.query_one("#progress-label", Static).update(

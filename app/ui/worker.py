@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -31,12 +30,12 @@ class Tokens(Message):
 class Progress(Message):
     """done of total units (`unit`: tok, docs, steps) of the work `label` names; `estimate`:
     (units per second, seconds left) from the recent reports (`eta.Eta`, None in either
-    where not known yet); without one the rate is the average since `started`."""
+    where not known yet: the first report of a piece of work)."""
 
-    def __init__(self, label: str, done: int, total: int, started: float, unit: str = "tok",
-                 estimate: tuple[float | None, float | None] | None = None) -> None:
+    def __init__(self, label: str, done: int, total: int, unit: str = "tok",
+                 estimate: tuple[float | None, float | None] = (None, None)) -> None:
         super().__init__()
-        self.label, self.done, self.total, self.started, self.unit = label, done, total, started, unit
+        self.label, self.done, self.total, self.unit = label, done, total, unit
         self.estimate = estimate
 
     def can_replace(self, message: Message) -> bool:
@@ -91,12 +90,11 @@ class JobContext:
 
     def progress(self, label: str, unit: str = "tok") -> Callable[[int, int], None]:
         """-> report(done, total) of the work `label` names, counted in `unit` (tokens unless said)."""
-        started = time.monotonic()
         target = self.worker.target
         eta = Eta()  # NOTE: here, not in the UI: a newer Progress replaces an older one in the queue
 
         def report(done: int, total: int) -> None:
-            target.post_message(Progress(label, int(done), int(total), started, unit, eta.update(done, total)))
+            target.post_message(Progress(label, int(done), int(total), unit, eta.update(done, total)))
         return report
 
     def status(self, text: str) -> None:

@@ -3,12 +3,10 @@ loads under), and a start-up policy that cannot apply to the model (`locret` wit
 retaining heads) loads the model under `auto` and asks, as the live switch does."""
 from __future__ import annotations
 
-import re
-import time
 
 from app.runtime.engine import Runtime
 from app.runtime.types import VramchatError
-from app.ui.screens import ErrorDialog, HeadsDialog
+from app.ui.screens import ErrorDialog
 from app.ui.transcript import DocumentCard, Note
 from app.ui.worker import Progress
 from tests.ui.conftest import make_app, run, settle, submit, wait_for
@@ -77,12 +75,15 @@ def test_progress_says_its_units(tmp_path):
         async with app.run_test(size=(120, 40)) as pilot:
             await settle(pilot, app)
             label = app.query_one("#progress-label")
-            app.post_message(Progress("training heads: features", 7, 104, time.monotonic() - 2, "docs"))
+            app.post_message(Progress("training heads: features", 7, 104, "docs", (3.5, 28.0)))
             await wait_for(pilot, lambda: "features" in str(label.render()))
-            assert re.search(r"7/104 docs · \d\.\d docs/s", str(label.render())), str(label.render())
-            app.post_message(Progress("reading notes.md", 4096, 8192, time.monotonic() - 2))
+            assert "7/104 docs · 3.5 docs/s · ETA " in str(label.render()), str(label.render())
+            app.post_message(Progress("reading notes.md", 4096, 8192, estimate=(2048.0, 2.0)))
             await wait_for(pilot, lambda: "notes.md" in str(label.render()))
-            assert re.search(r"4,096/8,192 tok · [\d,]+ tok/s", str(label.render())), str(label.render())
+            assert "4,096/8,192 tok · 2,048 tok/s · ETA " in str(label.render()), str(label.render())
+            app.post_message(Progress("reading notes.md", 0, 8192))  # a read's first report: no rate yet
+            await wait_for(pilot, lambda: "0/8,192" in str(label.render()))
+            assert "0/8,192 tok · – tok/s" in str(label.render()), str(label.render())
     run(main())
 
 
