@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-from policies import SpecError
-from policies.registry import canonical_spec
+from policies import SpecError, parse_spec
+from policies.registry import canonical_spec, spec_of
 
 from . import estimate
 from .describe import CHOICES, model_of
@@ -51,7 +51,7 @@ RECALL = f"streaming:window=2048+{RECALLS}"
 # the host tier as KIVI codes (keys 8-bit per channel, values 4-bit per token: 10,800 host
 # bytes a token on the default model, 46,800 at full precision), for a read whose evicted
 # tokens would not fit the host's available memory at the cache's precision
-HOST_BITS = "kbits=8,vbits=4"
+HOST_BITS = {"kbits": 8, "vbits": 4}
 
 
 def budgeted(heads: bool, window: int) -> list[str]:
@@ -152,19 +152,23 @@ def choose_for(m, tokens: int, answer: int, *, heads: bool, memory: tuple[int, i
 
 def with_coded_host(stacks: list[str]) -> list[str]:
     """The stacks to try, best first: each with recall, then the same with its host tier as
-    KIVI codes (`HOST_BITS`), then those without recall (`stacks` cheapest first, as `budgeted`)."""
+    KIVI codes (`HOST_BITS` in its spill's options), then those without recall (`stacks`
+    cheapest first, as `budgeted`)."""
     out = []
     for spec in reversed(stacks):
         out.append(spec)
-        if "+offload" in spec:
-            out.append(spec + ("," if ":" in spec.rsplit("+", 1)[1] else ":") + HOST_BITS)
+        slots = parse_spec(spec)
+        if "spill" in slots:
+            slots["spill"].opts.update(HOST_BITS)
+            out.append(spec_of(slots))
     return out
 
 
 def _host_reason(spec: str) -> str:
-    if "offload" not in spec:
+    spill = parse_spec(spec).get("spill")
+    if spill is None:
         return ""
-    if HOST_BITS in spec:
+    if spill.opts.get("kbits", 16) < 16 or spill.opts.get("vbits", 16) < 16:
         return ("; evicted tokens go to host memory for recall as 8-bit keys and 4-bit values "
                 "(at full precision they would not fit the host's available memory)")
     return "; evicted tokens go to host memory for recall"
@@ -173,5 +177,4 @@ def _host_reason(spec: str) -> str:
 def check_spec(spec: str) -> None:
     """Raise SpecError for a spec that cannot be used; `auto` is always usable."""
     if spec.strip() != AUTO:
-        from policies import parse_spec
         parse_spec(spec)
