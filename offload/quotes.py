@@ -258,15 +258,6 @@ class Quotes:
             self.spans = spans
             self.version += 1
 
-    def mask(self, conv: torch.Tensor) -> torch.Tensor | None:
-        """conv [Hkv, N] conversation indices -> bool mask of those inside a span, or None."""
-        if not self.spans:
-            return None
-        m = torch.zeros(conv.shape, dtype=torch.bool, device=conv.device)
-        for a, b in self.spans:
-            m |= (conv >= a) & (conv < b)
-        return m
-
 
 def grown(cap: int, n: int) -> int:
     """The log's capacity once it holds n ids: a quarter more at a time, 4096 at least."""

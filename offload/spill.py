@@ -7,9 +7,10 @@ Per layer (batch 1):
   on CUDA; plain tensors on CPU — the same code). Keys and values are kept at the cache's
   precision (`kbits`/`vbits` 16, the default: `hk`, `hv`), or as KIVI codes at 2, 4 or 8
   bits (offload/rows.py `CodedRows`: keys per channel, values per token, kivi's own
-  quantizers), dequantized only for the rows a recall brings back; with `rank=off`,
-  `row_at` [Hkv, C] int32, the host row of each conversation index (4 B per token read and
-  KV head), so a recall reads the spans and a window around them, never every host row;
+  quantizers), dequantized only for the rows a recall brings back; with quote spans
+  (`quote` >= 16), `row_at` [Hkv, C] int32, the host row of each conversation index (4 B per
+  token read and KV head), so a recall finds the spans' rows (and with `rank=off` a window
+  around them) without a pass over every host row;
 - GPU: labels [Hkv, N, r], each evicted key's r calibrated channels, post-RoPE at the
   position it held when it was evicted (the frame it was last attended in, at distances
   like the ones a recalled token gets), int8 with a scale per row (labels.LabelCache),
@@ -64,6 +65,14 @@ def pool_along_text(s: torch.Tensor, text_order: torch.Tensor, pool: int) -> tor
     return torch.empty_like(s).scatter_(1, text_order, max_pool(s.gather(1, text_order), pool))
 
 
+QUOTE_MIN = 16  # shorter quote spans: no token log, no spans, no row map
+
+
+def quote_span(recall: int, quote: int) -> int:
+    """The quote span a spill uses: spans take at most half the buffer."""
+    return min(quote, recall // 2)
+
+
 def row_map_bytes(info, cap: int) -> int:
     """Bytes of one layer's `row_at` over `cap` conversation indices (int32 per KV head)."""
     return cap * 4 * info.n_kv_heads
@@ -115,6 +124,26 @@ def near_spans(row_at: torch.Tensor, spans, k_max: int) -> torch.Tensor | None:
     return rows.gather(1, pick).long()
 
 
+def quoted_first(ranked: torch.Tensor, row_at: torch.Tensor, spans) -> torch.Tensor:
+    """ranked [H, k] host rows best first, row_at [H, C] (host row of each conversation index,
+    -1: none), spans [a, b) -> host rows [H, k], ascending: each head's rows inside the spans,
+    then its best-ranked rows not among them. Reads the spans and the ranking only: O(span +
+    k), not O(host rows). (A head's rows inside the spans are at most k: spans take at most
+    half the buffer.)"""
+    k = ranked.shape[1]
+    ranked = ranked.cpu()
+    ranges = merged(spans, row_at.shape[1])
+    if not ranges:
+        return ranked.sort(dim=1).values
+    inside = torch.cat([row_at[:, a:b] for a, b in ranges], 1).long()  # [H, S]
+    out = []
+    for h in range(ranked.shape[0]):
+        ins = inside[h][inside[h] >= 0][:k]
+        rest = ranked[h][~torch.isin(ranked[h], ins)][: k - ins.numel()]
+        out.append(torch.cat((ins, rest)).sort().values)
+    return torch.stack(out)
+
+
 class OffloadSpill(Spill):
     """Host tier of one layer: receive() evicted tokens, recall() the best `n_recall` for a query."""
 
@@ -124,7 +153,7 @@ class OffloadSpill(Spill):
                  pool: int = 1, quote: int = 0, terms: bool = False, rank: bool = True, kbits: int = 16,
                  vbits: int = 16):
         self.info, self.layer, self.n_recall, self.every, self.pool = info, layer, recall, every, pool
-        self.quote = min(quote, recall // 2)  # span length; spans take at most half the buffer
+        self.quote = quote_span(recall, quote)
         self.terms = terms  # spans around the question's rare word pairs too (offload/quotes.py)
         # False: the buffer holds span rows only. Measured: label-ranked rows scattered over the
         # document, placed before the kept tokens, make a model under a recency keep set loop
@@ -148,9 +177,9 @@ class OffloadSpill(Spill):
         self.keys = make_rows("k", kbits, h, d, dt, info.device)
         self.vals = make_rows("v", vbits, h, d, dt, info.device)
         self.hpos = torch.empty(h, 0, dtype=torch.long)  # [Hkv, cap] conversation index
-        # [Hkv, C] int32: the host row holding each conversation index, -1 where none (rank=off
-        # with quote spans: a recall finds the spans' rows in O(span), not O(host rows); C is the
-        # token log's capacity). None: not kept (rank=on, or no host rows yet)
+        # [Hkv, C] int32: the host row holding each conversation index, -1 where none (with
+        # quote spans: a recall finds the spans' rows in O(span), not O(host rows); C is the
+        # token log's capacity). None: not kept (no quote spans, or no host rows yet)
         self.row_at: torch.Tensor | None = None
         self.labels = labels.LabelCache(h, self.ch.shape[1], dt, info.device) if rank else None  # [Hkv, cap, r]
         self.buf_k = torch.empty(h, 0, d, dtype=dt, device=info.device)  # [Hkv, <=k, D]
@@ -166,7 +195,7 @@ class OffloadSpill(Spill):
     def link(parts: list["OffloadSpill"]) -> None:
         """Called once by the cache with every layer's spill: one token log and one set of
         quote spans for them all (offload/quotes.py)."""
-        if parts[0].quote >= 16:
+        if parts[0].quote >= QUOTE_MIN:
             tok = parts[0].info.tokenizer
             words = {} if tok is None else dict(special=tok.all_special_ids, **breaks(tok))
             q = Quotes(parts[0].quote, parts[0].n_recall, parts[0].terms, **words)
@@ -236,7 +265,7 @@ class OffloadSpill(Spill):
             self._copied.record()
 
     def _maps_rows(self) -> bool:
-        return not self.rank and self.quotes is not None
+        return self.quotes is not None
 
     def _map_rows(self, first: int = 0, cap: int = 0) -> None:
         """Note host rows first..n-1 in `row_at` (all of them where it is not built), grown to
@@ -343,18 +372,11 @@ class OffloadSpill(Spill):
                     self._text_order = self.hpos[:, :n].argsort(1).to(s.device)
                 s = pool_along_text(s, self._text_order, self.pool)
             self._ranked, self._ranked_n = s.topk(min(self.n_recall, n), dim=1).indices, n  # [Hkv, k] best first
-        inside = None
-        if self.quotes is not None:
-            self._qv = self.quotes.version
-            inside = self.quotes.mask(self.hpos[:, :n])
-        if inside is None:
+        if self.quotes is None or self.row_at is None:
             idx = self._ranked.sort(dim=1).values.cpu()
         else:  # quoted spans first, in every head; the ranking fills the rest
-            k = self._ranked.shape[1]
-            rank = torch.full((self._ranked.shape[0], n), -1.0, device=self._ranked.device)
-            rank.scatter_(1, self._ranked, torch.arange(k, 0, -1, dtype=rank.dtype, device=rank.device).expand(
-                self._ranked.shape[0], -1))
-            idx = labels.top(rank.masked_fill(inside.to(rank.device), float("inf")), k).cpu()  # [Hkv, m] host rows
+            self._qv = self.quotes.version
+            idx = quoted_first(self._ranked, self.row_at, self.quotes.spans)  # [Hkv, m] host rows
         self._fill(layer, idx)
 
     def _recall_spans(self, layer) -> None:

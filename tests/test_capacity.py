@@ -110,8 +110,10 @@ def test_plan_holds_what_the_cache_holds(spec, files):
     tiers = rt.cache.bytes_by_tier()
     if PLAN[spec]:
         assert (got["kv_gpu_end"], got["kv_host_end"]) == (tiers["gpu"], tiers["host"])
-    if "+offload" in spec:  # the spill's host rows (keys, values, index) grow by the same rule
-        rows = sum(l.spill.hk.nbytes + l.spill.hv.nbytes + l.spill.hpos.nbytes for l in rt.cache.layers)
+    if "+offload" in spec:  # the spill's host rows (keys, values, index) grow by the same rule, and
+        # its row map (quote spans are on by default) with the token log's capacity
+        rows = sum(l.spill.hk.nbytes + l.spill.hv.nbytes + l.spill.hpos.nbytes + l.spill.row_at.nbytes
+                   for l in rt.cache.layers)
         assert got["kv_host_end"] == rows > 0
 
 

@@ -248,7 +248,8 @@ def test_soak_turns_do_not_grow_the_cache(tmp_path, store):
     device-tier KV bytes (the offload labels apart) never change after turn 2. For
     offload the host tier holds every evicted token: between evicted x bytes-per-token
     and (1.125 x evicted + one block) x bytes-per-token (its growth step), plus the token
-    log (8 B per token read, grown by 1/4)."""
+    log (8 B per token read, grown by 1/4) and each layer's row map (4 B per KV head over
+    the log's capacity)."""
     rt = _runtime()
     heads = random_heads(rt.adapter.info, tmp_path / "heads.safetensors")
     if store == "+offload":
@@ -271,6 +272,9 @@ def test_soak_turns_do_not_grow_the_cache(tmp_path, store):
             log = rt.cache.layers[0].spill.quotes  # the token log quote following reads: 8 B a token read
             assert log is not None and log.nbytes() <= 8 * max(4096, 1.25 * rt.cache.seen + 1)
             host -= log.nbytes()
+            for l in rt.cache.layers:  # each layer's row map: int32 per KV head over the log's capacity
+                assert l.spill.row_at.nbytes == 4 * info.n_kv_heads * log.ids.shape[0]
+                host -= l.spill.row_at.nbytes
             block = rt.cache.layers[0].spill.BLOCK
             assert sum(evicted) * per_tok <= host <= sum(1.125 * e + block for e in evicted) * per_tok, i
             r = rt.cache.layers[0].spill.ch.shape[1]  # label channels per KV head

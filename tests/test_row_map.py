@@ -1,13 +1,15 @@
-"""rank=off's row map: a recall finds the quote spans' host rows through a map from
-conversation index to host row (offload/spill.py `row_at`, `near_spans`), never by a pass
-over every host row. Checked against the pass it replaces (brute force over every row)."""
+"""The row map: a recall finds the quote spans' host rows through a map from conversation
+index to host row (offload/spill.py `row_at`; `near_spans` under rank=off, `quoted_first`
+under rank=on), never by a pass over every host row. Checked against the passes they
+replace (brute force over every row)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from app.runtime.adapter import Adapter
-from offload.spill import OffloadSpill, merged, near_spans
+from offload import labels
+from offload.spill import OffloadSpill, merged, near_spans, quoted_first
 from test_offload import KeepNewest, cache_with, calibrate_tiny, run_chunks
 from tiny import tiny_llama
 
@@ -110,10 +112,48 @@ def test_the_spill_keeps_its_row_map_through_growth_and_a_reopen():
     assert torch.equal(fresh.row_at.gather(1, hpos).long(), torch.arange(fresh.n).expand_as(hpos))
 
 
-def test_rank_on_keeps_no_row_map(tmp_path):
+def _masked(ranked: torch.Tensor, hpos: torch.Tensor, spans) -> torch.Tensor:
+    """rank=on's selection by a pass over every host row (the code quoted_first replaced): rows
+    inside a span first (a mask over every row), then the ranking, as one top-k."""
+    inside = torch.zeros(hpos.shape, dtype=torch.bool)
+    for a, b in spans:
+        inside |= (hpos >= a) & (hpos < b)
+    k = ranked.shape[1]
+    rank = torch.full(hpos.shape, -1.0)
+    rank.scatter_(1, ranked, torch.arange(k, 0, -1, dtype=rank.dtype).expand(hpos.shape[0], -1))
+    return labels.top(rank.masked_fill(inside, float("inf")), k)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_quoted_first_equals_the_mask_over_every_host_row(seed):
+    """rank=on: each head's rows inside the spans, then its best-ranked others, k in all: the
+    same rows as the mask over every host row, reading only the spans and the ranking."""
+    g = torch.Generator().manual_seed(200 + seed)
+    hpos, row_at = _host(seed, held=[5, 200, 2000, 2900][seed % 4])
+    n = hpos.shape[1]
+    for k in (16, 64, min(512, n)):
+        k = min(k, n)
+        spans = []
+        for _ in range(1 + seed % 3):  # overlapping, at the ends, past the end: at most k/2 in all
+            a = int(torch.randint(-20, 3050, (1,), generator=g))
+            spans.append((a, a + max(1, k // 6)))
+        ranked = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(3)])  # best first
+        got = quoted_first(ranked, row_at, spans)
+        assert got.shape == (3, k)
+        assert torch.equal(got, _masked(ranked, hpos, spans)), (seed, k, spans)
+    assert torch.equal(quoted_first(ranked, row_at, []), ranked.sort(1).values)
+
+
+def test_rank_on_keeps_the_row_map_with_quote_spans_and_none_without(tmp_path):
     ad = Adapter(tiny_llama(0), None)
     ch = calibrate_tiny(tmp_path / "ch.safetensors")
     cache = cache_with(ad, KeepNewest(40), {"recall": 64, "quote": 32, "channels_file": ch})
     run_chunks(ad, cache, torch.arange(3, 203), [100, 200])
-    assert all(layer.spill.row_at is None for layer in cache.layers)
-    assert isinstance(cache.layers[0].spill, OffloadSpill)
+    for layer in cache.layers:
+        sp = layer.spill
+        assert isinstance(sp, OffloadSpill) and sp.rank
+        hpos = sp.hpos[:, :sp.n]
+        assert torch.equal(sp.row_at.gather(1, hpos).long(), torch.arange(sp.n).expand_as(hpos))
+    cache = cache_with(ad, KeepNewest(40), {"recall": 64, "quote": 0, "channels_file": ch})
+    run_chunks(ad, cache, torch.arange(3, 203), [100, 200])
+    assert all(layer.spill.row_at is None and layer.spill.quotes is None for layer in cache.layers)

@@ -139,14 +139,14 @@ def _spill(opts: dict, info, spilled: list[int], out: dict, logged: list[int]) -
     their labels (`channels` per KV head, as the spill's LabelCache stores them; none with
     rank=off) and the recall buffer on the device. The spill's host rows grow by
     `capacity.grown` as each eviction arrives (offload/spill.py `_reserve`), at the precision
-    `kbits`/`vbits` keep them (offload/rows.py); with rank=off, the map from conversation
+    `kbits`/`vbits` keep them (offload/rows.py); with quote spans, the map from conversation
     index to host row (int32 per KV head at the token log's capacity once `logged` tokens
     were read and written)."""
     from offload.quotes import capacity_after
-    from offload.spill import OffloadSpill, host_rows_bytes, row_map_bytes
+    from offload.spill import QUOTE_MIN, OffloadSpill, host_rows_bytes, quote_span, row_map_bytes
     cap = capacity.reserved(spilled, OffloadSpill.BLOCK)
     host = host_rows_bytes(info, opts.get("kbits", 16), opts.get("vbits", 16), cap)
-    if cap and not opts["rank"] and opts.get("quote", 0) >= 16:
+    if cap and quote_span(opts["recall"], opts.get("quote", 0)) >= QUOTE_MIN:
         host += row_map_bytes(info, capacity_after(logged))
     gpu = opts["recall"] * info.kv_bytes_per_token() if cap else 0
     if opts["rank"]:  # rank=off keeps no labels
