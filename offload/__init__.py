@@ -32,9 +32,13 @@ def _place(slots) -> str:
 
 
 def _check_offload(opts) -> None:
-    if (opts["terms"] or not opts["rank"]) and opts["quote"] < 16:
-        raise SpecError(f"policy `offload`: options `terms` and `rank=off` work through quote spans; option "
-                        f"`quote` ({opts['quote']}) must be 16 or more")
+    from .spill import QUOTE_MIN, quote_span
+    span = quote_span(opts["recall"], opts["quote"])
+    if (opts["terms"] or not opts["rank"]) and span < QUOTE_MIN:
+        why = (f"`quote` ({opts['quote']}) must be {QUOTE_MIN} or more" if opts["quote"] < QUOTE_MIN else
+               f"quote spans take at most half of `recall` ({opts['recall']}): {span} tokens; `recall` must be "
+               f"{2 * QUOTE_MIN} or more")
+        raise SpecError(f"policy `offload`: options `terms` and `rank=off` work through quote spans; {why}")
     if opts["pool"] % 2 == 0:
         raise SpecError(f"option `pool` of policy `offload`: {opts['pool']} must be odd (a window centred "
                         "on each token)")

@@ -36,7 +36,7 @@ def _specs(files) -> dict:
     return {"full": "full", "locret": sel, "kivi": "kivi:group=16,residual=32",
             "locret+kivi": f"{sel}+kivi:group=16,residual=32",
             "locret+offload": f"{sel}+offload:channels_file={files['ch']},recall=24",
-            "streaming+offload": "streaming:sinks=4,window=40+offload:rank=off,quote=16,recall=16",
+            "streaming+offload": "streaming:sinks=4,window=40+offload:rank=off,quote=16,recall=32",
             "offload": "offload"}
 
 

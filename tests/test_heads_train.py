@@ -102,3 +102,19 @@ def test_no_heads_is_its_own_error_and_leaves_auto_on():
     with pytest.raises(SpecError) as e:  # another refusal is not "no heads"
         rt.set_policy("locret:heads=/no/such/heads.safetensors")
     assert not isinstance(e.value, NoHeadsError) and rt.auto
+
+
+def test_the_cli_bar_takes_its_rate_from_the_phase_s_reports():
+    """`train-heads`' bar: a phase's first report (where it starts) has no rate yet (ETA ?),
+    later ones have Eta's, and the last says done; a new phase starts its own estimate."""
+    import io
+    from app.heads.cli import Progress
+    out = io.StringIO()
+    bar = Progress(out)
+    bar("features", 0, 10)
+    assert "0/10" in out.getvalue() and "ETA ?" in out.getvalue()
+    bar("features", 10, 10)
+    assert out.getvalue().endswith("done   \n")
+    assert bar.eta.left == 0.0  # the phase's second report: Eta's estimate
+    bar("steps", 4, 8)  # a resumed phase: part way, a new estimate
+    assert bar.eta.left is None and "4/8" in out.getvalue().splitlines()[-1]

@@ -475,4 +475,8 @@ def test_terms_and_rank_off_need_quote_spans():
     for opts in ("terms=on,quote=0", "rank=off,quote=8"):
         with pytest.raises(SpecError, match="must be 16 or more"):
             parse_spec(f"streaming+offload:{opts}")
+    # spans take at most half the buffer: a small recall leaves none, said, not silently recall nothing
+    with pytest.raises(SpecError, match=r"at most half of `recall` \(20\): 10 tokens; `recall` must be 32 or more"):
+        parse_spec("streaming+offload:rank=off,recall=20")
     parse_spec("streaming+offload:terms=on,rank=off")
+    parse_spec("streaming+offload:rank=off,recall=32")

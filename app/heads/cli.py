@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 import time
 
+from ..runtime.eta import Eta
 from .labels import TARGETS
 from .official import import_official
 from .train import train_heads
@@ -40,28 +41,28 @@ def add_parser(sub):
 
 
 class Progress:
-    """A bar per phase with its rate and ETA, redrawn at most once a second."""
+    """A bar per phase with its rate and ETA (`eta.Eta`, as the app's label has them), redrawn
+    at most once a second."""
 
     def __init__(self, out=None):
-        self.out, self.stage, self.t0, self.first, self.last = out, None, 0.0, 0, 0.0
+        self.out, self.stage, self.t0, self.last, self.eta = out, None, 0.0, 0.0, Eta()
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         now = time.time()
-        if stage != self.stage:  # a resumed phase starts part-way: the rate counts from here
-            self.stage, self.t0, self.first, self.last = stage, now, done - 1, 0.0
+        if stage != self.stage:  # a resumed phase starts part-way: the rate counts from its first report
+            self.stage, self.t0, self.last, self.eta = stage, now, 0.0, Eta()
+        _, left = self.eta.update(done, total)
         if now - self.last < 1 and done != total:
             return
         self.last = now
-        rate = (done - self.first) / max(now - self.t0, 1e-9)
-        eta = (total - done) / rate if rate > 0 else float("inf")
         bar = "#" * int(30 * done / total)
-        tail = "done" if done == total else f"ETA {_clock(eta)}"
+        tail = "done" if done == total else f"ETA {_clock(left)}"
         print(f"\r{stage:9s} [{bar:<30}] {done}/{total}  {_clock(now - self.t0)} elapsed, {tail}   ",
               end="\n" if done == total else "", file=self.out or sys.stderr)
 
 
-def _clock(s: float) -> str:
-    if s == float("inf"):
+def _clock(s: float | None) -> str:
+    if s is None or s == float("inf"):
         return "?"
     s = int(s)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"

@@ -123,6 +123,8 @@ def train_heads(model, out_dir=None, data_files=(), steps=600, docs=96, val_docs
     examples = _documents(rt.tok, texts, total, docs, doc_tokens, distractors, seed, progress, stop, same_shape)
     phases["documents"], mark = round(time.time() - mark, 1), time.time()
     labels = []
+    if progress:  # where the phase starts: its rate counts from here
+        progress("features", 0, total)
     for j, (ids, n_ctx) in enumerate(examples):
         _check_stop(stop)
         labels.append(_labels_of(adapter, feats, j, ids, n_ctx, features_mode))
@@ -139,6 +141,8 @@ def train_heads(model, out_dir=None, data_files=(), steps=600, docs=96, val_docs
     start = _resume(out, heads, opt, sched)
     val = range(docs, total)
     before = evaluate(heads, (source.get(j) for j in val)) if start == 0 else None
+    if progress:
+        progress("steps", start, steps)
     for step in range(start, steps):
         if stop is not None and stop.is_set() and step > start:
             _checkpoint(out, heads, opt, step)  # a stop keeps every finished step
@@ -210,6 +214,8 @@ def _documents(tok, texts, total, docs, doc_tokens, distractors, seed, progress,
     the last 10 % of each text). With several texts (genres) each document draws one, all
     alike; with one, nothing is drawn (the documents of a one-file run stay the same)."""
     out = []
+    if progress:
+        progress("documents", 0, total)
     for j in range(total):
         _check_stop(stop)
         rng = random.Random(seed * 100003 + j)

@@ -49,8 +49,9 @@ RECALLS = "offload:terms=on,rank=off"
 # heads-free: the start and the newest 2K tokens stay, the rest goes to the host
 RECALL = f"streaming:window=2048+{RECALLS}"
 # the host tier as KIVI codes (keys 8-bit per channel, values 4-bit per token: 10,800 host
-# bytes a token on the default model, 46,800 at full precision), for a read whose evicted
-# tokens would not fit the host's available memory at the cache's precision
+# bytes a token on the default model, 46,800 at full precision; the row map adds 360 to
+# both), for a read whose evicted tokens would not fit the host's available memory at the
+# cache's precision
 HOST_BITS = {"kbits": 8, "vbits": 4}
 
 
@@ -168,8 +169,9 @@ def _host_reason(spec: str) -> str:
     spill = parse_spec(spec).get("spill")
     if spill is None:
         return ""
-    if spill.opts.get("kbits", 16) < 16 or spill.opts.get("vbits", 16) < 16:
-        return ("; evicted tokens go to host memory for recall as 8-bit keys and 4-bit values "
+    kbits, vbits = spill.opts.get("kbits", 16), spill.opts.get("vbits", 16)
+    if kbits < 16 or vbits < 16:
+        return (f"; evicted tokens go to host memory for recall as {kbits}-bit keys and {vbits}-bit values "
                 "(at full precision they would not fit the host's available memory)")
     return "; evicted tokens go to host memory for recall"
 
