@@ -141,7 +141,7 @@ def train_heads(model, out_dir=None, data_files=(), steps=600, docs=96, val_docs
     start = _resume(out, heads, opt, sched)
     val = range(docs, total)
     before = evaluate(heads, (source.get(j) for j in val)) if start == 0 else None
-    if progress:
+    if progress and start < steps:  # (a run that had finished reports no steps)
         progress("steps", start, steps)
     for step in range(start, steps):
         if stop is not None and stop.is_set() and step > start:
