@@ -374,9 +374,7 @@ class OffloadSpill(Spill):
             self._ranked, self._ranked_n = s.topk(min(self.n_recall, n), dim=1).indices, n  # [Hkv, k] best first
         if self.quotes is None:
             idx = self._ranked.sort(dim=1).values.cpu()
-        else:  # quoted spans first, in every head; the ranking fills the rest
-            if self.row_at is None:  # (built with the rows: _put, restore)
-                self._map_rows()
+        else:  # quoted spans first, in every head; the ranking fills the rest (row_at: built with the rows)
             self._qv = self.quotes.version
             idx = quoted_first(self._ranked, self.row_at, self.quotes.spans)  # [Hkv, m] host rows
         self._fill(layer, idx)

@@ -62,7 +62,7 @@ class Progress:
 
 
 def _clock(s: float | None) -> str:
-    if s is None or s == float("inf"):
+    if s is None:  # (Eta's first report of a phase: no rate yet)
         return "?"
     s = int(s)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
