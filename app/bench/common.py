@@ -14,8 +14,9 @@ import psutil
 import torch
 
 from app.runtime.adapter import ATTN_NAME, Adapter
-from app.runtime.decode import Decoder
+from app.runtime.decode import Decoder, generate
 from app.runtime.prefill import prefill
+from app.runtime.types import Sampling
 from policies import KVCache
 
 
@@ -82,6 +83,13 @@ def warm_up(ad: Adapter, chunk: int) -> None:
     ids = random_ids(2 * chunk, ad.model.config.vocab_size, 1, ad.info.device)
     decode_steps(ad, cache, prefill(ad, cache, ids, chunk), 2)
     sync(ad.info.device)
+
+
+def greedy(rt, logits: torch.Tensor, max_new: int) -> str:
+    """The greedy answer (at most max_new tokens, to a stop token) after a read whose last
+    logits [V] are `logits`, decoded by the runtime's own `generate`; stripped."""
+    return generate(rt.adapter, rt.cache, logits, rt.tok, stop_ids=rt.stop_ids, max_new_tokens=max_new,
+                    sampling=Sampling(), gen=torch.Generator()).text.strip()
 
 
 def timed_prefill_decode(ad: Adapter, cache: KVCache, ids: torch.Tensor, chunk: int, n: int):

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from app.runtime.decode import Decoder
 from offload import labels
 
+from .common import greedy
 from .kvbits import depths
 from .locret import NEEDLE, passkey_prompt
 from .precision import pooled, span_shares
@@ -32,15 +32,7 @@ def _read(rt, spec: str, ids: list[int], kind: str, max_new: int = 12):
     logits = rt.prefill(ids)
     spills = [layer.spill for layer in rt.cache.layers]
     recalled = [sp.recalled.clone() for sp in spills]  # [Hkv, m] conversation indices, before decoding
-    out = []
-    with Decoder(rt.adapter, rt.cache) as dec:
-        for _ in range(max_new):
-            tok = int(logits.argmax())
-            if tok in rt.stop_ids:
-                break
-            out.append(tok)
-            logits = dec.step(tok)
-    return rt.tok.decode(out, skip_special_tokens=True).strip(), spills, recalled
+    return greedy(rt, logits, max_new), spills, recalled
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from app.runtime.decode import Decoder
 from policies.locret import RetainingHeads, model_key, save_heads
+
+from .common import greedy
 
 HAYSTACK = Path(__file__).resolve().parents[2] / "data" / "haystack" / "licenses.txt"
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
@@ -94,16 +95,8 @@ def trial(rt, spec: str, n_tokens: int, depth: float, seed: int, scorer: str = "
     t0 = time.perf_counter()
     logits = r.prefill(ids)
     dt = time.perf_counter() - t0
-    out = []
-    with Decoder(r.adapter, r.cache) as dec:
-        for _ in range(max_new):
-            tok = int(logits.argmax())
-            if tok in r.stop_ids:
-                break
-            out.append(tok)
-            logits = dec.step(tok)
-    answer = r.tok.decode(out, skip_special_tokens=True)
-    return {"correct": key in answer, "answer": answer.strip(), "tokens": len(ids),
+    answer = greedy(r, logits, max_new)
+    return {"correct": key in answer, "answer": answer, "tokens": len(ids),
             "prefill_tok_s": len(ids) / dt, "kv_peak_bytes": r.cache.peak_bytes}
 
 
