@@ -12,7 +12,7 @@ from policies import Opt, SpecError, register
 
 from .doublesparse import DoubleSparseReader
 from .host import HostStore
-from .spill import OffloadSpill
+from .spill import QUOTE_MIN, OffloadSpill, quote_span
 
 _RECALL_OPTS = ("recall", "channels", "every", "pool", "quote", "terms", "rank", "channels_file", "kbits", "vbits")
 
@@ -32,7 +32,6 @@ def _place(slots) -> str:
 
 
 def _check_offload(opts) -> None:
-    from .spill import QUOTE_MIN, quote_span
     span = quote_span(opts["recall"], opts["quote"])
     if (opts["terms"] or not opts["rank"]) and span < QUOTE_MIN:
         why = (f"`quote` ({opts['quote']}) must be {QUOTE_MIN} or more" if opts["quote"] < QUOTE_MIN else
